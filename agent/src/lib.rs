@@ -1,0 +1,17 @@
+//! census-agent: discovers the devices at one client site and streams them to the collector.
+//!
+//! Layout:
+//! - [`config`]: the agent's `Config` (TOML file, `CENSUS_AGENT_*` environment, flags) and its
+//!   validation.
+//! - [`iface`]: the host's network interfaces and their IPv4 subnets.
+//! - [`scope`]: turns configured CIDRs into per-interface target lists, refusing what is unsafe.
+//! - [`probe`]: one module per discovery method (`probe/arp.rs`, ...).
+//! - [`report`]: turns sweep results into observation batches and delivers them over gRPC.
+//! - [`run`]: the agent's main loop, driven by a shutdown token.
+//! - [`signal`]: the shutdown trigger (Unix signals, Windows console events).
+//! - [`telemetry`]: tracing set-up.
+
+#![forbid(unsafe_code)]
+
+pub mod iface;
+pub mod probe;

@@ -1,0 +1,1 @@
+//! Conversions between wire types and the std types Census works with.
