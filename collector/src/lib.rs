@@ -1,1 +1,25 @@
-//! collector
+//! census-collector: the MSP's central daemon. It authenticates agents, stores every
+//! observation durably, resolves observations into devices per client, and answers queries for
+//! authoritative counts with the evidence behind each one.
+//!
+//! Layout:
+//! - [`config`]: the daemon's `Config` (TOML, environment, flags) and its validation.
+//! - [`model`]: records and the I/O-free rules from observation to device to count.
+//! - [`store`]: the [`store::Store`] trait, the sled store and the in-memory store.
+//! - [`auth`]: enrollment tokens and the operator token.
+//! - [`service`]: the `census.v1` gRPC services (ingest, query, admin).
+//! - [`server`]: wires store and services into a tonic server with health and reflection.
+//! - [`cli`]: the `census` command-line client.
+//! - [`signal`], [`telemetry`]: shutdown signals and tracing set-up.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod model;
+pub mod server;
+pub mod service;
+pub mod signal;
+pub mod store;
+pub mod telemetry;

@@ -1,1 +1,161 @@
-fn main() {}
+//! `census-collector`: parse the command line, start tracing, load and validate the config,
+//! then serve until SIGINT/SIGTERM. A bad configuration exits 64 (EX_USAGE) with one line.
+
+use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use census_collector::{
+    config::Config,
+    server::{self, RunError},
+    signal, telemetry,
+};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+const EX_USAGE: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "census-collector",
+    version,
+    about = "The Census collector: stores agents' observations and answers count queries."
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CENSUS_COLLECTOR_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the collector.
+    Serve(Settings),
+    /// Check a configuration (file, environment and flags together) and exit.
+    Validate(Settings),
+}
+
+/// Settings: a config file, overridden by `CENSUS_COLLECTOR_*` variables, overridden by flags.
+#[derive(Debug, Args)]
+struct Settings {
+    /// TOML config file.
+    #[arg(long, short = 'c', env = "CENSUS_COLLECTOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory for the store and the operator token (must exist).
+    #[arg(long, env = "CENSUS_COLLECTOR_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on for gRPC [default: 127.0.0.1:7400].
+    #[arg(long, env = "CENSUS_COLLECTOR_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Largest gRPC message accepted from an agent, in bytes [default: 4194304].
+    #[arg(long, env = "CENSUS_COLLECTOR_MAX_MESSAGE_BYTES")]
+    max_message_bytes: Option<usize>,
+    /// Largest number of observations in one batch [default: 10000].
+    #[arg(long, env = "CENSUS_COLLECTOR_MAX_BATCH_OBSERVATIONS")]
+    max_batch_observations: Option<usize>,
+}
+
+impl Settings {
+    fn resolve(&self) -> Result<Config, RunError> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = &self.data_dir {
+            config.data_dir = Some(v.clone());
+        }
+        if let Some(v) = self.listen {
+            config.listen = v;
+        }
+        if let Some(v) = self.max_message_bytes {
+            config.max_message_bytes = v;
+        }
+        if let Some(v) = self.max_batch_observations {
+            config.max_batch_observations = v;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("census-collector: error: {message}");
+    ExitCode::from(code)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(matches!(cli.log_format, LogFormat::Json));
+    match cli.command {
+        Command::Validate(settings) => match settings.resolve() {
+            Ok(config) => {
+                println!(
+                    "configuration is valid: listen {}, data dir {}",
+                    config.listen,
+                    config
+                        .data_dir
+                        .as_deref()
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_default()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(EX_USAGE, e),
+        },
+        Command::Serve(settings) => {
+            let config = match settings.resolve() {
+                Ok(c) => c,
+                Err(e) => return fail(EX_USAGE, e),
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(1, format!("cannot start the async runtime: {e}")),
+            };
+            runtime.block_on(serve(config))
+        }
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let prepared = match server::prepare(&config) {
+        Ok(p) => p,
+        Err(e @ RunError::Config(_)) => return fail(EX_USAGE, e),
+        Err(e) => return fail(1, e),
+    };
+    if prepared.operator_token_created {
+        info!(path = %prepared.operator_token_path.display(), "operator token created; `census` needs it (--operator-token-file)");
+    }
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            return fail(
+                1,
+                format!(
+                    "cannot listen on {}: {e} (choose another address with --listen)",
+                    config.listen
+                ),
+            );
+        }
+    };
+    // Printed on stdout so scripts (and tests, with --listen HOST:0) learn the bound address.
+    if let Ok(addr) = listener.local_addr() {
+        println!("listening on {addr}");
+        let _ = std::io::stdout().flush();
+    }
+    let shutdown = CancellationToken::new();
+    signal::spawn_shutdown_on_signal(shutdown.clone());
+    match server::run(&config, prepared, listener, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, e),
+    }
+}

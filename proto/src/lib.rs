@@ -11,7 +11,12 @@
 pub mod convert;
 
 /// Generated code for the `census.v1` package.
-#[allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::pedantic
+)]
 pub mod v1 {
     tonic::include_proto!("census.v1");
 }

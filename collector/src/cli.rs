@@ -1,0 +1,502 @@
+//! The `census` command-line client: enrollment tokens, clients, counts and devices, over the
+//! collector's admin and query services. Output is a table for people or `--json` for scripts.
+//!
+//! Every failure ends in one line on stderr and an exit code: 64 for a usage error, 69 when the
+//! collector cannot be reached, 77 when a credential is refused, 1 otherwise.
+
+use std::{error::Error as _, path::PathBuf, time::Duration};
+
+use census_proto::{
+    convert::{self, MacAddr},
+    v1::{
+        self, admin_service_client::AdminServiceClient, query_service_client::QueryServiceClient,
+    },
+};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use tonic::{Code, Request, Status, transport::Channel};
+
+pub const EX_USAGE: u8 = 64;
+pub const EX_UNAVAILABLE: u8 = 69;
+pub const EX_NOPERM: u8 = 77;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "census",
+    version,
+    about = "Query and administer a Census collector."
+)]
+pub struct Cli {
+    /// The collector's gRPC URL.
+    #[arg(
+        long,
+        global = true,
+        env = "CENSUS_COLLECTOR_URL",
+        default_value = "http://127.0.0.1:7400"
+    )]
+    pub collector: String,
+    /// Operator token (prefer --operator-token-file: flags show up in process lists).
+    #[arg(
+        long,
+        global = true,
+        env = "CENSUS_OPERATOR_TOKEN",
+        hide_env_values = true
+    )]
+    pub operator_token: Option<String>,
+    /// File holding the operator token: the collector writes it to <data dir>/operator.token.
+    #[arg(long, global = true, env = "CENSUS_OPERATOR_TOKEN_FILE")]
+    pub operator_token_file: Option<PathBuf>,
+    /// Seconds to wait for the collector to answer.
+    #[arg(long, global = true, default_value_t = 15)]
+    pub timeout: u64,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Enrollment tokens for agents.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// List clients and their sites.
+    Clients {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Billable counts per client.
+    Counts {
+        /// Only this client.
+        #[arg(long)]
+        client: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A client's devices with their addresses and evidence.
+    Devices {
+        #[arg(long)]
+        client: String,
+        /// Only this site.
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token binding an agent to a client and site (both created if new). The token is
+    /// printed alone on stdout.
+    Create {
+        #[arg(long)]
+        client: String,
+        #[arg(long)]
+        site: String,
+    },
+    /// List enrollment tokens (never their secrets).
+    List {
+        #[arg(long)]
+        client: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by its id: agents using it are refused from now on.
+    Revoke { token_id: String },
+}
+
+/// A failure with its exit code and one-line message.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Runs the CLI; `Ok` output is already printed.
+pub async fn run(cli: Cli) -> Result<(), Failure> {
+    let token = operator_token(&cli)?;
+    let channel = connect(&cli.collector, Duration::from_secs(cli.timeout.max(1))).await?;
+    let auth = move |mut req: Request<()>| -> Result<Request<()>, Status> {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| Status::unauthenticated("operator token contains invalid characters"))?;
+        req.metadata_mut()
+            .insert(census_proto::AUTHORIZATION, value);
+        Ok(req)
+    };
+    let mut query = QueryServiceClient::with_interceptor(channel.clone(), auth.clone());
+    let mut admin = AdminServiceClient::with_interceptor(channel, auth);
+    let url = cli.collector.as_str();
+    match cli.command {
+        Command::Token(TokenCommand::Create { client, site }) => {
+            let r = admin
+                .create_token(v1::CreateTokenRequest { client, site })
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            if r.client_created {
+                eprintln!("created client {}", r.client);
+            }
+            if r.site_created {
+                eprintln!("created site {} of client {}", r.site, r.client);
+            }
+            eprintln!(
+                "token {} binds an agent to client {} site {}; it is shown only now:",
+                r.token_id, r.client, r.site
+            );
+            println!("{}", r.token);
+        }
+        Command::Token(TokenCommand::List { client, json }) => {
+            let r = admin
+                .list_tokens(v1::ListTokensRequest {
+                    client: client.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            if json {
+                let rows: Vec<_> = r
+                    .tokens
+                    .iter()
+                    .map(|t| json!({"token_id": t.token_id, "client": t.client, "site": t.site, "created_at": time(t.created_at.as_ref()), "revoked": t.revoked}))
+                    .collect();
+                print_json(&rows);
+            } else {
+                let rows = r
+                    .tokens
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.token_id.clone(),
+                            t.client.clone(),
+                            t.site.clone(),
+                            time(t.created_at.as_ref()),
+                            if t.revoked { "revoked" } else { "active" }.into(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["TOKEN ID", "CLIENT", "SITE", "CREATED", "STATE"], rows);
+            }
+        }
+        Command::Token(TokenCommand::Revoke { token_id }) => {
+            admin
+                .revoke_token(v1::RevokeTokenRequest {
+                    token_id: token_id.clone(),
+                })
+                .await
+                .map_err(|s| status_failure(s, url))?;
+            eprintln!("token {token_id} revoked");
+        }
+        Command::Clients { json } => {
+            let r = query
+                .list_clients(v1::ListClientsRequest {})
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            if json {
+                let rows: Vec<_> = r
+                    .clients
+                    .iter()
+                    .map(|c| json!({"client": c.name, "sites": c.sites, "created_at": time(c.created_at.as_ref())}))
+                    .collect();
+                print_json(&rows);
+            } else {
+                let rows = r
+                    .clients
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            c.name.clone(),
+                            c.sites.join(","),
+                            time(c.created_at.as_ref()),
+                        ]
+                    })
+                    .collect();
+                print_table(&["CLIENT", "SITES", "CREATED"], rows);
+            }
+        }
+        Command::Counts { client, json } => {
+            let r = query
+                .get_counts(v1::GetCountsRequest {
+                    client: client.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            if json {
+                let rows: Vec<_> = r.counts.iter().map(counts_json).collect();
+                print_json(&rows);
+            } else {
+                let rows = r
+                    .counts
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            c.client.clone(),
+                            c.devices.to_string(),
+                            c.users.to_string(),
+                            c.devices_by_category
+                                .iter()
+                                .map(|k| format!("{}={}", k.category, k.count))
+                                .collect::<Vec<_>>()
+                                .join(" "),
+                            c.policy_version.clone(),
+                            time(c.as_of.as_ref()),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "CLIENT",
+                        "DEVICES",
+                        "USERS",
+                        "BY CATEGORY",
+                        "POLICY",
+                        "AS OF",
+                    ],
+                    rows,
+                );
+            }
+        }
+        Command::Devices { client, site, json } => {
+            let r = query
+                .list_devices(v1::ListDevicesRequest {
+                    client,
+                    site: site.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            if json {
+                let rows: Vec<_> = r.devices.iter().map(device_json).collect();
+                print_json(&rows);
+            } else {
+                let rows = r
+                    .devices
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            d.id.clone(),
+                            d.site.clone(),
+                            macs(&d.macs).join(","),
+                            d.addresses
+                                .iter()
+                                .map(|a| a.address.clone())
+                                .collect::<Vec<_>>()
+                                .join(","),
+                            time(d.first_seen.as_ref()),
+                            time(d.last_seen.as_ref()),
+                            if d.counted { "yes" } else { "no" }.into(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "DEVICE",
+                        "SITE",
+                        "MACS",
+                        "IPS",
+                        "FIRST SEEN",
+                        "LAST SEEN",
+                        "COUNTED",
+                    ],
+                    rows,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn operator_token(cli: &Cli) -> Result<String, Failure> {
+    if let Some(t) = cli
+        .operator_token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        return Ok(t.to_owned());
+    }
+    let Some(path) = &cli.operator_token_file else {
+        return Err(Failure::new(
+            EX_USAGE,
+            "no operator token: pass --operator-token-file <collector data dir>/operator.token (or set CENSUS_OPERATOR_TOKEN_FILE or CENSUS_OPERATOR_TOKEN)",
+        ));
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Failure::new(
+            EX_USAGE,
+            format!("cannot read operator token file {}: {e}", path.display()),
+        )
+    })?;
+    let t = text.trim();
+    if t.is_empty() {
+        return Err(Failure::new(
+            EX_USAGE,
+            format!("operator token file {} is empty", path.display()),
+        ));
+    }
+    Ok(t.to_owned())
+}
+
+async fn connect(url: &str, timeout: Duration) -> Result<Channel, Failure> {
+    let endpoint = Channel::from_shared(url.to_owned())
+        .map_err(|_| {
+            Failure::new(
+                EX_USAGE,
+                format!(
+                    "{url:?} is not a valid collector URL (expected e.g. http://127.0.0.1:7400)"
+                ),
+            )
+        })?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    endpoint.connect().await.map_err(|e| {
+        Failure::new(
+            EX_UNAVAILABLE,
+            format!("cannot reach the collector at {url}: {}; is census-collector running there? (set --collector or CENSUS_COLLECTOR_URL)", error_chain(&e)),
+        )
+    })
+}
+
+/// An error and its sources on one line: tonic's own message is only "transport error".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+fn status_failure(status: Status, url: &str) -> Failure {
+    let msg = status.message().to_owned();
+    match status.code() {
+        Code::Unauthenticated | Code::PermissionDenied => Failure::new(
+            EX_NOPERM,
+            format!("the collector refused the operator token: {msg}"),
+        ),
+        Code::Unavailable => Failure::new(
+            EX_UNAVAILABLE,
+            format!(
+                "cannot reach the collector at {url}: {msg}{}",
+                status
+                    .source()
+                    .map(|s| format!(": {}", error_chain(s)))
+                    .unwrap_or_default()
+            ),
+        ),
+        Code::InvalidArgument => Failure::new(EX_USAGE, msg),
+        Code::NotFound => Failure::new(1, msg),
+        code => Failure::new(1, format!("collector error ({code:?}): {msg}")),
+    }
+}
+
+fn time(ts: Option<&prost_types::Timestamp>) -> String {
+    ts.and_then(convert::system_time)
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+        .unwrap_or_default()
+}
+
+fn macs(raw: &[Vec<u8>]) -> Vec<String> {
+    raw.iter()
+        .map(|m| {
+            MacAddr::try_from(m.as_slice())
+                .map(|m| m.to_string())
+                .unwrap_or_else(|_| hex_bytes(m))
+        })
+        .collect()
+}
+
+fn hex_bytes(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn method(m: i32) -> &'static str {
+    v1::Method::try_from(m)
+        .map(v1::Method::label)
+        .unwrap_or("unknown")
+}
+
+fn counts_json(c: &v1::ClientCounts) -> serde_json::Value {
+    let by: serde_json::Map<String, serde_json::Value> = c
+        .devices_by_category
+        .iter()
+        .map(|k| (k.category.clone(), json!(k.count)))
+        .collect();
+    json!({
+        "client": c.client,
+        "devices": c.devices,
+        "users": c.users,
+        "devices_by_category": by,
+        "as_of": time(c.as_of.as_ref()),
+        "policy_version": c.policy_version,
+    })
+}
+
+fn device_json(d: &v1::Device) -> serde_json::Value {
+    json!({
+        "id": d.id,
+        "client": d.client,
+        "site": d.site,
+        "macs": macs(&d.macs),
+        "addresses": d.addresses.iter().map(|a| json!({"address": a.address, "answered": a.answered, "last_seen": time(a.last_seen.as_ref())})).collect::<Vec<_>>(),
+        "names": d.names,
+        "category": d.category,
+        "first_seen": time(d.first_seen.as_ref()),
+        "last_seen": time(d.last_seen.as_ref()),
+        "counted": d.counted,
+        "reason": d.reason,
+        "evidence": d.evidence.iter().map(|e| json!({
+            "agent_id": e.agent_id,
+            "method": method(e.method),
+            "first_seen": time(e.first_seen.as_ref()),
+            "last_seen": time(e.last_seen.as_ref()),
+            "observations": e.observations,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_json(rows: &[serde_json::Value]) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(rows).unwrap_or_else(|_| "[]".into())
+    );
+}
+
+fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

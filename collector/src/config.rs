@@ -1,0 +1,161 @@
+//! The collector's configuration: a TOML file, then `CENSUS_COLLECTOR_*` environment
+//! variables, then flags, each overriding the one before. [`Config::validate`] says in one line
+//! what is wrong and how to fix it.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// Default gRPC listen address: loopback only, so a fresh install exposes nothing.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
+/// Default largest gRPC message accepted from an agent.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Default largest number of observations in one batch.
+pub const DEFAULT_MAX_BATCH_OBSERVATIONS: usize = 10_000;
+
+/// Everything `census-collector serve` needs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address and port the gRPC server listens on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Directory holding the store and the operator token. Must exist.
+    pub data_dir: Option<PathBuf>,
+    /// Largest gRPC message accepted, in bytes.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Largest number of observations in one batch; larger batches are refused.
+    #[serde(default = "default_max_batch_observations")]
+    pub max_batch_observations: usize,
+}
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN
+        .parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7400)))
+}
+fn default_max_message_bytes() -> usize {
+    DEFAULT_MAX_MESSAGE_BYTES
+}
+fn default_max_batch_observations() -> usize {
+    DEFAULT_MAX_BATCH_OBSERVATIONS
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: default_listen(),
+            data_dir: None,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_batch_observations: DEFAULT_MAX_BATCH_OBSERVATIONS,
+        }
+    }
+}
+
+/// What is wrong with a configuration, phrased as what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error(
+        "no data directory: pass --data-dir DIR, set CENSUS_COLLECTOR_DATA_DIR, or set data_dir in the config file"
+    )]
+    NoDataDir,
+    #[error(
+        "data directory {0} does not exist: create it (mkdir -p {0}) or point --data-dir at an existing directory"
+    )]
+    DataDirMissing(PathBuf),
+    #[error("data directory {0} is not a directory")]
+    DataDirNotDir(PathBuf),
+    #[error("max_message_bytes must be between 64 KiB and 64 MiB, got {0}")]
+    MessageSize(usize),
+    #[error("max_batch_observations must be between 1 and 100000, got {0}")]
+    BatchSize(usize),
+}
+
+impl Config {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            // toml's messages span several lines with a caret; one line is enough here.
+            message: e.message().to_owned()
+                + &e.span()
+                    .map(|s| format!(" (at byte {})", s.start))
+                    .unwrap_or_default(),
+        })
+    }
+
+    /// Checks everything that can be checked before opening anything.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let dir = self.data_dir.as_ref().ok_or(ConfigError::NoDataDir)?;
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(ConfigError::DataDirNotDir(dir.clone())),
+            Err(_) => return Err(ConfigError::DataDirMissing(dir.clone())),
+        }
+        if !(64 * 1024..=64 * 1024 * 1024).contains(&self.max_message_bytes) {
+            return Err(ConfigError::MessageSize(self.max_message_bytes));
+        }
+        if !(1..=100_000).contains(&self.max_batch_observations) {
+            return Err(ConfigError::BatchSize(self.max_batch_observations));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_values_and_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            format!("data_dir = {:?}\nlisten = \"0.0.0.0:9000\"\n", dir.path()),
+        )
+        .expect("write");
+        let c = Config::from_file(&path).expect("parses");
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.max_batch_observations, DEFAULT_MAX_BATCH_OBSERVATIONS);
+        c.validate().expect("valid");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "listn = \"0.0.0.0:9000\"\n").expect("write");
+        let err = Config::from_file(&path)
+            .expect_err("unknown field")
+            .to_string();
+        assert!(err.contains("listn") && !err.contains('\n'), "{err}");
+        let missing = Config {
+            data_dir: Some(dir.path().join("nope")),
+            ..Config::default()
+        };
+        assert!(matches!(
+            missing.validate(),
+            Err(ConfigError::DataDirMissing(_))
+        ));
+        assert!(matches!(
+            Config::default().validate(),
+            Err(ConfigError::NoDataDir)
+        ));
+    }
+}

@@ -1,0 +1,136 @@
+//! Wires the store and the services into one gRPC server and runs it until shutdown.
+
+use std::{sync::Arc, time::Duration};
+
+use census_proto::v1::{
+    admin_service_server::AdminServiceServer, ingest_service_server::IngestServiceServer,
+    query_service_server::QueryServiceServer,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    auth::OperatorToken,
+    config::{Config, ConfigError},
+    service::{Collector, Limits},
+    store::{Store, StoreError, sled::SledStore},
+};
+
+/// How long in-flight calls get to finish after shutdown is asked for.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot use the operator token file in {dir}: {source}")]
+    OperatorToken { dir: String, source: std::io::Error },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A collector ready to serve: the store is open and the operator token exists.
+#[derive(Debug)]
+pub struct Prepared {
+    pub store: Arc<dyn Store>,
+    pub operator: OperatorToken,
+    /// Where the operator token is, and whether it was made by this start.
+    pub operator_token_path: std::path::PathBuf,
+    pub operator_token_created: bool,
+}
+
+/// Validates the config, opens the store and loads (or makes) the operator token.
+pub fn prepare(config: &Config) -> Result<Prepared, RunError> {
+    config.validate()?;
+    let dir = config.data_dir.as_deref().ok_or(ConfigError::NoDataDir)?;
+    let (operator, operator_token_path, operator_token_created) =
+        OperatorToken::load_or_create(dir).map_err(|source| RunError::OperatorToken {
+            dir: dir.display().to_string(),
+            source,
+        })?;
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir)?);
+    Ok(Prepared {
+        store,
+        operator,
+        operator_token_path,
+        operator_token_created,
+    })
+}
+
+/// Serves `census.v1`, gRPC health and reflection on `listener` until `shutdown` is cancelled,
+/// then drains in-flight calls for up to ten seconds.
+pub async fn run(
+    config: &Config,
+    prepared: Prepared,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let collector = Collector::new(
+        prepared.store,
+        prepared.operator,
+        Limits {
+            max_batch_observations: config.max_batch_observations,
+        },
+        shutdown.clone(),
+    );
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<IngestServiceServer<Collector>>()
+        .await;
+    health_reporter
+        .set_serving::<QueryServiceServer<Collector>>()
+        .await;
+    health_reporter
+        .set_serving::<AdminServiceServer<Collector>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(census_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| RunError::Store(StoreError::Engine(format!("reflection: {e}"))))?;
+
+    let max = config.max_message_bytes;
+    let ingest = IngestServiceServer::new(collector.clone())
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let query = tonic::service::interceptor::InterceptedService::new(
+        QueryServiceServer::new(collector.clone()).max_encoding_message_size(64 * 1024 * 1024),
+        collector.operator_check(),
+    );
+    let admin = tonic::service::interceptor::InterceptedService::new(
+        AdminServiceServer::new(collector.clone()),
+        collector.operator_check(),
+    );
+
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "collector listening");
+    }
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(ingest)
+        .add_service(query)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    tokio::pin!(server);
+    tokio::select! {
+        res = &mut server => res?,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(DRAIN_DEADLINE).await } => {
+            warn!(deadline = ?DRAIN_DEADLINE, "in-flight calls did not finish before the drain deadline; stopping anyway");
+        }
+    }
+    health_reporter
+        .set_not_serving::<IngestServiceServer<Collector>>()
+        .await;
+    info!("collector stopped");
+    Ok(())
+}

@@ -1,0 +1,490 @@
+//! The gRPC services of `census.v1`: ingest (agents), query and admin (operators).
+//!
+//! Handlers authenticate, validate, and hand the work to the [`Store`] on a blocking thread;
+//! they never trust a client or site named by an agent: an agent's scope comes from its token.
+
+use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+
+use census_proto::{
+    convert::{self, unix_millis},
+    v1::{
+        self, admin_service_server::AdminService, ingest_service_server::IngestService,
+        query_service_server::QueryService,
+    },
+};
+use tokio::sync::mpsc;
+use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use crate::{
+    auth::{self, AuthError, OperatorToken},
+    model::{self, DeviceRecord, Scope, Tally},
+    store::{BatchOutcome, Store, StoreError},
+};
+
+/// Limits applied to what agents send.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_batch_observations: usize,
+}
+
+/// The state every service shares.
+#[derive(Debug, Clone)]
+pub struct Collector {
+    store: Arc<dyn Store>,
+    operator: OperatorToken,
+    limits: Limits,
+    shutdown: CancellationToken,
+}
+
+fn now_ms() -> u64 {
+    unix_millis(SystemTime::now())
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::NoSuchClient(name) => Status::not_found(format!("no client named {name:?}")),
+        other => {
+            warn!(error = %other, "store error");
+            Status::internal(format!("collector storage error: {other}"))
+        }
+    }
+}
+
+fn auth_status(e: AuthError) -> Status {
+    Status::unauthenticated(e.to_string())
+}
+
+fn name_status(e: model::NameError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+impl Collector {
+    pub fn new(
+        store: Arc<dyn Store>,
+        operator: OperatorToken,
+        limits: Limits,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Collector {
+            store,
+            operator,
+            limits,
+            shutdown,
+        }
+    }
+
+    /// Runs a store call on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(|e| Status::internal(format!("collector task failed: {e}")))?
+            .map_err(store_status)
+    }
+
+    /// The scope an agent's token is bound to.
+    async fn agent_scope(&self, meta: &tonic::metadata::MetadataMap) -> Result<Scope, Status> {
+        let text = auth::bearer(meta).map_err(auth_status)?.to_owned();
+        let (id, secret) = auth::parse_token(&text).map_err(auth_status)?;
+        let (id, secret) = (id.to_owned(), secret.to_owned());
+        let record = self
+            .blocking(move |s| s.token(&id))
+            .await?
+            .ok_or_else(|| auth_status(AuthError::UnknownToken))?;
+        auth::verify_token(&record, &secret).map_err(auth_status)
+    }
+
+    /// An interceptor that admits only the operator.
+    pub fn operator_check(
+        &self,
+    ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + use<> {
+        let operator = self.operator.clone();
+        move |req: Request<()>| {
+            let presented = auth::bearer(req.metadata()).map_err(auth_status)?;
+            operator.check(presented).map_err(auth_status)?;
+            Ok(req)
+        }
+    }
+
+    async fn require_client(&self, name: &str) -> Result<(), Status> {
+        let n = name.to_owned();
+        match self.blocking(move |s| s.client(&n)).await? {
+            Some(_) => Ok(()),
+            None => Err(Status::not_found(format!("no client named {name:?}"))),
+        }
+    }
+}
+
+// === impl IngestService ===
+
+/// Validates a batch's envelope; the observations inside are checked one by one.
+fn check_batch(batch: &v1::ObservationBatch, limits: Limits) -> Result<(), Status> {
+    if batch.agent_id.is_empty() || batch.agent_id.len() > model::MAX_AGENT_ID_LEN {
+        return Err(Status::invalid_argument(format!(
+            "batch agent_id must be 1 to {} characters",
+            model::MAX_AGENT_ID_LEN
+        )));
+    }
+    if batch.agent_id.chars().any(|c| c.is_control()) {
+        return Err(Status::invalid_argument(
+            "batch agent_id must not contain control characters",
+        ));
+    }
+    if batch.sequence == 0 {
+        return Err(Status::invalid_argument(
+            "batch sequence numbers start at 1",
+        ));
+    }
+    if batch.observations.len() > limits.max_batch_observations {
+        return Err(Status::invalid_argument(format!(
+            "batch {} holds {} observations, more than the collector's limit of {}: send smaller batches",
+            batch.sequence,
+            batch.observations.len(),
+            limits.max_batch_observations
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl IngestService for Collector {
+    type ReportStream = ReceiverStream<Result<v1::BatchAck, Status>>;
+
+    async fn report(
+        &self,
+        request: Request<Streaming<v1::ObservationBatch>>,
+    ) -> Result<Response<Self::ReportStream>, Status> {
+        let scope = self.agent_scope(request.metadata()).await?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(32);
+        let this = self.clone();
+        let span = info_span!("report", client = %scope.client, site = %scope.site);
+        tokio::spawn(
+            async move {
+                debug!("agent stream opened");
+                loop {
+                    let next = tokio::select! {
+                        () = this.shutdown.cancelled() => {
+                            let _ = tx.send(Err(Status::unavailable("collector is shutting down; resend unacknowledged batches"))).await;
+                            break;
+                        }
+                        next = inbound.next() => next,
+                    };
+                    let batch = match next {
+                        None => break,
+                        Some(Ok(batch)) => batch,
+                        Some(Err(status)) => {
+                            debug!(%status, "agent stream ended with an error");
+                            break;
+                        }
+                    };
+                    let reply = this.ingest(&scope, batch).await;
+                    let failed = reply.is_err();
+                    if let Err(status) = &reply {
+                        warn!(%status, "batch refused");
+                    }
+                    if tx.send(reply).await.is_err() || failed {
+                        break;
+                    }
+                }
+                debug!("agent stream closed");
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+impl Collector {
+    /// Validates, stores and acknowledges one batch.
+    async fn ingest(
+        &self,
+        scope: &Scope,
+        batch: v1::ObservationBatch,
+    ) -> Result<v1::BatchAck, Status> {
+        check_batch(&batch, self.limits)?;
+        let received = now_ms();
+        let clean: Vec<_> = batch
+            .observations
+            .iter()
+            .filter_map(|o| model::clean_observation(o, received))
+            .collect();
+        let rejected = batch.observations.len() - clean.len();
+        let stored = u32::try_from(clean.len()).unwrap_or(u32::MAX);
+        let (scope2, agent, seq) = (scope.clone(), batch.agent_id.clone(), batch.sequence);
+        let outcome = self
+            .blocking(move |s| s.apply_batch(&scope2, &agent, seq, &clean))
+            .await?;
+        let status = match outcome {
+            BatchOutcome::Stored => v1::AckStatus::Stored,
+            BatchOutcome::Duplicate => v1::AckStatus::Duplicate,
+        };
+        debug!(agent = %batch.agent_id, sequence = batch.sequence, stored, rejected, ?outcome, "batch");
+        Ok(v1::BatchAck {
+            agent_id: batch.agent_id,
+            sequence: batch.sequence,
+            status: status as i32,
+            observations: stored,
+            rejected: u32::try_from(rejected).unwrap_or(u32::MAX),
+        })
+    }
+}
+
+// === impl QueryService ===
+
+fn device_to_wire(dev: &DeviceRecord, now: u64) -> v1::Device {
+    let (counted, reason) = model::counts_device(dev, now);
+    v1::Device {
+        id: dev.id.clone(),
+        client: dev.client.clone(),
+        site: dev.site.clone(),
+        macs: dev.macs.iter().map(|m| m.octets().to_vec()).collect(),
+        addresses: dev
+            .addresses
+            .iter()
+            .map(|a| v1::DeviceAddress {
+                address: a.ip.to_string(),
+                answered: a.answered,
+                last_seen: Some(convert::timestamp_from_millis(a.last_seen_ms)),
+            })
+            .collect(),
+        names: dev.names.clone(),
+        category: model::category(dev).to_owned(),
+        first_seen: Some(convert::timestamp_from_millis(dev.first_seen_ms)),
+        last_seen: Some(convert::timestamp_from_millis(dev.last_seen_ms)),
+        counted,
+        reason,
+        evidence: dev
+            .evidence
+            .iter()
+            .map(|e| v1::Evidence {
+                agent_id: e.agent_id.clone(),
+                method: e.method,
+                first_seen: Some(convert::timestamp_from_millis(e.first_seen_ms)),
+                last_seen: Some(convert::timestamp_from_millis(e.last_seen_ms)),
+                observations: e.observations,
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl QueryService for Collector {
+    async fn list_clients(
+        &self,
+        _request: Request<v1::ListClientsRequest>,
+    ) -> Result<Response<v1::ListClientsResponse>, Status> {
+        let clients = self
+            .blocking(|s| {
+                s.clients()?
+                    .into_iter()
+                    .map(|c| {
+                        let sites = s
+                            .sites(&c.name)?
+                            .into_iter()
+                            .map(|site| site.name)
+                            .collect();
+                        Ok(v1::Client {
+                            created_at: Some(convert::timestamp_from_millis(c.created_ms)),
+                            name: c.name,
+                            sites,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()
+            })
+            .await?;
+        Ok(Response::new(v1::ListClientsResponse { clients }))
+    }
+
+    async fn get_counts(
+        &self,
+        request: Request<v1::GetCountsRequest>,
+    ) -> Result<Response<v1::GetCountsResponse>, Status> {
+        let wanted = request.into_inner().client;
+        if !wanted.is_empty() {
+            self.require_client(&wanted).await?;
+        }
+        let now = now_ms();
+        let counts = self
+            .blocking(move |s| {
+                let names: Vec<String> = if wanted.is_empty() {
+                    s.clients()?.into_iter().map(|c| c.name).collect()
+                } else {
+                    vec![wanted]
+                };
+                names
+                    .into_iter()
+                    .map(|client| {
+                        let mut tally = Tally::default();
+                        for dev in s.devices(&client, None)? {
+                            tally.add(&dev, now);
+                        }
+                        Ok(v1::ClientCounts {
+                            client,
+                            devices: tally.devices,
+                            users: 0,
+                            devices_by_category: category_counts(tally.by_category),
+                            as_of: Some(convert::timestamp_from_millis(now)),
+                            policy_version: model::DEVICE_POLICY_VERSION.to_owned(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()
+            })
+            .await?;
+        Ok(Response::new(v1::GetCountsResponse { counts }))
+    }
+
+    async fn list_devices(
+        &self,
+        request: Request<v1::ListDevicesRequest>,
+    ) -> Result<Response<v1::ListDevicesResponse>, Status> {
+        let req = request.into_inner();
+        model::validate_name("client", &req.client).map_err(name_status)?;
+        if !req.site.is_empty() {
+            model::validate_name("site", &req.site).map_err(name_status)?;
+        }
+        self.require_client(&req.client).await?;
+        let now = now_ms();
+        let devices = self
+            .blocking(move |s| {
+                let site = (!req.site.is_empty()).then_some(req.site.as_str());
+                Ok(s.devices(&req.client, site)?
+                    .iter()
+                    .map(|d| device_to_wire(d, now))
+                    .collect())
+            })
+            .await?;
+        Ok(Response::new(v1::ListDevicesResponse { devices }))
+    }
+}
+
+fn category_counts(by: BTreeMap<String, u64>) -> Vec<v1::CategoryCount> {
+    by.into_iter()
+        .map(|(category, count)| v1::CategoryCount { category, count })
+        .collect()
+}
+
+// === impl AdminService ===
+
+#[tonic::async_trait]
+impl AdminService for Collector {
+    async fn create_token(
+        &self,
+        request: Request<v1::CreateTokenRequest>,
+    ) -> Result<Response<v1::CreateTokenResponse>, Status> {
+        let req = request.into_inner();
+        model::validate_name("client", &req.client).map_err(name_status)?;
+        model::validate_name("site", &req.site).map_err(name_status)?;
+        let scope = Scope {
+            client: req.client,
+            site: req.site,
+        };
+        let now = now_ms();
+        let token = auth::new_token(&scope, now);
+        let record = token.record.clone();
+        let scope2 = scope.clone();
+        let (client_created, site_created) = self
+            .blocking(move |s| {
+                let client_created = s.client(&scope2.client)?.is_none();
+                let site_created = s.ensure_site(&scope2.client, &scope2.site, now)?;
+                s.put_token(&record)?;
+                Ok((client_created, site_created))
+            })
+            .await?;
+        info!(client = %scope.client, site = %scope.site, token_id = %token.record.id, "enrollment token created");
+        Ok(Response::new(v1::CreateTokenResponse {
+            token: token.text,
+            token_id: token.record.id,
+            client: scope.client,
+            site: scope.site,
+            client_created,
+            site_created,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<v1::ListTokensRequest>,
+    ) -> Result<Response<v1::ListTokensResponse>, Status> {
+        let client = request.into_inner().client;
+        let tokens = self
+            .blocking(move |s| {
+                Ok(s.tokens()?
+                    .into_iter()
+                    .filter(|t| client.is_empty() || t.client == client)
+                    .map(|t| v1::EnrollmentToken {
+                        token_id: t.id,
+                        client: t.client,
+                        site: t.site,
+                        created_at: Some(convert::timestamp_from_millis(t.created_ms)),
+                        revoked: t.revoked,
+                    })
+                    .collect())
+            })
+            .await?;
+        Ok(Response::new(v1::ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<v1::RevokeTokenRequest>,
+    ) -> Result<Response<v1::RevokeTokenResponse>, Status> {
+        let id = request.into_inner().token_id;
+        let id2 = id.clone();
+        let found = self
+            .blocking(move |s| match s.token(&id2)? {
+                Some(mut t) => {
+                    t.revoked = true;
+                    s.put_token(&t)?;
+                    Ok(true)
+                }
+                None => Ok(false),
+            })
+            .await?;
+        if !found {
+            return Err(Status::not_found(format!(
+                "no enrollment token with id {id:?}: see `census token list`"
+            )));
+        }
+        info!(token_id = %id, "enrollment token revoked");
+        Ok(Response::new(v1::RevokeTokenResponse {}))
+    }
+
+    async fn create_client(
+        &self,
+        request: Request<v1::CreateClientRequest>,
+    ) -> Result<Response<v1::CreateClientResponse>, Status> {
+        let name = request.into_inner().name;
+        model::validate_name("client", &name).map_err(name_status)?;
+        let now = now_ms();
+        let (client, created) = self.blocking(move |s| s.ensure_client(&name, now)).await?;
+        Ok(Response::new(v1::CreateClientResponse {
+            client: Some(v1::Client {
+                name: client.name,
+                created_at: Some(convert::timestamp_from_millis(client.created_ms)),
+                sites: Vec::new(),
+            }),
+            created,
+        }))
+    }
+
+    async fn create_site(
+        &self,
+        request: Request<v1::CreateSiteRequest>,
+    ) -> Result<Response<v1::CreateSiteResponse>, Status> {
+        let req = request.into_inner();
+        model::validate_name("client", &req.client).map_err(name_status)?;
+        model::validate_name("site", &req.site).map_err(name_status)?;
+        let now = now_ms();
+        let created = self
+            .blocking(move |s| s.ensure_site(&req.client, &req.site, now))
+            .await?;
+        Ok(Response::new(v1::CreateSiteResponse { created }))
+    }
+}

@@ -1,0 +1,159 @@
+//! The store contract in memory: for tests and tools. Nothing survives the process.
+
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, BTreeSet},
+    sync::{Mutex, MutexGuard},
+};
+
+use super::{BatchOutcome, Store, StoreError, fold_batch};
+use crate::model::{CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord};
+
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    clients: BTreeMap<String, ClientRecord>,
+    sites: BTreeMap<(String, String), SiteRecord>,
+    tokens: BTreeMap<String, TokenRecord>,
+    devices: BTreeMap<(String, String, String), DeviceRecord>,
+    batches: BTreeSet<(String, String, String, u64)>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a half-applied batch: batches are applied
+        // to a copy first. So a poisoned lock is still consistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Store for MemoryStore {
+    fn ensure_client(&self, name: &str, now_ms: u64) -> Result<(ClientRecord, bool), StoreError> {
+        let mut inner = self.lock();
+        if let Some(c) = inner.clients.get(name) {
+            return Ok((c.clone(), false));
+        }
+        let record = ClientRecord {
+            name: name.to_owned(),
+            created_ms: now_ms,
+        };
+        inner.clients.insert(name.to_owned(), record.clone());
+        Ok((record, true))
+    }
+
+    fn ensure_site(&self, client: &str, site: &str, now_ms: u64) -> Result<bool, StoreError> {
+        self.ensure_client(client, now_ms)?;
+        let mut inner = self.lock();
+        let k = (client.to_owned(), site.to_owned());
+        if inner.sites.contains_key(&k) {
+            return Ok(false);
+        }
+        inner.sites.insert(
+            k,
+            SiteRecord {
+                client: client.to_owned(),
+                name: site.to_owned(),
+                created_ms: now_ms,
+            },
+        );
+        Ok(true)
+    }
+
+    fn client(&self, name: &str) -> Result<Option<ClientRecord>, StoreError> {
+        Ok(self.lock().clients.get(name).cloned())
+    }
+
+    fn clients(&self) -> Result<Vec<ClientRecord>, StoreError> {
+        Ok(self.lock().clients.values().cloned().collect())
+    }
+
+    fn sites(&self, client: &str) -> Result<Vec<SiteRecord>, StoreError> {
+        Ok(self
+            .lock()
+            .sites
+            .values()
+            .filter(|s| s.client == client)
+            .cloned()
+            .collect())
+    }
+
+    fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        self.lock().tokens.insert(token.id.clone(), token.clone());
+        Ok(())
+    }
+
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        Ok(self.lock().tokens.get(id).cloned())
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        Ok(self.lock().tokens.values().cloned().collect())
+    }
+
+    fn apply_batch(
+        &self,
+        scope: &Scope,
+        agent_id: &str,
+        sequence: u64,
+        observations: &[CleanObservation],
+    ) -> Result<BatchOutcome, StoreError> {
+        let mut inner = self.lock();
+        let batch = (
+            scope.client.clone(),
+            scope.site.clone(),
+            agent_id.to_owned(),
+            sequence,
+        );
+        if inner.batches.contains(&batch) {
+            return Ok(BatchOutcome::Duplicate);
+        }
+        // Apply to a working copy of the touched devices, then commit all at once, so a batch
+        // is applied whole or not at all.
+        let touched: RefCell<BTreeMap<String, DeviceRecord>> = RefCell::default();
+        let dk = |k: &str| (scope.client.clone(), scope.site.clone(), k.to_owned());
+        fold_batch::<StoreError>(
+            scope,
+            agent_id,
+            observations,
+            |k| {
+                let working = touched.borrow().get(k).cloned();
+                Ok(working.or_else(|| inner.devices.get(&dk(k)).cloned()))
+            },
+            |k, dev| {
+                touched.borrow_mut().insert(k.to_owned(), dev.clone());
+                Ok(())
+            },
+        )?;
+        for (k, dev) in touched.into_inner() {
+            inner.devices.insert(dk(&k), dev);
+        }
+        inner.batches.insert(batch);
+        Ok(BatchOutcome::Stored)
+    }
+
+    fn devices(&self, client: &str, site: Option<&str>) -> Result<Vec<DeviceRecord>, StoreError> {
+        Ok(self
+            .lock()
+            .devices
+            .iter()
+            .filter(|((c, s, _), _)| c == client && site.is_none_or(|site| s == site))
+            .map(|(_, d)| d.clone())
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn memory_store_keeps_the_contract() {
+        super::super::contract::run(&super::MemoryStore::new());
+    }
+}
