@@ -13,5 +13,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod iface;
 pub mod probe;
+pub mod report;
+pub mod run;
+pub mod scope;
+pub mod signal;
+pub mod telemetry;

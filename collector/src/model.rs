@@ -322,7 +322,7 @@ pub fn apply_observation(
     }
     if dev.evidence.len() > MAX_EVIDENCE {
         dev.evidence
-            .sort_by(|a, b| b.last_seen_ms.cmp(&a.last_seen_ms));
+            .sort_by_key(|e| std::cmp::Reverse(e.last_seen_ms));
         dev.evidence.truncate(MAX_EVIDENCE);
     }
     dev.evidence

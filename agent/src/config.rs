@@ -1,0 +1,342 @@
+//! The agent's configuration: a TOML file, then `CENSUS_AGENT_*` environment variables, then
+//! flags, each overriding the one before (the binary does the layering). [`Config::validate`]
+//! checks everything that does not need the network and says in one line what to fix.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+/// Scopes wider than this prefix are refused unless `allow_large_scope` is set.
+pub const MAX_SCOPE_PREFIX: u8 = 16;
+
+/// Everything `census-agent run` needs.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The collector's gRPC URL, e.g. `http://collector.example:7400`.
+    pub collector: Option<String>,
+    /// The enrollment token. Prefer `token_file`: a token in a config file is a secret at rest.
+    pub token: Option<String>,
+    /// A file holding the enrollment token.
+    pub token_file: Option<PathBuf>,
+    /// CIDRs to sweep, e.g. `["198.18.0.0/24"]`.
+    #[serde(default)]
+    pub scopes: Vec<Ipv4Net>,
+    /// CIDRs never to probe, even inside a scope.
+    #[serde(default)]
+    pub exclude: Vec<Ipv4Net>,
+    /// Sweep only through this interface (default: the interface each scope is on-link on).
+    pub interface: Option<String>,
+    /// Allow scopes larger than a /16.
+    #[serde(default)]
+    pub allow_large_scope: bool,
+    /// Where the agent keeps its identity and sequence numbers. Without it, each run is a new
+    /// agent to the collector.
+    pub state_dir: Option<PathBuf>,
+    /// Time between sweeps, e.g. "15m".
+    #[serde(default = "default_interval", with = "humantime_serde_compat")]
+    pub interval: Duration,
+    /// ARP tuning.
+    #[serde(default)]
+    pub arp: ArpSettings,
+}
+
+/// ARP sweep tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArpSettings {
+    /// Requests per second, per interface.
+    #[serde(default = "default_arp_rate")]
+    pub rate: u32,
+    /// Extra rounds for addresses that stayed silent.
+    #[serde(default = "default_arp_retries")]
+    pub retries: u32,
+    /// How long to keep listening after the last request, in milliseconds.
+    #[serde(default = "default_arp_window_ms")]
+    pub reply_window_ms: u64,
+}
+
+impl Default for ArpSettings {
+    fn default() -> Self {
+        ArpSettings {
+            rate: default_arp_rate(),
+            retries: default_arp_retries(),
+            reply_window_ms: default_arp_window_ms(),
+        }
+    }
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+fn default_arp_rate() -> u32 {
+    2000
+}
+fn default_arp_retries() -> u32 {
+    2
+}
+fn default_arp_window_ms() -> u64 {
+    1000
+}
+
+/// `interval = "15m"` in TOML, through humantime.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses a duration such as "90s", "15m" or "1h 30m".
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration ({e}; use e.g. 90s, 15m, 1h)"))
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            collector: None,
+            token: None,
+            token_file: None,
+            scopes: Vec::new(),
+            exclude: Vec::new(),
+            interface: None,
+            allow_large_scope: false,
+            state_dir: None,
+            interval: default_interval(),
+            arp: ArpSettings::default(),
+        }
+    }
+}
+
+/// What is wrong with a configuration, phrased as what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error(
+        "no collector: pass --collector URL, set CENSUS_AGENT_COLLECTOR, or set collector in the config file"
+    )]
+    NoCollector,
+    #[error("collector URL {0:?} must start with http:// or https://")]
+    BadCollector(String),
+    #[error(
+        "no enrollment token: pass --token-file FILE (or --token), set CENSUS_AGENT_TOKEN, or set token_file in the config file"
+    )]
+    NoToken,
+    #[error("cannot read token file {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("nothing to sweep: pass --scope CIDR[,CIDR...] or set scopes in the config file")]
+    NoScope,
+    #[error("{0:?} is not a CIDR (expected e.g. 198.18.0.0/24)")]
+    BadCidr(String),
+    #[error(
+        "scope {scope} is larger than a /{MAX_SCOPE_PREFIX} ({hosts} addresses): narrow it, or pass --allow-large-scope if you mean it"
+    )]
+    ScopeTooLarge { scope: Ipv4Net, hosts: u64 },
+    #[error("interval must be at least 10s, got {0:?}")]
+    Interval(Duration),
+    #[error("arp.rate must be between 1 and 100000 packets per second, got {0}")]
+    ArpRate(u32),
+    #[error("arp.retries must be at most 10, got {0}")]
+    ArpRetries(u32),
+    #[error("arp.reply_window_ms must be between 10 and 60000, got {0}")]
+    ArpWindow(u64),
+    #[error(
+        "state directory {0} does not exist: create it or point --state-dir at an existing directory"
+    )]
+    StateDir(PathBuf),
+}
+
+/// Parses a comma-separated list of CIDRs; a bare address is a /32.
+pub fn parse_cidrs(text: &str) -> Result<Vec<Ipv4Net>, ConfigError> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<Ipv4Net>()
+                .or_else(|_| s.parse::<std::net::Ipv4Addr>().map(Ipv4Net::from))
+                .map(|n| n.trunc())
+                .map_err(|_| ConfigError::BadCidr(s.chars().take(64).collect()))
+        })
+        .collect()
+}
+
+impl Config {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        for net in config.scopes.iter_mut().chain(config.exclude.iter_mut()) {
+            *net = net.trunc();
+        }
+        Ok(config)
+    }
+
+    /// Checks everything that can be checked without the network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.collector.as_deref().ok_or(ConfigError::NoCollector)?;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::BadCollector(url.to_owned()));
+        }
+        if self.token.is_none() && self.token_file.is_none() {
+            return Err(ConfigError::NoToken);
+        }
+        if self.scopes.is_empty() {
+            return Err(ConfigError::NoScope);
+        }
+        for scope in &self.scopes {
+            if scope.prefix_len() < MAX_SCOPE_PREFIX && !self.allow_large_scope {
+                return Err(ConfigError::ScopeTooLarge {
+                    scope: *scope,
+                    hosts: 1u64 << (32 - u32::from(scope.prefix_len())),
+                });
+            }
+        }
+        if self.interval < Duration::from_secs(10) {
+            return Err(ConfigError::Interval(self.interval));
+        }
+        if !(1..=100_000).contains(&self.arp.rate) {
+            return Err(ConfigError::ArpRate(self.arp.rate));
+        }
+        if self.arp.retries > 10 {
+            return Err(ConfigError::ArpRetries(self.arp.retries));
+        }
+        if !(10..=60_000).contains(&self.arp.reply_window_ms) {
+            return Err(ConfigError::ArpWindow(self.arp.reply_window_ms));
+        }
+        if let Some(dir) = &self.state_dir
+            && !dir.is_dir()
+        {
+            return Err(ConfigError::StateDir(dir.clone()));
+        }
+        Ok(())
+    }
+
+    /// The enrollment token, from `token` or `token_file`.
+    pub fn token(&self) -> Result<String, ConfigError> {
+        if let Some(t) = self
+            .token
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
+            return Ok(t.to_owned());
+        }
+        let path = self.token_file.as_ref().ok_or(ConfigError::NoToken)?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::TokenFile {
+            path: path.clone(),
+            source,
+        })?;
+        let t = text.trim();
+        if t.is_empty() {
+            return Err(ConfigError::NoToken);
+        }
+        Ok(t.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Config {
+        Config {
+            collector: Some("http://198.19.255.1:7400".into()),
+            token: Some("cen1_x".into()),
+            scopes: parse_cidrs("198.18.0.0/24").expect("cidr"),
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn cidrs_parse_and_truncate() {
+        let nets = parse_cidrs("198.18.0.7/24, 198.18.1.1").expect("cidrs");
+        assert_eq!(nets[0].to_string(), "198.18.0.0/24");
+        assert_eq!(nets[1].to_string(), "198.18.1.1/32");
+        assert!(matches!(
+            parse_cidrs("198.18.0.0/33"),
+            Err(ConfigError::BadCidr(_))
+        ));
+        assert!(matches!(
+            parse_cidrs("banana"),
+            Err(ConfigError::BadCidr(_))
+        ));
+    }
+
+    #[test]
+    fn large_scopes_need_consent() {
+        let mut c = valid();
+        c.scopes = parse_cidrs("198.18.0.0/15").expect("cidr");
+        let err = c.validate().expect_err("too large").to_string();
+        assert!(err.contains("--allow-large-scope"), "{err}");
+        c.allow_large_scope = true;
+        c.validate().expect("allowed");
+    }
+
+    #[test]
+    fn missing_pieces_are_named() {
+        assert!(matches!(
+            Config::default().validate(),
+            Err(ConfigError::NoCollector)
+        ));
+        let mut c = valid();
+        c.token = None;
+        assert!(matches!(c.validate(), Err(ConfigError::NoToken)));
+        let mut c = valid();
+        c.scopes.clear();
+        assert!(matches!(c.validate(), Err(ConfigError::NoScope)));
+        let mut c = valid();
+        c.collector = Some("198.19.255.1:7400".into());
+        assert!(matches!(c.validate(), Err(ConfigError::BadCollector(_))));
+    }
+
+    #[test]
+    fn file_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "collector = \"http://198.19.255.1:7400\"\ntoken = \"t\"\nscopes = [\"198.18.0.9/24\"]\ninterval = \"5m\"\n[arp]\nrate = 500\n",
+        )
+        .expect("write");
+        let c = Config::from_file(&path).expect("parses");
+        assert_eq!(c.scopes[0].to_string(), "198.18.0.0/24");
+        assert_eq!(c.interval, Duration::from_secs(300));
+        assert_eq!(c.arp.rate, 500);
+        assert_eq!(c.arp.retries, 2);
+        std::fs::write(&path, "colector = \"x\"\n").expect("write");
+        let err = Config::from_file(&path).expect_err("unknown").to_string();
+        assert!(err.contains("colector"), "{err}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,375 @@
+//! From sweep results to acknowledged batches: building observations, numbering batches, and
+//! delivering them over the collector's ingest stream until every one is acknowledged.
+//!
+//! A batch is named by (agent id, sequence). The agent keeps both in its state directory so a
+//! restarted agent never reuses a sequence number (the collector would take the new batch for
+//! a replay of the old one and drop it).
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    io::{self, Write as _},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use census_proto::{
+    convert,
+    v1::{self, ingest_service_client::IngestServiceClient},
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
+use tonic::{Code, Request, transport::Channel};
+use tracing::debug;
+
+/// Observations per batch: well under the collector's default limit of 10,000 and its 4 MiB
+/// message cap even when every observation carries SNMP and mDNS identity.
+pub const BATCH_SIZE: usize = 500;
+
+/// Builds the observation for one ARP answer.
+pub fn arp_observation(
+    ip: std::net::Ipv4Addr,
+    mac: [u8; 6],
+    interface: &str,
+    at: SystemTime,
+) -> v1::Observation {
+    v1::Observation {
+        observed_at: Some(convert::timestamp(at)),
+        method: v1::Method::Arp as i32,
+        addresses: vec![v1::IpAddress {
+            address: ip.to_string(),
+            answered: true,
+        }],
+        macs: vec![mac.to_vec()],
+        interface: interface.to_owned(),
+        ..Default::default()
+    }
+}
+
+// === impl AgentState ===
+
+/// The agent's identity and next batch sequence number, kept in `<state dir>/agent.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentState {
+    pub agent_id: String,
+    pub next_sequence: u64,
+    #[serde(skip)]
+    path: Option<PathBuf>,
+}
+
+impl AgentState {
+    /// Loads the state from `dir`, or makes a new identity (saved there when `dir` is given).
+    pub fn load_or_create(dir: Option<&Path>) -> io::Result<Self> {
+        let Some(dir) = dir else {
+            return Ok(AgentState {
+                agent_id: uuid::Uuid::new_v4().to_string(),
+                next_sequence: 1,
+                path: None,
+            });
+        };
+        let path = dir.join("agent.json");
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                let mut state: AgentState = serde_json::from_str(&text).map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "{} is corrupt ({e}); move it aside to start as a new agent",
+                            path.display()
+                        ),
+                    )
+                })?;
+                state.next_sequence = state.next_sequence.max(1);
+                state.path = Some(path);
+                Ok(state)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let state = AgentState {
+                    agent_id: uuid::Uuid::new_v4().to_string(),
+                    next_sequence: 1,
+                    path: Some(path),
+                };
+                state.save()?;
+                Ok(state)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reserves `n` sequence numbers, saved before any is used.
+    pub fn reserve(&mut self, n: u64) -> io::Result<u64> {
+        let first = self.next_sequence;
+        self.next_sequence = first.saturating_add(n);
+        self.save()?;
+        Ok(first)
+    }
+
+    fn save(&self) -> io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let tmp = path.with_extension("json.tmp");
+        {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(
+                serde_json::to_string_pretty(self)
+                    .map_err(io::Error::other)?
+                    .as_bytes(),
+            )?;
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, path)
+    }
+}
+
+/// Splits observations into numbered batches starting at `first_sequence`.
+pub fn into_batches(
+    agent_id: &str,
+    first_sequence: u64,
+    observations: Vec<v1::Observation>,
+) -> Vec<v1::ObservationBatch> {
+    let now = Some(convert::timestamp(SystemTime::now()));
+    let mut out = Vec::new();
+    let mut iter = observations.into_iter().peekable();
+    let mut seq = first_sequence;
+    while iter.peek().is_some() {
+        out.push(v1::ObservationBatch {
+            agent_id: agent_id.to_owned(),
+            sequence: seq,
+            observations: iter.by_ref().take(BATCH_SIZE).collect(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            sent_at: now,
+        });
+        seq += 1;
+    }
+    out
+}
+
+/// How many batches a call to [`batch_count`] needs for `n` observations.
+pub fn batch_count(n: usize) -> u64 {
+    n.div_ceil(BATCH_SIZE) as u64
+}
+
+// === delivery ===
+
+/// Why batches were not all acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("cannot reach the collector at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error(
+        "the collector refused this agent's token: {0} (check --token/--token-file; make a new one with `census token create`)"
+    )]
+    Refused(String),
+    #[error("the collector rejected a batch: {0}")]
+    Rejected(String),
+    #[error("delivery interrupted: {0}")]
+    Interrupted(String),
+}
+
+impl DeliveryError {
+    /// Whether trying again later can help.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            DeliveryError::Unreachable { .. } | DeliveryError::Interrupted(_)
+        )
+    }
+}
+
+/// What a delivery achieved.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    pub stored: u64,
+    pub duplicates: u64,
+    pub observations: u64,
+    pub rejected_observations: u64,
+}
+
+/// An error and its sources on one line: tonic's own message is only "transport error".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// Connects to the collector, failing within `timeout`.
+pub async fn connect(url: &str, timeout: Duration) -> Result<Channel, DeliveryError> {
+    let unreachable = |reason: String| DeliveryError::Unreachable {
+        url: url.to_owned(),
+        reason,
+    };
+    let endpoint = Channel::from_shared(url.to_owned())
+        .map_err(|e| unreachable(format!("invalid URL: {e}")))?
+        .connect_timeout(timeout)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| unreachable(error_chain(&e)))
+}
+
+/// Sends `batches` on one ingest stream and waits until each is acknowledged, or until the
+/// stream fails. Returns the sequences acknowledged in either case, so a caller resends only
+/// the rest.
+pub async fn deliver(
+    channel: Channel,
+    url: &str,
+    token: &str,
+    batches: &[v1::ObservationBatch],
+    ack_timeout: Duration,
+) -> (BTreeSet<u64>, Delivered, Result<(), DeliveryError>) {
+    let mut acked = BTreeSet::new();
+    let mut report = Delivered::default();
+    if batches.is_empty() {
+        return (acked, report, Ok(()));
+    }
+    let result = deliver_inner(
+        channel,
+        url,
+        token,
+        batches,
+        ack_timeout,
+        &mut acked,
+        &mut report,
+    )
+    .await;
+    (acked, report, result)
+}
+
+async fn deliver_inner(
+    channel: Channel,
+    url: &str,
+    token: &str,
+    batches: &[v1::ObservationBatch],
+    ack_timeout: Duration,
+    acked: &mut BTreeSet<u64>,
+    report: &mut Delivered,
+) -> Result<(), DeliveryError> {
+    let mut client = IngestServiceClient::new(channel).max_encoding_message_size(4 * 1024 * 1024);
+    let (tx, rx) = mpsc::channel::<v1::ObservationBatch>(8);
+    let mut request = Request::new(ReceiverStream::new(rx));
+    let bearer = format!("Bearer {token}").parse().map_err(|_| {
+        DeliveryError::Refused("the token contains characters that cannot be sent".into())
+    })?;
+    request
+        .metadata_mut()
+        .insert(census_proto::AUTHORIZATION, bearer);
+    let to_send: Vec<v1::ObservationBatch> = batches.to_vec();
+    let sender = tokio::spawn(async move {
+        for b in to_send {
+            if tx.send(b).await.is_err() {
+                break;
+            }
+        }
+        // Keep the request stream open until the acks are in: dropping `tx` here would end
+        // the stream, which is fine for the collector, so just return.
+    });
+    let status_error = |s: tonic::Status| match s.code() {
+        Code::Unauthenticated | Code::PermissionDenied => {
+            DeliveryError::Refused(s.message().to_owned())
+        }
+        Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange => {
+            DeliveryError::Rejected(s.message().to_owned())
+        }
+        Code::Unavailable => DeliveryError::Unreachable {
+            url: url.to_owned(),
+            reason: format!(
+                "{}{}",
+                s.message(),
+                std::error::Error::source(&s)
+                    .map(|e| format!(": {}", error_chain(e)))
+                    .unwrap_or_default()
+            ),
+        },
+        _ => DeliveryError::Interrupted(format!("{:?}: {}", s.code(), s.message())),
+    };
+    let mut acks = client
+        .report(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let wanted: BTreeSet<u64> = batches.iter().map(|b| b.sequence).collect();
+    while acked.len() < wanted.len() {
+        let next = tokio::time::timeout(ack_timeout, acks.next())
+            .await
+            .map_err(|_| {
+                DeliveryError::Interrupted(format!("no acknowledgement within {ack_timeout:?}"))
+            })?;
+        match next {
+            None => {
+                return Err(DeliveryError::Interrupted(
+                    "the collector closed the stream".into(),
+                ));
+            }
+            Some(Err(s)) => return Err(status_error(s)),
+            Some(Ok(ack)) => {
+                if !wanted.contains(&ack.sequence) || !acked.insert(ack.sequence) {
+                    continue;
+                }
+                match v1::AckStatus::try_from(ack.status) {
+                    Ok(v1::AckStatus::Duplicate) => report.duplicates += 1,
+                    _ => report.stored += 1,
+                }
+                report.observations += u64::from(ack.observations);
+                report.rejected_observations += u64::from(ack.rejected);
+                debug!(
+                    sequence = ack.sequence,
+                    status = ack.status,
+                    "batch acknowledged"
+                );
+            }
+        }
+    }
+    sender.abort();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_numbered_and_sized() {
+        let obs: Vec<_> = (0..1201u32)
+            .map(|i| {
+                arp_observation(
+                    std::net::Ipv4Addr::from(0xc612_0000 + i),
+                    [0, 0x16, 0x3e, 0, 0, 1],
+                    "eth0",
+                    SystemTime::now(),
+                )
+            })
+            .collect();
+        let batches = into_batches("a", 7, obs);
+        assert_eq!(batches.len() as u64, batch_count(1201));
+        assert_eq!(
+            batches.iter().map(|b| b.sequence).collect::<Vec<_>>(),
+            [7, 8, 9]
+        );
+        assert_eq!(batches[2].observations.len(), 201);
+    }
+
+    #[test]
+    fn state_survives_restart_and_never_reuses_a_sequence() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a = AgentState::load_or_create(Some(dir.path())).expect("create");
+        assert_eq!(a.reserve(3).expect("reserve"), 1);
+        let mut b = AgentState::load_or_create(Some(dir.path())).expect("load");
+        assert_eq!(a.agent_id, b.agent_id);
+        assert_eq!(b.reserve(1).expect("reserve"), 4);
+        fs::write(dir.path().join("agent.json"), "{").expect("write");
+        let err = AgentState::load_or_create(Some(dir.path())).expect_err("corrupt");
+        assert!(err.to_string().contains("move it aside"), "{err}");
+    }
+}

@@ -1,0 +1,372 @@
+//! The ingest contract over real gRPC on loopback (no namespaces needed: nothing is swept):
+//! a batch sent twice is stored once, an agent's token confines it to its own client and site,
+//! and wrong credentials are refused with a clear status.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use anyhow::{Context, Result};
+use census_collector::{config::Config, server};
+use census_proto::{
+    convert,
+    v1::{
+        self, admin_service_client::AdminServiceClient, ingest_service_client::IngestServiceClient,
+        query_service_client::QueryServiceClient,
+    },
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, transport::Channel};
+
+/// A collector served in-process on 127.0.0.1:0, stopped on drop.
+struct Running {
+    addr: SocketAddr,
+    operator: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.task.abort();
+    }
+}
+
+async fn start(dir: &Path) -> Result<Running> {
+    let config = Config {
+        data_dir: Some(dir.to_owned()),
+        ..Config::default()
+    };
+    let prepared = server::prepare(&config)?;
+    let operator = std::fs::read_to_string(&prepared.operator_token_path)?
+        .trim()
+        .to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let task = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = server::run(&config, prepared, listener, shutdown).await {
+                eprintln!("collector failed: {e}");
+            }
+        })
+    };
+    Ok(Running {
+        addr,
+        operator,
+        shutdown,
+        task,
+    })
+}
+
+impl Running {
+    async fn channel(&self) -> Result<Channel> {
+        Ok(Channel::from_shared(format!("http://{}", self.addr))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?)
+    }
+
+    fn authed<T>(&self, token: &str, msg: T) -> Request<T> {
+        authed(token, msg)
+    }
+
+    async fn token(&self, client: &str, site: &str) -> Result<String> {
+        let mut admin = AdminServiceClient::new(self.channel().await?);
+        let r = admin
+            .create_token(self.authed(
+                &self.operator,
+                v1::CreateTokenRequest {
+                    client: client.into(),
+                    site: site.into(),
+                },
+            ))
+            .await?;
+        Ok(r.into_inner().token)
+    }
+
+    async fn devices(&self, client: &str) -> Result<Vec<v1::Device>> {
+        let mut query = QueryServiceClient::new(self.channel().await?);
+        let r = query
+            .list_devices(self.authed(
+                &self.operator,
+                v1::ListDevicesRequest {
+                    client: client.into(),
+                    site: String::new(),
+                },
+            ))
+            .await?;
+        Ok(r.into_inner().devices)
+    }
+
+    async fn clients(&self) -> Result<Vec<String>> {
+        let mut query = QueryServiceClient::new(self.channel().await?);
+        let r = query
+            .list_clients(self.authed(&self.operator, v1::ListClientsRequest {}))
+            .await?;
+        Ok(r.into_inner().clients.into_iter().map(|c| c.name).collect())
+    }
+
+    /// Sends `batches` on one stream and returns the acks, or the stream's error status.
+    async fn report(
+        &self,
+        token: &str,
+        batches: Vec<v1::ObservationBatch>,
+    ) -> Result<Result<Vec<v1::BatchAck>, tonic::Status>> {
+        let mut ingest = IngestServiceClient::new(self.channel().await?);
+        let n = batches.len();
+        let stream = tokio_stream::iter(batches);
+        let mut acks = match ingest.report(authed(token, stream)).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => return Ok(Err(status)),
+        };
+        let mut out = Vec::new();
+        while out.len() < n {
+            match tokio::time::timeout(Duration::from_secs(10), acks.message())
+                .await
+                .context("ack timeout")?
+            {
+                Ok(Some(ack)) => out.push(ack),
+                Ok(None) => break,
+                Err(status) => return Ok(Err(status)),
+            }
+        }
+        Ok(Ok(out))
+    }
+}
+
+fn authed<T>(token: &str, msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert(
+        census_proto::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("ascii token"),
+    );
+    req
+}
+
+fn batch(agent: &str, sequence: u64, hosts: &[(&str, [u8; 6])]) -> v1::ObservationBatch {
+    v1::ObservationBatch {
+        agent_id: agent.into(),
+        sequence,
+        observations: hosts
+            .iter()
+            .map(|(ip, mac)| v1::Observation {
+                observed_at: Some(convert::timestamp(std::time::SystemTime::now())),
+                method: v1::Method::Arp as i32,
+                addresses: vec![v1::IpAddress {
+                    address: (*ip).into(),
+                    answered: true,
+                }],
+                macs: vec![mac.to_vec()],
+                ..Default::default()
+            })
+            .collect(),
+        agent_version: "test".into(),
+        sent_at: None,
+    }
+}
+
+const MAC1: [u8; 6] = [0, 0x16, 0x3e, 0, 0, 1];
+const MAC2: [u8; 6] = [0, 0x16, 0x3e, 0, 0, 2];
+
+#[tokio::test]
+async fn a_batch_sent_twice_is_stored_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let c = start(dir.path()).await?;
+    let token = c.token("acme", "hq").await?;
+    let b = batch(
+        "agent-1",
+        1,
+        &[("198.18.0.10", MAC1), ("198.18.0.11", MAC2)],
+    );
+
+    let first = c.report(&token, vec![b.clone()]).await??;
+    assert_eq!(first[0].status, v1::AckStatus::Stored as i32);
+    assert_eq!(first[0].observations, 2);
+    // Resent on the same stream and on a new one: acknowledged, not applied.
+    let again = c.report(&token, vec![b.clone(), b.clone()]).await??;
+    assert!(
+        again
+            .iter()
+            .all(|a| a.status == v1::AckStatus::Duplicate as i32 && a.sequence == 1),
+        "{again:?}"
+    );
+    let devices = c.devices("acme").await?;
+    assert_eq!(devices.len(), 2);
+    assert!(
+        devices
+            .iter()
+            .all(|d| d.evidence.len() == 1 && d.evidence[0].observations == 1),
+        "{devices:?}"
+    );
+
+    // The next sequence is applied.
+    let next = c
+        .report(&token, vec![batch("agent-1", 2, &[("198.18.0.10", MAC1)])])
+        .await??;
+    assert_eq!(next[0].status, v1::AckStatus::Stored as i32);
+    let devices = c.devices("acme").await?;
+    let d = devices
+        .iter()
+        .find(|d| d.macs[0] == MAC1.to_vec())
+        .context("MAC1 device")?;
+    assert_eq!(d.evidence[0].observations, 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_writes_only_for_the_client_and_site_of_its_token() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let c = start(dir.path()).await?;
+    let acme = c.token("acme", "hq").await?;
+    let _globex = c.token("globex", "hq").await?;
+    c.report(&acme, vec![batch("a", 1, &[("198.18.0.10", MAC1)])])
+        .await??;
+    // Messages carry no client or site: the same agent id and sequence under acme's token land
+    // in acme, and globex is untouched.
+    let acks = c
+        .report(
+            &acme,
+            vec![batch("globex-agent", 1, &[("198.18.0.10", MAC2)])],
+        )
+        .await??;
+    assert_eq!(acks[0].status, v1::AckStatus::Stored as i32);
+    assert_eq!(c.devices("acme").await?.len(), 2);
+    assert!(c.devices("globex").await?.is_empty());
+    assert!(
+        c.devices("acme")
+            .await?
+            .iter()
+            .all(|d| d.client == "acme" && d.site == "hq")
+    );
+
+    // An agent token is not an operator credential: it cannot create clients or read counts.
+    let mut admin = AdminServiceClient::new(c.channel().await?);
+    let err = admin
+        .create_token(authed(
+            &acme,
+            v1::CreateTokenRequest {
+                client: "globex".into(),
+                site: "evil".into(),
+            },
+        ))
+        .await
+        .expect_err("agent token must not administer");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut query = QueryServiceClient::new(c.channel().await?);
+    let err = query
+        .get_counts(authed(
+            &acme,
+            v1::GetCountsRequest {
+                client: "globex".into(),
+            },
+        ))
+        .await
+        .expect_err("agent token must not query");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut clients = c.clients().await?;
+    clients.sort();
+    assert_eq!(clients, ["acme", "globex"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_refused_clearly() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let c = start(dir.path()).await?;
+    let token = c.token("acme", "hq").await?;
+    let b = batch("a", 1, &[("198.18.0.10", MAC1)]);
+
+    // A forged token with a real id but the wrong secret.
+    let id = token.split('_').nth(1).context("token id")?;
+    let forged = format!("cen1_{id}_{}", "0".repeat(64));
+    for bad in [
+        forged.as_str(),
+        "cen1_nonsense",
+        "",
+        "cop1_operator-looking",
+    ] {
+        let status = c
+            .report(bad, vec![b.clone()])
+            .await?
+            .expect_err("must be refused");
+        assert_eq!(status.code(), Code::Unauthenticated, "{bad:?}: {status:?}");
+        assert!(!status.message().is_empty() && !status.message().contains('\n'));
+    }
+    // The operator token is not an agent token either.
+    let status = c
+        .report(&c.operator, vec![b.clone()])
+        .await?
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(c.devices("acme").await?.is_empty());
+
+    // Wrong operator credential.
+    let mut query = QueryServiceClient::new(c.channel().await?);
+    let err = query
+        .get_counts(authed("cop1_wrong", v1::GetCountsRequest::default()))
+        .await
+        .expect_err("wrong operator token");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(
+        err.message().contains("operator token"),
+        "{}",
+        err.message()
+    );
+    let err = query
+        .get_counts(Request::new(v1::GetCountsRequest::default()))
+        .await
+        .expect_err("no credential");
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // A revoked token stops working at once.
+    let mut admin = AdminServiceClient::new(c.channel().await?);
+    admin
+        .revoke_token(authed(
+            &c.operator,
+            v1::RevokeTokenRequest {
+                token_id: id.into(),
+            },
+        ))
+        .await?;
+    let status = c.report(&token, vec![b]).await?.expect_err("revoked");
+    assert!(status.message().contains("revoked"), "{status:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn malformed_batches_are_refused_and_the_collector_stays_healthy() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let c = start(dir.path()).await?;
+    let token = c.token("acme", "hq").await?;
+    let status = c
+        .report(&token, vec![batch("a", 0, &[("198.18.0.10", MAC1)])])
+        .await?
+        .expect_err("sequence 0");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = c
+        .report(&token, vec![batch("", 1, &[("198.18.0.10", MAC1)])])
+        .await?
+        .expect_err("no agent id");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let huge: Vec<(&str, [u8; 6])> = vec![("198.18.0.10", MAC1); 10_001];
+    let status = c
+        .report(&token, vec![batch("a", 1, &huge)])
+        .await?
+        .expect_err("too many observations");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    // Observations without identity are counted as rejected, the rest stored.
+    let acks = c
+        .report(
+            &token,
+            vec![batch(
+                "a",
+                1,
+                &[("not-an-ip", [0; 6]), ("198.18.0.11", MAC2)],
+            )],
+        )
+        .await??;
+    assert_eq!((acks[0].observations, acks[0].rejected), (1, 1));
+    assert_eq!(c.devices("acme").await?.len(), 1);
+    Ok(())
+}

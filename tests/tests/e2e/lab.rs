@@ -1,0 +1,450 @@
+//! Self-tests of the lab: overlapping sites stay apart, ICMP-silent hosts still answer ARP,
+//! snmpd answers v2c and v3 (and not a wrong community), routers route, mDNS is browsable,
+//! only 198.18.0.0/15 is accepted, and nothing is left behind after a drop or a panic.
+
+use std::net::Ipv4Addr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use census_tests::lab::{
+    HostSpec, Ipv4Net, Lab, MdnsService, MdnsSpec, RouterSpec, SiteSpec, SnmpV3User, SnmpdSpec,
+    mac_string, namespaces_with_prefix,
+};
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().expect("test address")
+}
+
+fn net(s: &str) -> Ipv4Net {
+    s.parse().expect("test subnet")
+}
+
+/// One ping from `ns`; true when answered.
+fn ping(lab: &Lab, ns: &str, to: Ipv4Addr) -> Result<bool> {
+    let out = lab.exec(ns, ["ping", "-n", "-c", "1", "-W", "2", &to.to_string()])?;
+    Ok(out.status.success())
+}
+
+/// `ip neigh show <ip>` in `ns`.
+fn neighbour(lab: &Lab, ns: &str, of: Ipv4Addr) -> Result<String> {
+    lab.exec_ok(ns, ["ip", "neigh", "show", &of.to_string()])
+}
+
+/// sysName.0 of `target` as seen from `ns`, or `None` when there is no answer.
+fn sys_name(lab: &Lab, ns: &str, auth: &[String], target: Ipv4Addr) -> Result<Option<String>> {
+    let mut args: Vec<String> = vec!["snmpget".into(), "-Oqv".into()];
+    args.extend(auth.iter().cloned());
+    args.extend(
+        [
+            "-r",
+            "0",
+            "-t",
+            "1",
+            &target.to_string(),
+            "1.3.6.1.2.1.1.5.0",
+        ]
+        .map(String::from),
+    );
+    let out = lab.exec(ns, &args)?;
+    Ok(out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .trim_matches('"')
+            .to_string()
+    }))
+}
+
+fn v2c(community: &str) -> Vec<String> {
+    vec!["-v2c".into(), "-c".into(), community.into()]
+}
+
+#[test]
+fn overlapping_sites_are_isolated() -> Result<()> {
+    if census_tests::lab::lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let lan = net("198.18.0.0/24");
+    let a = lab.add_site(SiteSpec::new("client-a", lan, ip("198.18.0.2")))?;
+    let b = lab.add_site(SiteSpec::new("client-b", lan, ip("198.18.0.2")))?;
+    let mac_a = [0x00, 0x16, 0x3e, 0xaa, 0x00, 0x0a];
+    let mac_b = [0x00, 0x16, 0x3e, 0xbb, 0x00, 0x0a];
+    let host = ip("198.18.0.10");
+    a.add_host(HostSpec::new(host).with_mac(mac_a))?;
+    b.add_host(HostSpec::new(host).with_mac(mac_b))?;
+
+    for (site, mine, theirs) in [(&a, mac_a, mac_b), (&b, mac_b, mac_a)] {
+        let agent = site.agent().ns();
+        ensure!(
+            ping(&lab, agent, host)?,
+            "{} cannot ping its host",
+            site.name()
+        );
+        let neigh = neighbour(&lab, agent, host)?;
+        ensure!(
+            neigh.contains(&mac_string(mine)) && !neigh.contains(&mac_string(theirs)),
+            "{} sees the wrong MAC for {host}: {neigh}",
+            site.name()
+        );
+        ensure!(
+            ping(&lab, agent, lab.collector_ip())?,
+            "{} cannot reach the core",
+            site.name()
+        );
+    }
+    ensure!(
+        a.agent().uplink_ip() != b.agent().uplink_ip(),
+        "uplinks must differ"
+    );
+    Ok(())
+}
+
+#[test]
+fn silent_host_answers_arp_but_not_ping() -> Result<()> {
+    if census_tests::lab::lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let site = lab.add_site(SiteSpec::new(
+        "quiet",
+        net("198.18.4.0/24"),
+        ip("198.18.4.2"),
+    ))?;
+    let host = site.add_host(HostSpec::new(ip("198.18.4.20")).silent())?;
+    let agent = site.agent().ns();
+    ensure!(
+        !ping(&lab, agent, host.ip())?,
+        "a silent host answered ping"
+    );
+    let neigh = neighbour(&lab, agent, host.ip())?;
+    ensure!(
+        neigh.contains(&mac_string(host.mac())) && !neigh.contains("FAILED"),
+        "the silent host did not answer ARP: {neigh:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn snmpd_answers_v2c_and_v3() -> Result<()> {
+    if census_tests::lab::lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let site = lab.add_site(SiteSpec::new(
+        "snmp",
+        net("198.18.8.0/24"),
+        ip("198.18.8.2"),
+    ))?;
+    let host = site.add_host(HostSpec::new(ip("198.18.8.30")))?;
+    let user = SnmpV3User {
+        name: "census".into(),
+        auth_pass: "auth-secret-1".into(),
+        priv_pass: "priv-secret-1".into(),
+    };
+    let spec = SnmpdSpec {
+        engine_id: Some(vec![0x80, 0x00, 0x1f, 0x88, 0x04, 0x63, 0x65, 0x6e]),
+        v3_user: Some(user.clone()),
+        ..SnmpdSpec::v2c("lab-public", "switch-30")
+    };
+    let snmpd = host.run_snmpd(&spec)?;
+    let agent = site.agent().ns();
+
+    let name = sys_name(&lab, agent, &v2c("lab-public"), host.ip())?;
+    ensure!(
+        name.as_deref() == Some("switch-30"),
+        "v2c sysName: {name:?}\n{}",
+        snmpd.log()
+    );
+    let wrong = sys_name(&lab, agent, &v2c("private"), host.ip())?;
+    ensure!(wrong.is_none(), "a wrong community was answered: {wrong:?}");
+    let name = sys_name(&lab, agent, &user.snmpget_args(), host.ip())?;
+    ensure!(
+        name.as_deref() == Some("switch-30"),
+        "v3 sysName: {name:?}\n{}",
+        snmpd.log()
+    );
+    let engine = lab.exec_ok(
+        agent,
+        [
+            "snmpget",
+            "-Oqv",
+            "-v2c",
+            "-c",
+            "lab-public",
+            &host.ip().to_string(),
+        ]
+        .into_iter()
+        .chain(["1.3.6.1.6.3.10.2.1.1.0"]),
+    )?;
+    ensure!(
+        engine.to_lowercase().contains("80 00 1f 88 04 63 65 6e"),
+        "engine ID: {engine}"
+    );
+
+    // A responder can be stopped early, e.g. to test a device that goes away.
+    snmpd.kill()?;
+    ensure!(!snmpd.is_running(), "snmpd still running after kill");
+    let gone = sys_name(&lab, agent, &v2c("lab-public"), host.ip())?;
+    ensure!(gone.is_none(), "a killed snmpd answered: {gone:?}");
+    Ok(())
+}
+
+#[test]
+fn router_routes_to_its_subnet() -> Result<()> {
+    if census_tests::lab::lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let site = lab.add_site(SiteSpec::new(
+        "routed",
+        net("198.18.12.0/24"),
+        ip("198.18.12.2"),
+    ))?;
+    let router = site.add_router(RouterSpec {
+        lan_ip: ip("198.18.12.1"),
+        routed_subnet: net("198.18.13.0/24"),
+        routed_ip: ip("198.18.13.1"),
+        lan_mac: None,
+    })?;
+    let far = router.add_host(HostSpec::new(ip("198.18.13.40")))?;
+    router.run_snmpd(&SnmpdSpec::v2c("lab-public", "edge-router"))?;
+    // An agent added after the router gets the route too.
+    let second = site.add_agent(ip("198.18.12.3"))?;
+
+    for agent in [site.agent().ns(), second.ns()] {
+        ensure!(
+            ping(&lab, agent, far.ip())?,
+            "{agent} cannot ping {} behind the router",
+            far.ip()
+        );
+    }
+    let name = sys_name(&lab, site.agent().ns(), &v2c("lab-public"), router.lan_ip())?;
+    ensure!(
+        name.as_deref() == Some("edge-router"),
+        "router sysName: {name:?}"
+    );
+    // The router learnt the far host's MAC while forwarding: what an SNMP ARP-cache read shows.
+    let neigh = neighbour(&lab, router.ns(), far.ip())?;
+    ensure!(
+        neigh.contains(&mac_string(far.mac())),
+        "router ARP cache: {neigh:?}"
+    );
+    Ok(())
+}
+
+/// Browses DNS-SD from `ns` with Debian's python3-zeroconf; prints `name port address`.
+const BROWSE: &str = r#"
+import socket, sys, time
+from zeroconf import IPVersion, ServiceBrowser, Zeroconf
+ip, kind = sys.argv[1], sys.argv[2]
+found = []
+class Listener:
+    def add_service(self, zc, t, name): found.append(name)
+    def update_service(self, zc, t, name): pass
+    def remove_service(self, zc, t, name): pass
+zc = Zeroconf(interfaces=[ip], ip_version=IPVersion.V4Only)
+ServiceBrowser(zc, kind, Listener())
+deadline = time.time() + 10
+while not found and time.time() < deadline:
+    time.sleep(0.1)
+for name in found:
+    info = zc.get_service_info(kind, name, timeout=3000)
+    addrs = [socket.inet_ntoa(a) for a in info.addresses] if info else []
+    print(name, info.port if info else "-", *addrs)
+zc.close()
+"#;
+
+#[test]
+fn mdns_service_is_browsable() -> Result<()> {
+    if census_tests::lab::lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let site = lab.add_site(SiteSpec::new(
+        "mdns",
+        net("198.18.16.0/24"),
+        ip("198.18.16.2"),
+    ))?;
+    let host = site.add_host(HostSpec::new(ip("198.18.16.50")))?;
+    host.run_mdns(&MdnsSpec {
+        host_name: "printer-50".into(),
+        services: vec![MdnsService {
+            instance: "Lab Printer".into(),
+            service_type: "_ipp._tcp".into(),
+            port: 631,
+            txt: vec![("ty".into(), "Lab Laser".into())],
+        }],
+    })?;
+    let agent = site.agent();
+    let found = lab.exec_ok(
+        agent.ns(),
+        [
+            "/usr/bin/python3",
+            "-I",
+            "-c",
+            BROWSE,
+            &agent.ip().to_string(),
+            "_ipp._tcp.local.",
+        ],
+    )?;
+    ensure!(
+        found.contains("Lab Printer._ipp._tcp.local. 631 198.18.16.50"),
+        "browse found: {found:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn only_the_benchmarking_range_is_accepted() -> Result<()> {
+    if census_tests::lab::lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let outside = lab.add_site(SiteSpec::new("bad", net("10.0.0.0/24"), ip("10.0.0.2")));
+    ensure!(outside.is_err(), "a site in 10.0.0.0/24 was accepted");
+    let core = lab.add_site(SiteSpec::new(
+        "bad",
+        net("198.19.255.0/24"),
+        ip("198.19.255.9"),
+    ));
+    ensure!(core.is_err(), "a site overlapping the core was accepted");
+    let site = lab.add_site(SiteSpec::new(
+        "ok",
+        net("198.18.20.0/24"),
+        ip("198.18.20.2"),
+    ))?;
+    ensure!(
+        site.add_host(HostSpec::new(ip("192.168.1.5"))).is_err(),
+        "192.168.1.5 accepted"
+    );
+    ensure!(
+        site.add_host(HostSpec::new(ip("198.18.21.5"))).is_err(),
+        "off-subnet host accepted"
+    );
+    let router = site.add_router(RouterSpec {
+        lan_ip: ip("198.18.20.1"),
+        routed_subnet: net("172.16.0.0/24"),
+        routed_ip: ip("172.16.0.1"),
+        lan_mac: None,
+    });
+    ensure!(router.is_err(), "a router to 172.16.0.0/24 was accepted");
+    let message = format!("{:#}", outside.err().context("no error")?);
+    ensure!(
+        message.contains("198.18.0.0/15"),
+        "unclear error: {message}"
+    );
+    Ok(())
+}
+
+#[test]
+fn hundred_hosts_build_in_seconds() -> Result<()> {
+    if census_tests::lab::lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let started = Instant::now();
+    let site = lab.add_site(SiteSpec::new(
+        "bulk",
+        net("198.18.24.0/24"),
+        ip("198.18.24.2"),
+    ))?;
+    let hosts = site.add_hosts(HostSpec::range(ip("198.18.24.10"), 100))?;
+    let built = started.elapsed();
+    eprintln!("a site with {} hosts built in {built:?}", hosts.len());
+    ensure!(hosts.len() == 100, "got {} hosts", hosts.len());
+    let last = hosts.last().context("no hosts")?;
+    ensure!(
+        ping(&lab, site.agent().ns(), last.ip())?,
+        "the last host does not answer"
+    );
+    // Generous: the point is "seconds, not minutes", even with other tests running in parallel.
+    ensure!(
+        built < Duration::from_secs(60),
+        "building 100 hosts took {built:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn drop_removes_namespaces_and_processes() -> Result<()> {
+    if census_tests::lab::lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let site = lab.add_site(SiteSpec::new(
+        "gone",
+        net("198.18.28.0/24"),
+        ip("198.18.28.2"),
+    ))?;
+    let host = site.add_host(HostSpec::new(ip("198.18.28.10")))?;
+    let sleeper = lab.spawn(host.ns(), ["sleep", "600"])?;
+    let early = lab.spawn(site.agent().ns(), ["sleep", "600"])?;
+    early.kill()?;
+    ensure!(!early.is_running(), "a killed process is still running");
+    let prefix = lab.prefix().to_string();
+    ensure!(
+        namespaces_with_prefix(&prefix).len() == lab.namespaces().len(),
+        "namespaces missing"
+    );
+    let pid = sleeper.pid();
+    drop(lab);
+    ensure!(
+        namespaces_with_prefix(&prefix).is_empty(),
+        "left behind: {prefix}*"
+    );
+    ensure!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "pid {pid} survived"
+    );
+    Ok(())
+}
+
+#[test]
+fn panic_still_tears_down() -> Result<()> {
+    if census_tests::lab::lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let seen: Mutex<Option<(String, u32)>> = Mutex::new(None);
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let lab = Lab::new().expect("lab");
+        let site = lab
+            .add_site(SiteSpec::new(
+                "boom",
+                net("198.18.32.0/24"),
+                ip("198.18.32.2"),
+            ))
+            .expect("site");
+        let host = site
+            .add_host(HostSpec::new(ip("198.18.32.10")))
+            .expect("host");
+        let sleeper = lab.spawn(host.ns(), ["sleep", "600"]).expect("spawn");
+        *seen.lock().expect("lock") = Some((lab.prefix().to_string(), sleeper.pid()));
+        panic!("a test failing inside a lab");
+    }));
+    ensure!(outcome.is_err(), "the closure was meant to panic");
+    let (prefix, pid) = seen
+        .lock()
+        .expect("lock")
+        .clone()
+        .context("the lab was not built")?;
+    ensure!(
+        namespaces_with_prefix(&prefix).is_empty(),
+        "left behind after a panic: {prefix}*"
+    );
+    ensure!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "pid {pid} survived"
+    );
+    Ok(())
+}

@@ -1,0 +1,8 @@
+//! The one integration-test binary: a module per area.
+//!
+//! Lab tests need root to build network namespaces; run without it they fail with one line
+//! saying so. `CENSUS_SKIP_LAB=1` skips them on purpose.
+
+mod foundation;
+mod ingest;
+mod lab;
