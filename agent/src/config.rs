@@ -339,4 +339,12 @@ mod tests {
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert!(parse_duration("soon").is_err());
     }
+
+    #[test]
+    fn the_example_config_parses() {
+        let c: Config = toml::from_str(include_str!("../../deploy/config/agent.toml"))
+            .expect("deploy/config/agent.toml parses");
+        assert_eq!(c.scopes.len(), 1);
+        assert_eq!(c.interval, Duration::from_secs(900));
+    }
 }

@@ -158,4 +158,11 @@ mod tests {
             Err(ConfigError::NoDataDir)
         ));
     }
+
+    #[test]
+    fn the_example_config_parses() {
+        let c: Config = toml::from_str(include_str!("../../deploy/config/collector.toml"))
+            .expect("deploy/config/collector.toml parses");
+        assert_eq!(c.listen.port(), 7400);
+    }
 }

@@ -1,0 +1,31 @@
+# Shared by deploy/test.sh and deploy/demo.sh: install what Census's lab and build need.
+# Sourced, not run.
+
+# Debian packages the lab's real responders and tools come from.
+CENSUS_DEB_PACKAGES=(iproute2 procps snmpd snmp python3-zeroconf)
+
+census_install_debs() {
+    local missing=()
+    for p in "${CENSUS_DEB_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ "${#missing[@]}" -eq 0 ]; then
+        return 0
+    fi
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "census: missing Debian packages ${missing[*]}: run as root, or install them (apt-get install ${missing[*]})" >&2
+        return 1
+    fi
+    echo "census: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # The snmpd package would start a system snmpd; the lab runs its own in namespaces.
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+census_install_rust_parts() {
+    command -v cargo >/dev/null || { echo "census: cargo is missing: install Rust with rustup first" >&2; return 1; }
+    rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+    rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+    rustup target list --installed 2>/dev/null | grep -q '^x86_64-pc-windows-gnu$' || rustup target add x86_64-pc-windows-gnu
+}
