@@ -1216,6 +1216,14 @@ mod tests {
     }
 
     #[test]
+    fn a_lab_can_be_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Lab>();
+        send_sync::<Proc>();
+        send_sync::<Site<'static>>();
+    }
+
+    #[test]
     fn macs_and_ranges() {
         assert_eq!(mac_string([0, 0x16, 0x3e, 1, 0xab, 2]), "00:16:3e:01:ab:02");
         assert!(check_mac([1, 0, 0, 0, 0, 1]).is_err());

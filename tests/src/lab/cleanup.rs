@@ -40,9 +40,13 @@ pub(crate) fn owner_pid(name: &str) -> Option<u32> {
 
 /// A zombie counts as dead: a test process killed by SIGKILL stays one until its parent reaps it.
 fn pid_alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
     // The state follows the command name, which is in parentheses and may contain anything.
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
     !matches!(state, Some("Z" | "X") | None)
 }
 

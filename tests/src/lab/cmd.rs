@@ -193,3 +193,41 @@ pub(crate) fn netns_exec(ip: &Path, ns: &str, program: impl AsRef<OsStr>) -> Com
     cmd.args(["netns", "exec", ns]).arg(program);
     cmd
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_tool_names_its_package() {
+        let err = find_tool("census-no-such-tool", "some-package")
+            .err()
+            .map(|e| e.to_string());
+        let err = err.unwrap_or_default();
+        assert!(err.contains("apt-get install -y some-package"), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+        assert!(find_tool("/nonexistent/ip", "iproute2").is_err());
+    }
+
+    #[test]
+    fn a_hung_command_is_killed() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let started = std::time::Instant::now();
+        assert!(run_bounded(cmd, None, Duration::from_millis(200)).is_err());
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn batch_input_reaches_stdin_and_failures_quote_stderr() {
+        let out = run_ok(Command::new("cat"), Some("a\nb\n".into()), IP_TIMEOUT);
+        assert_eq!(out.map(|o| o.stdout).ok(), Some(b"a\nb\n".to_vec()));
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo broken >&2; exit 3"]);
+        let err = run_ok(cmd, None, IP_TIMEOUT)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("broken"), "{err}");
+    }
+}
