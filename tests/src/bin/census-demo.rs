@@ -31,17 +31,26 @@ fn demo() -> Result<()> {
     let lab = Lab::new()?;
     let subnet = "198.18.0.0/24".parse()?;
     let agent_ip: Ipv4Addr = "198.18.0.2".parse()?;
-    println!("Building {} simulated client sites, all on {subnet}:", SITES.len());
+    println!(
+        "Building {} simulated client sites, all on {subnet}:",
+        SITES.len()
+    );
     let mut sites = Vec::new();
     for &(client, site_name, hosts) in SITES {
-        let site = lab.add_site(SiteSpec::new(format!("{client}-{site_name}"), subnet, agent_ip))?;
+        let site = lab.add_site(SiteSpec::new(
+            format!("{client}-{site_name}"),
+            subnet,
+            agent_ip,
+        ))?;
         // Hosts from .10; every fourth one drops ICMP (ARP finds it all the same).
         let specs = HostSpec::range("198.18.0.10".parse()?, hosts)
             .into_iter()
             .enumerate()
             .map(|(i, h)| if i % 4 == 3 { h.silent() } else { h });
         site.add_hosts(specs)?;
-        println!("  client {client:<8} site {site_name:<8} {hosts:>3} hosts on {subnet}, agent at {agent_ip}");
+        println!(
+            "  client {client:<8} site {site_name:<8} {hosts:>3} hosts on {subnet}, agent at {agent_ip}"
+        );
         sites.push((client, site_name, hosts, site));
     }
 
@@ -65,7 +74,10 @@ fn demo() -> Result<()> {
             ],
         )?;
         if !out.status.success() {
-            bail!("the agent for {client} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "the agent for {client} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         print!("  {}", String::from_utf8_lossy(&out.stdout));
     }
@@ -85,7 +97,10 @@ fn demo() -> Result<()> {
         }
     }
     if !wrong.is_empty() {
-        bail!("counts differ from the simulated sites: {}", wrong.join("; "));
+        bail!(
+            "counts differ from the simulated sites: {}",
+            wrong.join("; ")
+        );
     }
     println!("\nEvery client's count equals the hosts built at its site. Cleaning up.");
     Ok(())
