@@ -2,7 +2,7 @@
 # Sourced, not run.
 
 # Debian packages the lab's real responders and tools come from.
-CENSUS_DEB_PACKAGES=(iproute2 procps snmpd snmp python3-zeroconf)
+CENSUS_DEB_PACKAGES=(iproute2 iputils-ping procps snmpd snmp python3-zeroconf)
 
 census_install_debs() {
     local missing=()

@@ -180,7 +180,10 @@ impl IngestService for Collector {
                         None => break,
                         Some(Ok(batch)) => batch,
                         Some(Err(status)) => {
-                            debug!(%status, "agent stream ended with an error");
+                            // A message over the size limit or one that does not decode ends
+                            // this stream only; tell the agent why.
+                            warn!(%status, "agent stream failed");
+                            let _ = tx.send(Err(status)).await;
                             break;
                         }
                     };

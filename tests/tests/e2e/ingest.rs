@@ -370,3 +370,88 @@ async fn malformed_batches_are_refused_and_the_collector_stays_healthy() -> Resu
     assert_eq!(c.devices("acme").await?.len(), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn oversized_messages_end_only_their_stream() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let c = start(dir.path()).await?;
+    let token = c.token("acme", "hq").await?;
+    let mut big = batch("a", 1, &[("198.18.0.10", MAC1)]);
+    big.observations[0].names.push(v1::Name {
+        value: "x".repeat(5 * 1024 * 1024),
+        source: v1::NameSource::MdnsHost as i32,
+    });
+    let status = c
+        .report(&token, vec![big])
+        .await?
+        .expect_err("over the 4 MiB limit");
+    assert!(
+        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{status:?}"
+    );
+    assert!(c.devices("acme").await?.is_empty());
+    // The collector is healthy: the next stream is served.
+    let acks = c
+        .report(&token, vec![batch("a", 1, &[("198.18.0.10", MAC1)])])
+        .await??;
+    assert_eq!(acks[0].status, v1::AckStatus::Stored as i32);
+    Ok(())
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_served() -> Result<()> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+
+    let dir = tempfile::tempdir()?;
+    let c = start(dir.path()).await?;
+    let mut health = HealthClient::new(c.channel().await?);
+    for service in [
+        "census.v1.IngestService",
+        "census.v1.QueryService",
+        "census.v1.AdminService",
+    ] {
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await?
+            .into_inner();
+        assert_eq!(r.status, ServingStatus::Serving as i32, "{service}");
+    }
+
+    let mut reflection = ServerReflectionClient::new(c.channel().await?);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await?
+        .into_inner();
+    let response = responses
+        .message()
+        .await?
+        .context("a reflection response")?;
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        anyhow::bail!("unexpected reflection response: {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "census.v1.IngestService",
+        "census.v1.QueryService",
+        "census.v1.AdminService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+    Ok(())
+}
