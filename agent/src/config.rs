@@ -43,12 +43,24 @@ pub struct Config {
     /// ARP tuning.
     #[serde(default)]
     pub arp: ArpSettings,
+    /// ICMP echo for routed scopes.
+    #[serde(default)]
+    pub icmp: IcmpSettings,
+    /// SNMP identity, interfaces, ARP caches, forwarding tables and LLDP.
+    #[serde(default)]
+    pub snmp: SnmpSettings,
+    /// mDNS / DNS-SD browsing.
+    #[serde(default)]
+    pub mdns: MdnsSettings,
 }
 
 /// ARP sweep tuning.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ArpSettings {
+    /// Sweep on-link scopes with ARP.
+    #[serde(default = "yes")]
+    pub enabled: bool,
     /// Requests per second, per interface.
     #[serde(default = "default_arp_rate")]
     pub rate: u32,
@@ -63,11 +75,173 @@ pub struct ArpSettings {
 impl Default for ArpSettings {
     fn default() -> Self {
         ArpSettings {
+            enabled: true,
             rate: default_arp_rate(),
             retries: default_arp_retries(),
             reply_window_ms: default_arp_window_ms(),
         }
     }
+}
+
+/// ICMP echo sweep tuning (routed scopes only: on-link addresses are ARP's job).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IcmpSettings {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Echo requests per second.
+    #[serde(default = "default_icmp_rate")]
+    pub rate: u32,
+    /// Requests in flight at once.
+    #[serde(default = "default_icmp_concurrency")]
+    pub concurrency: usize,
+    /// How long to wait for each reply, in milliseconds.
+    #[serde(default = "default_icmp_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Extra attempts for silent addresses.
+    #[serde(default = "default_icmp_retries")]
+    pub retries: u32,
+}
+
+impl Default for IcmpSettings {
+    fn default() -> Self {
+        IcmpSettings {
+            enabled: true,
+            rate: default_icmp_rate(),
+            concurrency: default_icmp_concurrency(),
+            timeout_ms: default_icmp_timeout_ms(),
+            retries: default_icmp_retries(),
+        }
+    }
+}
+
+/// SNMP credentials and tuning. Communities are tried in order; then v3 users.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnmpSettings {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// v1/v2c communities, tried in order. Empty with no v3 users: SNMP is skipped.
+    #[serde(default)]
+    pub communities: Vec<String>,
+    /// SNMPv3 users, tried after the communities.
+    #[serde(default)]
+    pub v3_users: Vec<SnmpV3User>,
+    /// UDP port.
+    #[serde(default = "default_snmp_port")]
+    pub port: u16,
+    /// How long to wait for each response, in milliseconds.
+    #[serde(default = "default_snmp_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Extra attempts after a timeout (each on a fresh session).
+    #[serde(default = "default_snmp_retries")]
+    pub retries: u32,
+    /// Devices queried at once.
+    #[serde(default = "default_snmp_concurrency")]
+    pub concurrency: usize,
+    /// GETBULK max-repetitions.
+    #[serde(default = "default_snmp_max_repetitions")]
+    pub max_repetitions: u32,
+    /// Most rows read from one table of one device (ARP caches and FDBs can be huge).
+    #[serde(default = "default_snmp_max_rows")]
+    pub max_rows: usize,
+}
+
+impl Default for SnmpSettings {
+    fn default() -> Self {
+        SnmpSettings {
+            enabled: true,
+            communities: Vec::new(),
+            v3_users: Vec::new(),
+            port: default_snmp_port(),
+            timeout_ms: default_snmp_timeout_ms(),
+            retries: default_snmp_retries(),
+            concurrency: default_snmp_concurrency(),
+            max_repetitions: default_snmp_max_repetitions(),
+            max_rows: default_snmp_max_rows(),
+        }
+    }
+}
+
+/// One SNMPv3 user (USM). Without `auth_protocol` it is noAuthNoPriv; with it and without
+/// `priv_protocol`, authNoPriv; with both, authPriv.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnmpV3User {
+    pub name: String,
+    /// "md5", "sha" (SHA-1), "sha224", "sha256", "sha384" or "sha512".
+    pub auth_protocol: Option<String>,
+    pub auth_password: Option<String>,
+    /// "des", "aes" (AES-128), "aes192" or "aes256".
+    pub priv_protocol: Option<String>,
+    pub priv_password: Option<String>,
+}
+
+impl std::fmt::Debug for SnmpV3User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnmpV3User")
+            .field("name", &self.name)
+            .field("auth_protocol", &self.auth_protocol)
+            .field("priv_protocol", &self.priv_protocol)
+            .finish_non_exhaustive()
+    }
+}
+
+/// mDNS / DNS-SD browsing tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MdnsSettings {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// How long to listen for answers, in milliseconds.
+    #[serde(default = "default_mdns_window_ms")]
+    pub window_ms: u64,
+}
+
+impl Default for MdnsSettings {
+    fn default() -> Self {
+        MdnsSettings {
+            enabled: true,
+            window_ms: default_mdns_window_ms(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_icmp_rate() -> u32 {
+    1000
+}
+fn default_icmp_concurrency() -> usize {
+    256
+}
+fn default_icmp_timeout_ms() -> u64 {
+    1000
+}
+fn default_icmp_retries() -> u32 {
+    1
+}
+fn default_snmp_port() -> u16 {
+    161
+}
+fn default_snmp_timeout_ms() -> u64 {
+    1000
+}
+fn default_snmp_retries() -> u32 {
+    1
+}
+fn default_snmp_concurrency() -> usize {
+    32
+}
+fn default_snmp_max_repetitions() -> u32 {
+    25
+}
+fn default_snmp_max_rows() -> usize {
+    10_000
+}
+fn default_mdns_window_ms() -> u64 {
+    3000
 }
 
 fn default_interval() -> Duration {
@@ -114,6 +288,9 @@ impl Default for Config {
             state_dir: None,
             interval: default_interval(),
             arp: ArpSettings::default(),
+            icmp: IcmpSettings::default(),
+            snmp: SnmpSettings::default(),
+            mdns: MdnsSettings::default(),
         }
     }
 }

@@ -21,3 +21,5 @@ pub mod run;
 pub mod scope;
 pub mod signal;
 pub mod telemetry;
+#[cfg(all(test, unix))]
+mod testing;

@@ -40,6 +40,7 @@ pub fn arp_observation(
         addresses: vec![v1::IpAddress {
             address: ip.to_string(),
             answered: true,
+            method: v1::Method::Arp as i32,
         }],
         macs: vec![mac.to_vec()],
         interface: interface.to_owned(),

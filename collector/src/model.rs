@@ -386,6 +386,7 @@ mod tests {
             addresses: vec![v1::IpAddress {
                 address: ip.into(),
                 answered: true,
+                ..Default::default()
             }],
             macs: vec![mac.to_vec()],
             ..Default::default()
@@ -413,6 +414,7 @@ mod tests {
             addresses: vec![v1::IpAddress {
                 address: "not an ip".into(),
                 answered: true,
+                ..Default::default()
             }],
             ..Default::default()
         };

@@ -102,6 +102,7 @@ pub(crate) mod contract {
             addresses: vec![v1::IpAddress {
                 address: ip.into(),
                 answered: true,
+                ..Default::default()
             }],
             macs: vec![mac.to_vec()],
             ..Default::default()

@@ -156,6 +156,7 @@ fn batch(agent: &str, sequence: u64, hosts: &[(&str, [u8; 6])]) -> v1::Observati
                 addresses: vec![v1::IpAddress {
                     address: (*ip).into(),
                     answered: true,
+                    ..Default::default()
                 }],
                 macs: vec![mac.to_vec()],
                 ..Default::default()
