@@ -174,8 +174,9 @@ impl OperatorToken {
             Err(e) => return Err(e),
         }
         let text = format!("{OPERATOR_PREFIX}_{}", random_hex(32));
-        // Written to a temporary file and renamed, so a crash never leaves half a token.
-        let tmp = data_dir.join(format!("{OPERATOR_TOKEN_FILE}.tmp"));
+        // Written whole to a temporary file of this process, then linked into place: a crash
+        // never leaves half a token, and of two first starts at once exactly one token wins.
+        let tmp = data_dir.join(format!("{OPERATOR_TOKEN_FILE}.{}.tmp", std::process::id()));
         {
             let mut opts = fs::OpenOptions::new();
             opts.write(true).create(true).truncate(true);
@@ -185,7 +186,15 @@ impl OperatorToken {
             writeln!(f, "{text}")?;
             f.sync_all()?;
         }
-        fs::rename(&tmp, &path)?;
+        let linked = fs::hard_link(&tmp, &path);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Self::load_or_create(data_dir);
+            }
+            Err(e) => return Err(e),
+        }
         Ok((Self::from_text(&text), path, true))
     }
 }

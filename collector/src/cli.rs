@@ -104,6 +104,34 @@ pub enum TokenCommand {
     Revoke { token_id: String },
 }
 
+/// Parses the command line of `program`; on a usage error prints one line and returns exit code
+/// 64 (help and version are printed as asked, exit 0).
+pub fn parse_args<P: Parser>(program: &str) -> Result<P, std::process::ExitCode> {
+    P::try_parse().map_err(|e| usage_exit(program, &e))
+}
+
+/// The exit for a clap error: help and version on stdout with 0; anything else one line, 64.
+pub fn usage_exit(program: &str, e: &clap::Error) -> std::process::ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            std::process::ExitCode::SUCCESS
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            std::process::ExitCode::from(EX_USAGE)
+        }
+        _ => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("{program}: error: {first} (see {program} --help)");
+            std::process::ExitCode::from(EX_USAGE)
+        }
+    }
+}
+
 /// A failure with its exit code and one-line message.
 #[derive(Debug)]
 pub struct Failure {
@@ -292,6 +320,13 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                                 .map(|a| a.address.clone())
                                 .collect::<Vec<_>>()
                                 .join(","),
+                            d.category.clone(),
+                            d.names
+                                .iter()
+                                .take(2)
+                                .cloned()
+                                .collect::<Vec<_>>()
+                                .join(","),
                             time(d.first_seen.as_ref()),
                             time(d.last_seen.as_ref()),
                             if d.counted { "yes" } else { "no" }.into(),
@@ -304,6 +339,8 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                         "SITE",
                         "MACS",
                         "IPS",
+                        "CATEGORY",
+                        "NAMES",
                         "FIRST SEEN",
                         "LAST SEEN",
                         "COUNTED",
@@ -456,6 +493,7 @@ fn device_json(d: &v1::Device) -> serde_json::Value {
         "addresses": d.addresses.iter().map(|a| json!({"address": a.address, "answered": a.answered, "last_seen": time(a.last_seen.as_ref())})).collect::<Vec<_>>(),
         "names": d.names,
         "category": d.category,
+        "category_reason": d.category_reason,
         "first_seen": time(d.first_seen.as_ref()),
         "last_seen": time(d.last_seen.as_ref()),
         "counted": d.counted,

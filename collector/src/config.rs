@@ -78,7 +78,9 @@ pub enum ConfigError {
     DataDirNotDir(PathBuf),
     #[error("max_message_bytes must be between 64 KiB and 64 MiB, got {0}")]
     MessageSize(usize),
-    #[error("max_batch_observations must be between 1 and 100000, got {0}")]
+    #[error(
+        "max_batch_observations must be between 1000 and 100000 (agents send up to 500 per batch), got {0}"
+    )]
     BatchSize(usize),
 }
 
@@ -110,7 +112,7 @@ impl Config {
         if !(64 * 1024..=64 * 1024 * 1024).contains(&self.max_message_bytes) {
             return Err(ConfigError::MessageSize(self.max_message_bytes));
         }
-        if !(1..=100_000).contains(&self.max_batch_observations) {
+        if !(1000..=100_000).contains(&self.max_batch_observations) {
             return Err(ConfigError::BatchSize(self.max_batch_observations));
         }
         Ok(())

@@ -91,7 +91,10 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = match census_collector::cli::parse_args("census-collector") {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     telemetry::init(matches!(cli.log_format, LogFormat::Json));
     match cli.command {
         Command::Validate(settings) => match settings.resolve() {
@@ -127,14 +130,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> ExitCode {
-    let prepared = match server::prepare(&config) {
-        Ok(p) => p,
-        Err(e @ RunError::Config(_)) => return fail(EX_USAGE, e),
-        Err(e) => return fail(1, e),
-    };
-    if prepared.operator_token_created {
-        info!(path = %prepared.operator_token_path.display(), "operator token created; `census` needs it (--operator-token-file)");
-    }
+    // Bind before touching the data directory: a port in use writes nothing.
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -147,6 +143,14 @@ async fn serve(config: Config) -> ExitCode {
             );
         }
     };
+    let prepared = match server::prepare(&config) {
+        Ok(p) => p,
+        Err(e @ RunError::Config(_)) => return fail(EX_USAGE, e),
+        Err(e) => return fail(1, e),
+    };
+    if prepared.operator_token_created {
+        info!(path = %prepared.operator_token_path.display(), "operator token created; `census` needs it (--operator-token-file)");
+    }
     // Printed on stdout so scripts (and tests, with --listen HOST:0) learn the bound address.
     if let Ok(addr) = listener.local_addr() {
         println!("listening on {addr}");

@@ -134,6 +134,9 @@ pub struct EvidenceRecord {
 pub struct DeviceRecord {
     /// Stable identifier: the hex of the device's key within its client.
     pub id: String,
+    /// The latest category an agent decided on with evidence ("unknown" until then), and why.
+    pub category: String,
+    pub category_reason: String,
     pub client: String,
     pub site: String,
     pub macs: Vec<MacAddr>,
@@ -150,7 +153,10 @@ pub struct DeviceRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CleanObservation {
     pub observed_ms: u64,
-    pub method: v1::Method,
+    /// Every method that contributed, at least one.
+    pub methods: Vec<v1::Method>,
+    /// The agent's category and its reason, when it decided one.
+    pub category: Option<(v1::Category, String)>,
     pub macs: Vec<MacAddr>,
     /// (address, answered)
     pub addresses: Vec<(IpAddr, bool)>,
@@ -159,10 +165,33 @@ pub struct CleanObservation {
 
 /// Validates one observation from an agent. `None` when it names no device: no unicast MAC and
 /// no address the device answered on. Oversized fields are truncated to the caps above.
-pub fn clean_observation(obs: &v1::Observation, received_ms: u64) -> Option<CleanObservation> {
-    let method = v1::Method::try_from(obs.method)
+///
+/// `clock_offset_ms` is how far the collector's clock is ahead of the agent's (receive time
+/// minus the batch's `sent_at`): an agent whose clock is wrong (an appliance that booted in
+/// 1970) still has its observations dated right.
+pub fn clean_observation(
+    obs: &v1::Observation,
+    received_ms: u64,
+    clock_offset_ms: i64,
+) -> Option<CleanObservation> {
+    let valid = |m: &i32| {
+        v1::Method::try_from(*m)
+            .ok()
+            .filter(|m| *m != v1::Method::Unspecified)
+    };
+    let mut methods: Vec<v1::Method> = obs.methods.iter().take(8).filter_map(valid).collect();
+    if methods.is_empty() {
+        methods.extend(valid(&obs.method));
+    }
+    methods.sort_by_key(|m| *m as i32);
+    methods.dedup();
+    if methods.is_empty() {
+        return None;
+    }
+    let category = v1::Category::try_from(obs.category)
         .ok()
-        .filter(|m| *m != v1::Method::Unspecified)?;
+        .filter(|c| !matches!(c, v1::Category::Unspecified | v1::Category::Unknown))
+        .map(|c| (c, clean_text(&obs.category_reason, MAX_NAME_LEN)));
     let mut macs: Vec<MacAddr> = obs
         .macs
         .iter()
@@ -202,15 +231,28 @@ pub fn clean_observation(obs: &v1::Observation, received_ms: u64) -> Option<Clea
         .as_ref()
         .and_then(convert::system_time)
         .map(convert::unix_millis)
+        .map(|ms| ms.saturating_add_signed(clock_offset_ms))
         .filter(|ms| *ms <= received_ms.saturating_add(MAX_CLOCK_SKEW_MS))
         .unwrap_or(received_ms);
     Some(CleanObservation {
         observed_ms,
-        method,
+        methods,
+        category,
         macs,
         addresses,
         names,
     })
+}
+
+/// How far the collector's clock (`received_ms`) is ahead of the agent's, from the batch's
+/// `sent_at`; 0 when the batch does not say.
+pub fn clock_offset(sent_at: Option<&prost_types::Timestamp>, received_ms: u64) -> i64 {
+    sent_at
+        .and_then(convert::system_time)
+        .map(convert::unix_millis)
+        .map_or(0, |sent| {
+            i64::try_from(i128::from(received_ms) - i128::from(sent)).unwrap_or(0)
+        })
 }
 
 /// Drops control characters and truncates to `max` bytes on a character boundary.
@@ -261,6 +303,8 @@ pub fn apply_observation(
     let at = obs.observed_ms;
     let mut dev = existing.unwrap_or_else(|| DeviceRecord {
         id: device_id(scope, key),
+        category: "unknown".into(),
+        category_reason: String::new(),
         client: scope.client.clone(),
         site: scope.site.clone(),
         macs: Vec::new(),
@@ -301,24 +345,30 @@ pub fn apply_observation(
     }
     dev.names.sort();
     dev.names.truncate(MAX_NAMES);
-    let method = obs.method as i32;
-    match dev
-        .evidence
-        .iter_mut()
-        .find(|e| e.agent_id == agent_id && e.method == method)
-    {
-        Some(e) => {
-            e.first_seen_ms = e.first_seen_ms.min(at);
-            e.last_seen_ms = e.last_seen_ms.max(at);
-            e.observations += 1;
+    if let Some((category, reason)) = &obs.category {
+        dev.category = category.label().to_owned();
+        dev.category_reason.clone_from(reason);
+    }
+    for method in &obs.methods {
+        let method = *method as i32;
+        match dev
+            .evidence
+            .iter_mut()
+            .find(|e| e.agent_id == agent_id && e.method == method)
+        {
+            Some(e) => {
+                e.first_seen_ms = e.first_seen_ms.min(at);
+                e.last_seen_ms = e.last_seen_ms.max(at);
+                e.observations += 1;
+            }
+            None => dev.evidence.push(EvidenceRecord {
+                agent_id: agent_id.to_owned(),
+                method,
+                first_seen_ms: at,
+                last_seen_ms: at,
+                observations: 1,
+            }),
         }
-        None => dev.evidence.push(EvidenceRecord {
-            agent_id: agent_id.to_owned(),
-            method,
-            first_seen_ms: at,
-            last_seen_ms: at,
-            observations: 1,
-        }),
     }
     if dev.evidence.len() > MAX_EVIDENCE {
         dev.evidence
@@ -343,10 +393,13 @@ pub fn counts_device(dev: &DeviceRecord, now_ms: u64) -> (bool, String) {
     }
 }
 
-/// Category of a device. Discovery does not classify devices yet, so every device is
-/// "unknown"; the field exists so counts by category keep their shape as classification lands.
-pub fn category(_dev: &DeviceRecord) -> &'static str {
-    "unknown"
+/// Category of a device: the agent's latest decision, "unknown" without one.
+pub fn category(dev: &DeviceRecord) -> &str {
+    if dev.category.is_empty() {
+        "unknown"
+    } else {
+        &dev.category
+    }
 }
 
 /// Per-client totals under the default policy.
@@ -407,7 +460,7 @@ mod tests {
     fn observation_without_identity_is_refused() {
         let mut obs = arp("198.18.0.1", [0; 6], 1);
         obs.addresses[0].answered = false;
-        assert_eq!(clean_observation(&obs, 10), None);
+        assert_eq!(clean_observation(&obs, 10, 0), None);
         let garbage = v1::Observation {
             method: v1::Method::Arp as i32,
             macs: vec![vec![1, 2, 3]],
@@ -418,12 +471,12 @@ mod tests {
             }],
             ..Default::default()
         };
-        assert_eq!(clean_observation(&garbage, 10), None);
+        assert_eq!(clean_observation(&garbage, 10, 0), None);
         let unspecified = v1::Observation {
             method: 0,
             ..arp("198.18.0.1", [0, 0x16, 0x3e, 0, 0, 1], 1)
         };
-        assert_eq!(clean_observation(&unspecified, 10), None);
+        assert_eq!(clean_observation(&unspecified, 10, 0), None);
     }
 
     #[test]
@@ -441,7 +494,7 @@ mod tests {
                 .collect(),
             ..Default::default()
         };
-        let clean = clean_observation(&obs, 10).expect("has macs");
+        let clean = clean_observation(&obs, 10, 0).expect("has macs");
         assert_eq!(clean.macs.len(), MAX_MACS);
         assert!(clean.names.len() <= MAX_NAMES);
         assert!(
@@ -453,9 +506,24 @@ mod tests {
     }
 
     #[test]
+    fn an_agent_clock_in_the_past_is_corrected_by_sent_at() {
+        // The agent thinks it is 1970 + 10 s; the collector knows it is much later.
+        let received = 1_764_000_000_000;
+        let obs = arp("198.18.0.1", [0, 0x16, 0x3e, 0, 0, 1], 9_000);
+        let offset = clock_offset(Some(&convert::timestamp_from_millis(10_000)), received);
+        let clean = clean_observation(&obs, received, offset).expect("valid");
+        assert_eq!(
+            clean.observed_ms,
+            received - 1_000,
+            "observed one second before it was sent"
+        );
+        assert_eq!(clock_offset(None, received), 0);
+    }
+
+    #[test]
     fn future_timestamps_are_clamped() {
         let obs = arp("198.18.0.1", [0, 0x16, 0x3e, 0, 0, 1], u64::MAX / 2_000_000);
-        let clean = clean_observation(&obs, 1_000).expect("valid");
+        let clean = clean_observation(&obs, 1_000, 0).expect("valid");
         assert_eq!(clean.observed_ms, 1_000);
     }
 
@@ -463,8 +531,8 @@ mod tests {
     fn same_mac_is_one_device_and_evidence_accumulates() {
         let s = scope("acme");
         let mac = [0, 0x16, 0x3e, 0, 0, 1];
-        let a = clean_observation(&arp("198.18.0.10", mac, 1_000), 5_000).expect("valid");
-        let b = clean_observation(&arp("198.18.0.11", mac, 2_000), 5_000).expect("valid");
+        let a = clean_observation(&arp("198.18.0.10", mac, 1_000), 5_000, 0).expect("valid");
+        let b = clean_observation(&arp("198.18.0.11", mac, 2_000), 5_000, 0).expect("valid");
         assert_eq!(device_key(&a), device_key(&b));
         let key = device_key(&a).expect("key");
         let dev = apply_observation(None, &s, &key, "agent-1", &a);
@@ -486,10 +554,51 @@ mod tests {
     #[test]
     fn stale_devices_stop_counting() {
         let s = scope("acme");
-        let obs = clean_observation(&arp("198.18.0.10", [0, 0x16, 0x3e, 0, 0, 1], 1_000), 1_000)
-            .expect("valid");
+        let obs = clean_observation(
+            &arp("198.18.0.10", [0, 0x16, 0x3e, 0, 0, 1], 1_000),
+            1_000,
+            0,
+        )
+        .expect("valid");
         let dev = apply_observation(None, &s, "k", "agent", &obs);
         assert!(counts_device(&dev, 1_000 + DEFAULT_WINDOW_MS).0);
         assert!(!counts_device(&dev, 1_001 + DEFAULT_WINDOW_MS).0);
+    }
+
+    #[test]
+    fn every_method_of_an_observation_is_evidence_and_the_category_is_kept() {
+        let s = scope("acme");
+        let mut wire = arp("198.18.0.1", [0, 0x16, 0x3e, 0, 0, 1], 1_000);
+        wire.methods = vec![
+            v1::Method::Arp as i32,
+            v1::Method::Snmp as i32,
+            v1::Method::Arp as i32,
+            99,
+        ];
+        wire.category = v1::Category::Network as i32;
+        wire.category_reason = "SNMP sysDescr mentions \"routeros\"".into();
+        let obs = clean_observation(&wire, 5_000, 0).expect("valid");
+        assert_eq!(obs.methods, [v1::Method::Arp, v1::Method::Snmp]);
+        let key = device_key(&obs).expect("key");
+        let dev = apply_observation(None, &s, &key, "agent", &obs);
+        assert_eq!(dev.evidence.len(), 2);
+        assert_eq!(category(&dev), "network");
+        assert!(dev.category_reason.contains("routeros"));
+        // A later observation without a category keeps the decided one.
+        let plain = clean_observation(
+            &arp("198.18.0.1", [0, 0x16, 0x3e, 0, 0, 1], 2_000),
+            5_000,
+            0,
+        )
+        .expect("valid");
+        let dev = apply_observation(Some(dev), &s, &key, "agent", &plain);
+        assert_eq!(category(&dev), "network");
+        assert_eq!(
+            dev.evidence
+                .iter()
+                .find(|e| e.method == v1::Method::Arp as i32)
+                .map(|e| e.observations),
+            Some(2)
+        );
     }
 }

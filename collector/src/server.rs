@@ -18,6 +18,9 @@ use crate::{
     store::{Store, StoreError, sled::SledStore},
 };
 
+/// Streams and calls one connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+
 /// How long in-flight calls get to finish after shutdown is asked for.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -47,12 +50,14 @@ pub struct Prepared {
 pub fn prepare(config: &Config) -> Result<Prepared, RunError> {
     config.validate()?;
     let dir = config.data_dir.as_deref().ok_or(ConfigError::NoDataDir)?;
+    // The store first: its lock tells a second collector on the same directory to stop
+    // before it writes anything.
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir)?);
     let (operator, operator_token_path, operator_token_created) =
         OperatorToken::load_or_create(dir).map_err(|source| RunError::OperatorToken {
             dir: dir.display().to_string(),
             source,
         })?;
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir)?);
     Ok(Prepared {
         store,
         operator,
@@ -112,6 +117,9 @@ pub async fn run(
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // One connection (one agent, or a leaked token) cannot hold unbounded streams.
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
         .add_service(health)
         .add_service(reflection)
         .add_service(ingest)

@@ -21,7 +21,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use crate::{
     auth::{self, AuthError, OperatorToken},
     model::{self, DeviceRecord, Scope, Tally},
-    store::{BatchOutcome, Store, StoreError},
+    store::{BatchId, BatchOutcome, Store, StoreError},
 };
 
 /// Limits applied to what agents send.
@@ -89,9 +89,8 @@ impl Collector {
     }
 
     /// The scope an agent's token is bound to.
-    async fn agent_scope(&self, meta: &tonic::metadata::MetadataMap) -> Result<Scope, Status> {
-        let text = auth::bearer(meta).map_err(auth_status)?.to_owned();
-        let (id, secret) = auth::parse_token(&text).map_err(auth_status)?;
+    async fn agent_scope(&self, text: &str) -> Result<Scope, Status> {
+        let (id, secret) = auth::parse_token(text).map_err(auth_status)?;
         let (id, secret) = (id.to_owned(), secret.to_owned());
         let record = self
             .blocking(move |s| s.token(&id))
@@ -160,7 +159,10 @@ impl IngestService for Collector {
         &self,
         request: Request<Streaming<v1::ObservationBatch>>,
     ) -> Result<Response<Self::ReportStream>, Status> {
-        let scope = self.agent_scope(request.metadata()).await?;
+        let token = auth::bearer(request.metadata())
+            .map_err(auth_status)?
+            .to_owned();
+        let scope = self.agent_scope(&token).await?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(32);
         let this = self.clone();
@@ -187,7 +189,13 @@ impl IngestService for Collector {
                             break;
                         }
                     };
-                    let reply = this.ingest(&scope, batch).await;
+                    // The token is checked again for every batch, so a revocation also ends
+                    // streams that are already open.
+                    let reply = match this.agent_scope(&token).await {
+                        Ok(now) if now == scope => this.ingest(&scope, batch).await,
+                        Ok(_) => Err(Status::unauthenticated("the enrollment token now names another scope")),
+                        Err(status) => Err(status),
+                    };
                     let failed = reply.is_err();
                     if let Err(status) = &reply {
                         warn!(%status, "batch refused");
@@ -213,20 +221,32 @@ impl Collector {
     ) -> Result<v1::BatchAck, Status> {
         check_batch(&batch, self.limits)?;
         let received = now_ms();
+        let offset = model::clock_offset(batch.sent_at.as_ref(), received);
         let clean: Vec<_> = batch
             .observations
             .iter()
-            .filter_map(|o| model::clean_observation(o, received))
+            .filter_map(|o| model::clean_observation(o, received, offset))
             .collect();
         let rejected = batch.observations.len() - clean.len();
         let stored = u32::try_from(clean.len()).unwrap_or(u32::MAX);
-        let (scope2, agent, seq) = (scope.clone(), batch.agent_id.clone(), batch.sequence);
+        let id = BatchId {
+            agent_id: batch.agent_id.clone(),
+            sequence: batch.sequence,
+            digest: batch_digest(&batch),
+        };
+        let scope2 = scope.clone();
         let outcome = self
-            .blocking(move |s| s.apply_batch(&scope2, &agent, seq, &clean))
+            .blocking(move |s| s.apply_batch(&scope2, &id, &clean))
             .await?;
         let status = match outcome {
             BatchOutcome::Stored => v1::AckStatus::Stored,
             BatchOutcome::Duplicate => v1::AckStatus::Duplicate,
+            BatchOutcome::Conflict => {
+                return Err(Status::failed_precondition(format!(
+                    "batch {} of agent {} was already stored with different content: this agent's state was restored or copied; it must continue under a new agent id",
+                    batch.sequence, batch.agent_id
+                )));
+            }
         };
         debug!(agent = %batch.agent_id, sequence = batch.sequence, stored, rejected, ?outcome, "batch");
         Ok(v1::BatchAck {
@@ -237,6 +257,18 @@ impl Collector {
             rejected: u32::try_from(rejected).unwrap_or(u32::MAX),
         })
     }
+}
+
+/// The SHA-256 of a batch's observations: a replay has the same digest, a reused sequence
+/// number almost surely not. prost encodes a given message the same way every time.
+fn batch_digest(batch: &v1::ObservationBatch) -> [u8; 32] {
+    use prost::Message as _;
+    use sha2::{Digest as _, Sha256};
+    let mut h = Sha256::new();
+    for o in &batch.observations {
+        h.update(o.encode_length_delimited_to_vec());
+    }
+    h.finalize().into()
 }
 
 // === impl QueryService ===
@@ -259,6 +291,7 @@ fn device_to_wire(dev: &DeviceRecord, now: u64) -> v1::Device {
             .collect(),
         names: dev.names.clone(),
         category: model::category(dev).to_owned(),
+        category_reason: dev.category_reason.clone(),
         first_seen: Some(convert::timestamp_from_millis(dev.first_seen_ms)),
         last_seen: Some(convert::timestamp_from_millis(dev.last_seen_ms)),
         counted,

@@ -20,8 +20,20 @@ use crate::model::{
 pub enum BatchOutcome {
     /// Applied and durably stored.
     Stored,
-    /// Already stored earlier: nothing was applied again.
+    /// Already stored earlier, with the same content: nothing was applied again.
     Duplicate,
+    /// A different batch was stored earlier under the same agent and sequence (an agent whose
+    /// state was restored from a backup or cloned): nothing was applied.
+    Conflict,
+}
+
+/// Names a batch: (agent, sequence) within the token's scope, and a digest of its content
+/// that tells a replay from a reused sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchId {
+    pub agent_id: String,
+    pub sequence: u64,
+    pub digest: [u8; 32],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,8 +70,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn apply_batch(
         &self,
         scope: &Scope,
-        agent_id: &str,
-        sequence: u64,
+        batch: &BatchId,
         observations: &[CleanObservation],
     ) -> Result<BatchOutcome, StoreError>;
 
@@ -107,7 +118,7 @@ pub(crate) mod contract {
             macs: vec![mac.to_vec()],
             ..Default::default()
         };
-        model::clean_observation(&wire, at).expect("valid observation")
+        model::clean_observation(&wire, at, 0).expect("valid observation")
     }
 
     fn scope(client: &str, site: &str) -> Scope {
@@ -133,20 +144,38 @@ pub(crate) mod contract {
             obs("198.18.0.10", [0, 0x16, 0x3e, 0, 0, 1], 100),
             obs("198.18.0.11", [0, 0x16, 0x3e, 0, 0, 2], 100),
         ];
+        let id = |agent: &str, sequence: u64, digest: u8| BatchId {
+            agent_id: agent.into(),
+            sequence,
+            digest: [digest; 32],
+        };
         assert_eq!(
-            store.apply_batch(&a, "ag", 1, &batch).expect("apply"),
+            store
+                .apply_batch(&a, &id("ag", 1, 1), &batch)
+                .expect("apply"),
             BatchOutcome::Stored
         );
         assert_eq!(
-            store.apply_batch(&a, "ag", 1, &batch).expect("apply"),
+            store
+                .apply_batch(&a, &id("ag", 1, 1), &batch)
+                .expect("apply"),
             BatchOutcome::Duplicate
         );
         // The same agent id and sequence under another client is another batch.
         assert_eq!(
-            store.apply_batch(&g, "ag", 1, &batch[..1]).expect("apply"),
+            store
+                .apply_batch(&g, &id("ag", 1, 1), &batch[..1])
+                .expect("apply"),
             BatchOutcome::Stored
         );
 
+        // The same agent and sequence with other content is a conflict, and changes nothing.
+        assert_eq!(
+            store
+                .apply_batch(&a, &id("ag", 1, 2), &batch[..1])
+                .expect("apply"),
+            BatchOutcome::Conflict
+        );
         let acme = store.devices("acme", None).expect("devices");
         assert_eq!(acme.len(), 2);
         assert!(

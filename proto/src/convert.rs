@@ -143,6 +143,20 @@ impl v1::Method {
     }
 }
 
+impl v1::Category {
+    /// The short name used in logs, the CLI and JSON output.
+    pub fn label(self) -> &'static str {
+        match self {
+            v1::Category::Unspecified | v1::Category::Unknown => "unknown",
+            v1::Category::Network => "network",
+            v1::Category::Printer => "printer",
+            v1::Category::Computer => "computer",
+            v1::Category::PhoneTablet => "phone-tablet",
+            v1::Category::MediaIot => "media-iot",
+        }
+    }
+}
+
 /// Parses a wire IP address, refusing anything that is not a plain IPv4/IPv6 literal.
 pub fn parse_ip(s: &str) -> Option<IpAddr> {
     if s.len() > 45 {

@@ -3,10 +3,11 @@
 use std::process::ExitCode;
 
 use census_collector::cli::{self, Cli};
-use clap::Parser as _;
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = match cli::parse_args("census") {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

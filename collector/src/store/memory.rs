@@ -2,11 +2,11 @@
 
 use std::{
     cell::RefCell,
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     sync::{Mutex, MutexGuard},
 };
 
-use super::{BatchOutcome, Store, StoreError, fold_batch};
+use super::{BatchId, BatchOutcome, Store, StoreError, fold_batch};
 use crate::model::{CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord};
 
 #[derive(Debug, Default)]
@@ -20,7 +20,7 @@ struct Inner {
     sites: BTreeMap<(String, String), SiteRecord>,
     tokens: BTreeMap<String, TokenRecord>,
     devices: BTreeMap<(String, String, String), DeviceRecord>,
-    batches: BTreeSet<(String, String, String, u64)>,
+    batches: BTreeMap<(String, String, String, u64), [u8; 32]>,
 }
 
 impl MemoryStore {
@@ -101,19 +101,23 @@ impl Store for MemoryStore {
     fn apply_batch(
         &self,
         scope: &Scope,
-        agent_id: &str,
-        sequence: u64,
+        batch: &BatchId,
         observations: &[CleanObservation],
     ) -> Result<BatchOutcome, StoreError> {
         let mut inner = self.lock();
-        let batch = (
+        let agent_id = batch.agent_id.as_str();
+        let key = (
             scope.client.clone(),
             scope.site.clone(),
-            agent_id.to_owned(),
-            sequence,
+            batch.agent_id.clone(),
+            batch.sequence,
         );
-        if inner.batches.contains(&batch) {
-            return Ok(BatchOutcome::Duplicate);
+        if let Some(digest) = inner.batches.get(&key) {
+            return Ok(if *digest == batch.digest {
+                BatchOutcome::Duplicate
+            } else {
+                BatchOutcome::Conflict
+            });
         }
         // Apply to a working copy of the touched devices, then commit all at once, so a batch
         // is applied whole or not at all.
@@ -135,7 +139,7 @@ impl Store for MemoryStore {
         for (k, dev) in touched.into_inner() {
             inner.devices.insert(dk(&k), dev);
         }
-        inner.batches.insert(batch);
+        inner.batches.insert(key, batch.digest);
         Ok(BatchOutcome::Stored)
     }
 

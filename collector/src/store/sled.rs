@@ -5,7 +5,8 @@
 //! - `sites`: `client\0site` -> [`SiteRecord`]
 //! - `tokens`: `token id` -> [`TokenRecord`]
 //! - `devices`: `client\0site\0device key` -> [`DeviceRecord`]
-//! - `batches`: `client\0site\0agent id\0sequence (u64 BE)` -> applied-at millis
+//! - `batches`: `client\0site\0agent id\0sequence (u64 BE)` -> applied-at millis (u64 BE)
+//!   and the SHA-256 of the batch's content
 //!
 //! Values are one format byte followed by postcard. Every write that is acknowledged to anyone
 //! is flushed first: sled's background flush alone can lose the last half second.
@@ -18,7 +19,7 @@ use sled::{
     transaction::{ConflictableTransactionError, TransactionError},
 };
 
-use super::{BatchOutcome, Store, StoreError, fold_batch};
+use super::{BatchId, BatchOutcome, Store, StoreError, fold_batch};
 use crate::model::{CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord};
 
 /// Format byte in front of every stored value.
@@ -212,27 +213,38 @@ impl Store for SledStore {
     fn apply_batch(
         &self,
         scope: &Scope,
-        agent_id: &str,
-        sequence: u64,
+        batch: &BatchId,
         observations: &[CleanObservation],
     ) -> Result<BatchOutcome, StoreError> {
         let client = scope.client.as_bytes();
         let site = scope.site.as_bytes();
-        let batch_key = key(&[client, site, agent_id.as_bytes(), &sequence.to_be_bytes()]);
+        let batch_key = key(&[
+            client,
+            site,
+            batch.agent_id.as_bytes(),
+            &batch.sequence.to_be_bytes(),
+        ]);
         let applied_ms = observations
             .iter()
             .map(|o| o.observed_ms)
             .max()
             .unwrap_or(0);
+        // The batch record: when it was applied, and the digest of its content.
+        let mut record = applied_ms.to_be_bytes().to_vec();
+        record.extend_from_slice(&batch.digest);
         let outcome = (&self.devices, &self.batches)
             .transaction(|(devices, batches)| {
                 let abort = ConflictableTransactionError::Abort;
-                if batches.get(&batch_key)?.is_some() {
-                    return Ok(BatchOutcome::Duplicate);
+                if let Some(stored) = batches.get(&batch_key)? {
+                    return Ok(if stored.get(8..) == Some(&batch.digest[..]) {
+                        BatchOutcome::Duplicate
+                    } else {
+                        BatchOutcome::Conflict
+                    });
                 }
                 fold_batch(
                     scope,
-                    agent_id,
+                    &batch.agent_id,
                     observations,
                     |k| {
                         let dk = key(&[client, site, k.as_bytes()]);
@@ -247,17 +259,16 @@ impl Store for SledStore {
                         Ok(())
                     },
                 )?;
-                batches.insert(batch_key.as_slice(), &applied_ms.to_be_bytes())?;
+                batches.insert(batch_key.as_slice(), record.as_slice())?;
                 Ok(BatchOutcome::Stored)
             })
             .map_err(|e| match e {
                 TransactionError::Abort(e) => e,
                 TransactionError::Storage(e) => engine(e),
             })?;
-        if outcome == BatchOutcome::Stored {
-            // The acknowledgement promises the batch is on disk.
-            self.flush()?;
-        }
+        // The acknowledgement promises the batch is on disk: also for a duplicate, whose first
+        // copy may still be on its way there (a resend racing the first flush).
+        self.flush()?;
         Ok(outcome)
     }
 

@@ -456,3 +456,63 @@ async fn health_and_reflection_are_served() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn revoking_a_token_ends_streams_already_open() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let c = start(dir.path()).await?;
+    let token = c.token("acme", "hq").await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut ingest = IngestServiceClient::new(c.channel().await?);
+    let mut acks = ingest
+        .report(authed(
+            &token,
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .await?
+        .into_inner();
+    tx.send(batch("a", 1, &[("198.18.0.10", MAC1)])).await?;
+    let first = acks.message().await?.context("first ack")?;
+    assert_eq!(first.status, v1::AckStatus::Stored as i32);
+
+    let id = token.split('_').nth(1).context("token id")?;
+    let mut admin = AdminServiceClient::new(c.channel().await?);
+    admin
+        .revoke_token(authed(
+            &c.operator,
+            v1::RevokeTokenRequest {
+                token_id: id.into(),
+            },
+        ))
+        .await?;
+    tx.send(batch("a", 2, &[("198.18.0.11", MAC2)])).await?;
+    let status = acks
+        .message()
+        .await
+        .expect_err("the open stream is cut off");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(status.message().contains("revoked"), "{status:?}");
+    assert_eq!(
+        c.devices("acme").await?.len(),
+        1,
+        "nothing after the revocation"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_reused_sequence_number_with_other_content_is_refused_not_dropped() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let c = start(dir.path()).await?;
+    let token = c.token("acme", "hq").await?;
+    c.report(&token, vec![batch("a", 1, &[("198.18.0.10", MAC1)])])
+        .await??;
+    // A restored or cloned agent sends other observations under the same sequence number.
+    let status = c
+        .report(&token, vec![batch("a", 1, &[("198.18.0.11", MAC2)])])
+        .await?
+        .expect_err("a conflict, not a duplicate");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("new agent id"), "{status:?}");
+    Ok(())
+}
