@@ -213,8 +213,10 @@ fn yes() -> bool {
 fn default_icmp_rate() -> u32 {
     1000
 }
+/// Silent targets hold their slot for the whole timeout, so the rate can reach at most
+/// concurrency / timeout: 1024 in flight sustains the default 1000 pps at a 1 s timeout.
 fn default_icmp_concurrency() -> usize {
-    256
+    1024
 }
 fn default_icmp_timeout_ms() -> u64 {
     1000
@@ -340,6 +342,44 @@ pub enum ConfigError {
         "state directory {0} does not exist: create it or point --state-dir at an existing directory"
     )]
     StateDir(PathBuf),
+    #[error("{key} must be {range}, got {value}")]
+    OutOfRange {
+        key: &'static str,
+        range: &'static str,
+        value: String,
+    },
+    #[error("every discovery method is disabled: enable at least one of arp, icmp, snmp, mdns")]
+    NoMethod,
+    #[error("SNMPv3 user {user:?}: {message}")]
+    SnmpUser { user: String, message: String },
+}
+
+fn check<T: PartialOrd + std::fmt::Display>(
+    key: &'static str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+    text: &'static str,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::OutOfRange {
+            key,
+            range: text,
+            value: value.to_string(),
+        })
+    }
+}
+
+impl SnmpV3User {
+    /// Checks protocol names and passwords (USM needs at least 8 characters): the SNMP probe's
+    /// own parser decides, so what validates is exactly what the probe can use.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::probe::snmp::validate_v3_user(self).map_err(|message| ConfigError::SnmpUser {
+            user: self.name.clone(),
+            message,
+        })
+    }
 }
 
 /// Parses a comma-separated list of CIDRs; a bare address is a /32.
@@ -382,6 +422,12 @@ impl Config {
         if self.token.is_none() && self.token_file.is_none() {
             return Err(ConfigError::NoToken);
         }
+        self.validate_sweep()
+    }
+
+    /// Checks what a sweep needs (scopes, methods, state), not what delivery needs: enough for
+    /// `census-agent scan`.
+    pub fn validate_sweep(&self) -> Result<(), ConfigError> {
         if self.scopes.is_empty() {
             return Err(ConfigError::NoScope);
         }
@@ -409,6 +455,80 @@ impl Config {
             && !dir.is_dir()
         {
             return Err(ConfigError::StateDir(dir.clone()));
+        }
+        if !(self.arp.enabled || self.icmp.enabled || self.snmp.enabled || self.mdns.enabled) {
+            return Err(ConfigError::NoMethod);
+        }
+        check(
+            "icmp.rate",
+            self.icmp.rate,
+            1..=100_000,
+            "between 1 and 100000",
+        )?;
+        check(
+            "icmp.concurrency",
+            self.icmp.concurrency,
+            1..=4096,
+            "between 1 and 4096",
+        )?;
+        check(
+            "icmp.timeout_ms",
+            self.icmp.timeout_ms,
+            10..=60_000,
+            "between 10 and 60000",
+        )?;
+        check("icmp.retries", self.icmp.retries, 0..=10, "at most 10")?;
+        check(
+            "snmp.port",
+            self.snmp.port,
+            1..=u16::MAX,
+            "between 1 and 65535",
+        )?;
+        check(
+            "snmp.timeout_ms",
+            self.snmp.timeout_ms,
+            10..=60_000,
+            "between 10 and 60000",
+        )?;
+        check("snmp.retries", self.snmp.retries, 0..=5, "at most 5")?;
+        check(
+            "snmp.concurrency",
+            self.snmp.concurrency,
+            1..=1024,
+            "between 1 and 1024",
+        )?;
+        check(
+            "snmp.max_repetitions",
+            self.snmp.max_repetitions,
+            1..=100,
+            "between 1 and 100",
+        )?;
+        check(
+            "snmp.max_rows",
+            self.snmp.max_rows,
+            1..=1_000_000,
+            "between 1 and 1000000",
+        )?;
+        check(
+            "mdns.window_ms",
+            self.mdns.window_ms,
+            100..=60_000,
+            "between 100 and 60000",
+        )?;
+        if let Some(c) = self
+            .snmp
+            .communities
+            .iter()
+            .find(|c| c.is_empty() || c.len() > 255)
+        {
+            return Err(ConfigError::OutOfRange {
+                key: "snmp.communities",
+                range: "1 to 255 characters each",
+                value: format!("{} characters", c.len()),
+            });
+        }
+        for user in &self.snmp.v3_users {
+            user.validate()?;
         }
         Ok(())
     }
@@ -523,5 +643,48 @@ mod tests {
             .expect("deploy/config/agent.toml parses");
         assert_eq!(c.scopes.len(), 1);
         assert_eq!(c.interval, Duration::from_secs(900));
+    }
+
+    #[test]
+    fn method_settings_are_checked() {
+        let mut c = valid();
+        c.icmp.rate = 0;
+        assert!(
+            c.validate()
+                .expect_err("rate 0")
+                .to_string()
+                .contains("icmp.rate")
+        );
+        let mut c = valid();
+        c.arp.enabled = false;
+        c.icmp.enabled = false;
+        c.snmp.enabled = false;
+        c.mdns.enabled = false;
+        assert!(matches!(c.validate(), Err(ConfigError::NoMethod)));
+        let user = |auth: Option<&str>, pass: &str, privacy: Option<&str>| SnmpV3User {
+            name: "census".into(),
+            auth_protocol: auth.map(Into::into),
+            auth_password: auth.map(|_| pass.into()),
+            priv_protocol: privacy.map(Into::into),
+            priv_password: privacy.map(|_| pass.into()),
+        };
+        assert!(
+            user(Some("sha256"), "longenough", Some("aes"))
+                .validate()
+                .is_ok()
+        );
+        assert!(user(None, "x", None).validate().is_ok(), "noAuthNoPriv");
+        let mut stray = user(None, "x", None);
+        stray.auth_password = Some("a password without a protocol".into());
+        assert!(stray.validate().is_err());
+        assert!(user(Some("sha"), "short", None).validate().is_err());
+        assert!(user(Some("sha3"), "longenough", None).validate().is_err());
+        assert!(user(None, "longenough", Some("aes")).validate().is_err());
+        assert!(
+            user(Some("md5"), "longenough", Some("blowfish"))
+                .validate()
+                .is_err()
+        );
+        assert!(!format!("{:?}", user(Some("md5"), "secretpass", None)).contains("secretpass"));
     }
 }

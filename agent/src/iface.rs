@@ -80,6 +80,75 @@ fn from_pnet(ni: pnet::datalink::NetworkInterface) -> Interface {
     }
 }
 
+// === routes ===
+
+/// One IPv4 route of this host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// The destination; 0.0.0.0/0 for the default route.
+    pub destination: Ipv4Net,
+    /// The next hop; `None` for a directly connected destination.
+    pub gateway: Option<Ipv4Addr>,
+    pub interface: String,
+}
+
+impl Route {
+    pub fn is_default(&self) -> bool {
+        self.destination.prefix_len() == 0
+    }
+}
+
+/// This host's IPv4 routes (the main table), from `/proc/net/route` on Linux. Other platforms
+/// have no backend yet: no routes, so only on-link scopes can be planned there.
+pub fn routes() -> Vec<Route> {
+    #[cfg(target_os = "linux")]
+    {
+        std::fs::read_to_string("/proc/net/route")
+            .map(|text| parse_proc_route(&text))
+            .unwrap_or_default()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        Vec::new()
+    }
+}
+
+/// Parses `/proc/net/route`: a header, then one route per line with hex little-endian
+/// addresses. Lines that do not parse are skipped; only routes that are up (flag 0x1) count.
+pub fn parse_proc_route(text: &str) -> Vec<Route> {
+    const RTF_UP: u32 = 0x1;
+    const RTF_GATEWAY: u32 = 0x2;
+    let hex_addr = |s: &str| {
+        u32::from_str_radix(s, 16)
+            .ok()
+            .map(|v| Ipv4Addr::from(v.swap_bytes()))
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (iface, dest, gw, flags, mask) =
+                (f.first()?, f.get(1)?, f.get(2)?, f.get(3)?, f.get(7)?);
+            let flags = u32::from_str_radix(flags, 16).ok()?;
+            if flags & RTF_UP == 0 {
+                return None;
+            }
+            let mask = u32::from(hex_addr(mask)?);
+            if mask.leading_ones() + mask.trailing_zeros() != 32 {
+                return None;
+            }
+            let prefix = u8::try_from(mask.leading_ones()).ok()?;
+            let destination = Ipv4Net::new(hex_addr(dest)?, prefix).ok()?.trunc();
+            let gateway = hex_addr(gw).filter(|g| flags & RTF_GATEWAY != 0 && !g.is_unspecified());
+            Some(Route {
+                destination,
+                gateway,
+                interface: (*iface).to_owned(),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +183,23 @@ mod tests {
             .expect("a loopback interface");
         assert_eq!(lo.mac, None, "loopback's all-zero MAC is reported as none");
         assert!(lo.index > 0);
+    }
+
+    #[test]
+    fn proc_net_route_parses() {
+        let text = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+eth0\t00000000\t010012C6\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+eth0\t000012C6\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+eth0\t000112C6\t010012C6\t0003\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+eth9\t000212C6\t00000000\t0000\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+garbage line\n";
+        let routes = parse_proc_route(text);
+        assert_eq!(routes.len(), 3, "{routes:?}");
+        assert!(routes[0].is_default());
+        assert_eq!(routes[0].gateway, Some(Ipv4Addr::new(198, 18, 0, 1)));
+        assert_eq!(routes[1].destination.to_string(), "198.18.0.0/24");
+        assert_eq!(routes[1].gateway, None);
+        assert_eq!(routes[2].destination.to_string(), "198.18.1.0/24");
+        assert_eq!(routes[2].gateway, Some(Ipv4Addr::new(198, 18, 0, 1)));
     }
 }

@@ -5,7 +5,10 @@
 //!   validation.
 //! - [`iface`]: the host's network interfaces and their IPv4 subnets.
 //! - [`scope`]: turns configured CIDRs into per-interface target lists, refusing what is unsafe.
-//! - [`probe`]: one module per discovery method (`probe/arp.rs`, ...).
+//! - [`probe`]: one module per discovery method (`probe/arp.rs`, `icmp.rs`, `snmp.rs`,
+//!   `mdns.rs`).
+//! - [`discovery`]: one sweep with every method, merged into one observation per device.
+//! - [`classify`]: MAC vendors and device categories, from the evidence.
 //! - [`report`]: turns sweep results into observation batches and delivers them over gRPC.
 //! - [`run`]: the agent's main loop, driven by a shutdown token.
 //! - [`signal`]: the shutdown trigger (Unix signals, Windows console events).
@@ -13,7 +16,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod classify;
 pub mod config;
+pub mod discovery;
 pub mod iface;
 pub mod probe;
 pub mod report;

@@ -1,10 +1,11 @@
 //! `census-agent`: parse the command line, start tracing, load and validate the config, then
 //! run until SIGINT/SIGTERM (or, with `--once`, until one sweep is delivered).
 //!
-//! Exit codes: 0 done; 64 bad flags or config; 69 collector unreachable; 77 a credential was
-//! refused or raw sockets are not allowed; 1 anything else.
+//! Exit codes: 0 done; 64 bad flags or config; 69 collector unreachable; 75 `--once` stopped
+//! (a signal) before every batch was acknowledged; 77 a credential was refused or raw sockets
+//! are not allowed; 1 anything else.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use census_agent::{
     config::{self, Config, ConfigError},
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
+const EX_TEMPFAIL: u8 = 75;
 const EX_NOPERM: u8 = 77;
 
 #[derive(Debug, Parser)]
@@ -48,6 +50,14 @@ enum Command {
         /// Sweep once, wait until every batch is acknowledged, and exit.
         #[arg(long)]
         once: bool,
+    },
+    /// Sweep once and print what was found, without a collector (for onboarding a site).
+    Scan {
+        #[command(flatten)]
+        settings: Settings,
+        /// Print one JSON object per device instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Check a configuration (file, environment and flags together) and exit.
     Validate {
@@ -98,10 +108,40 @@ struct Settings {
     /// Milliseconds to keep listening after the last ARP request [default: 1000].
     #[arg(long, env = "CENSUS_AGENT_ARP_REPLY_WINDOW_MS")]
     arp_reply_window_ms: Option<u64>,
+    /// ICMP echo requests per second for routed scopes [default: 1000].
+    #[arg(long, env = "CENSUS_AGENT_ICMP_RATE")]
+    icmp_rate: Option<u32>,
+    /// SNMP v1/v2c communities to try, in order, comma-separated (v3 users: config file only).
+    #[arg(
+        long,
+        env = "CENSUS_AGENT_SNMP_COMMUNITIES",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    snmp_community: Vec<String>,
+    /// Milliseconds to listen for mDNS answers [default: 3000].
+    #[arg(long, env = "CENSUS_AGENT_MDNS_WINDOW_MS")]
+    mdns_window_ms: Option<u64>,
+    /// Turn discovery methods off, comma-separated: arp, icmp, snmp, mdns.
+    #[arg(long, env = "CENSUS_AGENT_DISABLE", value_delimiter = ',', value_parser = ["arp", "icmp", "snmp", "mdns"])]
+    disable: Vec<String>,
 }
 
 impl Settings {
+    /// Like [`Settings::resolve`], but a scan needs no collector or token.
+    fn resolve_for_scan(&self) -> Result<Config, ConfigError> {
+        let c = self.layered()?;
+        c.validate_sweep()?;
+        Ok(c)
+    }
+
     fn resolve(&self) -> Result<Config, ConfigError> {
+        let c = self.layered()?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn layered(&self) -> Result<Config, ConfigError> {
         let mut c = match &self.config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
@@ -140,7 +180,23 @@ impl Settings {
         if let Some(v) = self.arp_reply_window_ms {
             c.arp.reply_window_ms = v;
         }
-        c.validate()?;
+        if let Some(v) = self.icmp_rate {
+            c.icmp.rate = v;
+        }
+        if !self.snmp_community.is_empty() {
+            c.snmp.communities.clone_from(&self.snmp_community);
+        }
+        if let Some(v) = self.mdns_window_ms {
+            c.mdns.window_ms = v;
+        }
+        for method in &self.disable {
+            match method.as_str() {
+                "arp" => c.arp.enabled = false,
+                "icmp" => c.icmp.enabled = false,
+                "snmp" => c.snmp.enabled = false,
+                _ => c.mdns.enabled = false,
+            }
+        }
         Ok(c)
     }
 }
@@ -155,52 +211,173 @@ fn exit_code(e: &AgentError) -> u8 {
         AgentError::Config(_) | AgentError::Scope(_) | AgentError::State(_) => EX_USAGE,
         AgentError::Delivery(DeliveryError::Unreachable { .. }) => EX_UNAVAILABLE,
         AgentError::Delivery(DeliveryError::Refused(_)) | AgentError::Permission(_) => EX_NOPERM,
+        AgentError::Interrupted { .. } => EX_TEMPFAIL,
         _ => 1,
     }
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    telemetry::init(matches!(cli.log_format, LogFormat::Json));
-    match cli.command {
-        Command::Validate { settings } => match settings.resolve() {
-            Ok(c) => {
-                println!(
-                    "configuration is valid: collector {}, scopes {}",
-                    c.collector.as_deref().unwrap_or_default(),
-                    c.scopes
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(",")
-                );
+fn summary_line(s: &run::SweepSummary) -> String {
+    format!(
+        "swept {} addresses in {:.1}s: {} answered ARP, {} answered ICMP, {} answered SNMP, {} advertised over mDNS; {} devices delivered",
+        s.probed,
+        s.duration.as_secs_f64(),
+        s.arp_replies,
+        s.icmp_replies,
+        s.snmp_devices,
+        s.mdns_hosts,
+        s.observations
+    )
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| fail(1, format!("cannot start the async runtime: {e}")))
+}
+
+/// `census-agent scan`: sweep once and print, no collector needed.
+fn scan(settings: &Settings, json: bool) -> ExitCode {
+    let config = match settings.resolve_for_scan() {
+        Ok(c) => c,
+        Err(e) => return fail(EX_USAGE, e),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        signal::spawn_shutdown_on_signal(shutdown.clone());
+        match run::scan(&config, std::io::stderr().is_terminal(), &shutdown).await {
+            Ok((observations, summary)) => {
+                if json {
+                    for o in &observations {
+                        println!("{}", census_agent::discovery::to_json(o));
+                    }
+                } else {
+                    print_table(&observations);
+                    println!("{}", summary_line(&summary).replace("delivered", "found"));
+                }
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(EX_USAGE, e),
-        },
+            Err(e) => fail(exit_code(&e), e),
+        }
+    })
+}
+
+fn print_table(observations: &[census_proto::v1::Observation]) {
+    use census_proto::{convert::MacAddr, v1};
+    println!(
+        "{:<16} {:<18} {:<12} {:<16} {:<24} NAMES",
+        "ADDRESS", "MAC", "CATEGORY", "METHODS", "VENDOR"
+    );
+    for o in observations {
+        let addr = o
+            .addresses
+            .first()
+            .map(|a| a.address.as_str())
+            .unwrap_or("-");
+        let ev = o.mac_evidence.first();
+        let mac = ev
+            .and_then(|e| MacAddr::try_from(e.mac.as_slice()).ok())
+            .map_or_else(|| "-".into(), |m| m.to_string());
+        let vendor: String = ev
+            .map(|e| e.vendor.chars().take(24).collect())
+            .unwrap_or_default();
+        let methods = o
+            .methods
+            .iter()
+            .map(|m| {
+                v1::Method::try_from(*m)
+                    .map(v1::Method::label)
+                    .unwrap_or("?")
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        let category = v1::Category::try_from(o.category)
+            .unwrap_or_default()
+            .label();
+        let names = o
+            .names
+            .iter()
+            .map(|n| n.value.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!("{addr:<16} {mac:<18} {category:<12} {methods:<16} {vendor:<24} {names}");
+    }
+}
+
+/// Parses the command line: help and version as asked (exit 0); a usage error is one line and
+/// exit 64, like every other bad input.
+fn parse_args() -> Result<Cli, ExitCode> {
+    use clap::error::ErrorKind;
+    Cli::try_parse().map_err(|e| match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            ExitCode::from(EX_USAGE)
+        }
+        _ => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            fail(
+                EX_USAGE,
+                format!(
+                    "{} (see census-agent --help)",
+                    first.strip_prefix("error: ").unwrap_or(first)
+                ),
+            )
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = match parse_args() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    telemetry::init(matches!(cli.log_format, LogFormat::Json));
+    match cli.command {
+        Command::Validate { settings } => {
+            match settings.resolve().and_then(|c| c.token().map(|_| c)) {
+                Ok(c) => {
+                    println!(
+                        "configuration is valid: collector {}, scopes {}",
+                        c.collector.as_deref().unwrap_or_default(),
+                        c.scopes
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EX_USAGE, e),
+            }
+        }
+        Command::Scan { settings, json } => scan(&settings, json),
         Command::Run { settings, once } => {
             let config = match settings.resolve() {
                 Ok(c) => c,
                 Err(e) => return fail(EX_USAGE, e),
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
+            let runtime = match runtime() {
                 Ok(rt) => rt,
-                Err(e) => return fail(1, format!("cannot start the async runtime: {e}")),
+                Err(code) => return code,
             };
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 signal::spawn_shutdown_on_signal(shutdown.clone());
-                match run::run(config, RunOptions { once }, shutdown).await {
+                let progress = once && std::io::stderr().is_terminal();
+                match run::run(config, RunOptions { once, progress }, shutdown).await {
                     Ok(summary) => {
                         if once {
-                            println!(
-                                "swept {} addresses: {} answered, {} observations delivered",
-                                summary.probed, summary.replies, summary.observations
-                            );
+                            println!("{}", summary_line(&summary));
                         }
                         ExitCode::SUCCESS
                     }

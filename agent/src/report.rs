@@ -98,6 +98,26 @@ impl AgentState {
         }
     }
 
+    /// Becomes a new agent (a new id, sequences from 1) and renumbers `batches` under it, for
+    /// when the collector says our sequence numbers were already used by another copy of us.
+    pub fn rotate(
+        &mut self,
+        batches: Vec<v1::ObservationBatch>,
+    ) -> io::Result<Vec<v1::ObservationBatch>> {
+        self.agent_id = uuid::Uuid::new_v4().to_string();
+        self.next_sequence = 1;
+        let first = self.reserve(batches.len() as u64)?;
+        Ok(batches
+            .into_iter()
+            .zip(first..)
+            .map(|(mut b, sequence)| {
+                b.agent_id.clone_from(&self.agent_id);
+                b.sequence = sequence;
+                b
+            })
+            .collect())
+    }
+
     /// Reserves `n` sequence numbers, saved before any is used.
     pub fn reserve(&mut self, n: u64) -> io::Result<u64> {
         let first = self.next_sequence;
@@ -120,7 +140,13 @@ impl AgentState {
             )?;
             f.sync_all()?;
         }
-        fs::rename(&tmp, path)
+        fs::rename(&tmp, path)?;
+        // The rename is durable only once the directory is.
+        #[cfg(unix)]
+        if let Some(dir) = path.parent() {
+            fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 }
 
@@ -167,6 +193,8 @@ pub enum DeliveryError {
     Rejected(String),
     #[error("delivery interrupted: {0}")]
     Interrupted(String),
+    #[error("the collector already holds other batches under this agent's sequence numbers: {0}")]
+    Conflict(String),
 }
 
 impl DeliveryError {
@@ -266,7 +294,15 @@ async fn deliver_inner(
     request
         .metadata_mut()
         .insert(census_proto::AUTHORIZATION, bearer);
-    let to_send: Vec<v1::ObservationBatch> = batches.to_vec();
+    // `sent_at` is the moment of sending, so the collector can correct a wrong agent clock.
+    let sent_at = Some(convert::timestamp(SystemTime::now()));
+    let to_send: Vec<v1::ObservationBatch> = batches
+        .iter()
+        .map(|b| v1::ObservationBatch {
+            sent_at,
+            ..b.clone()
+        })
+        .collect();
     let sender = tokio::spawn(async move {
         for b in to_send {
             if tx.send(b).await.is_err() {
@@ -359,6 +395,32 @@ mod tests {
             [7, 8, 9]
         );
         assert_eq!(batches[2].observations.len(), 201);
+    }
+
+    #[test]
+    fn rotation_renumbers_under_a_new_identity() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = AgentState::load_or_create(Some(dir.path())).expect("create");
+        s.reserve(10).expect("reserve");
+        let old = s.agent_id.clone();
+        let obs = vec![arp_observation(
+            std::net::Ipv4Addr::new(198, 18, 0, 1),
+            [0, 0x16, 0x3e, 0, 0, 1],
+            "eth0",
+            SystemTime::now(),
+        )];
+        let batches = into_batches(&old, 9, obs);
+        let moved = s.rotate(batches).expect("rotate");
+        assert_ne!(s.agent_id, old);
+        assert_eq!(
+            (moved[0].agent_id.as_str(), moved[0].sequence),
+            (s.agent_id.as_str(), 1)
+        );
+        let reloaded = AgentState::load_or_create(Some(dir.path())).expect("load");
+        assert_eq!(
+            (reloaded.agent_id, reloaded.next_sequence),
+            (s.agent_id.clone(), 2)
+        );
     }
 
     #[test]

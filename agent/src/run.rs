@@ -3,22 +3,20 @@
 //! sweep and returns when every batch is acknowledged; otherwise it sweeps every interval
 //! (with jitter) until the shutdown token is cancelled.
 
-use std::{
-    collections::BTreeMap,
-    net::Ipv4Addr,
-    time::{Duration, Instant, SystemTime},
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use census_proto::v1;
 use rand::Rng as _;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, instrument, warn};
+use tracing::{info, warn};
 
+pub use crate::discovery::SweepSummary;
 use crate::{
     config::{Config, ConfigError},
+    discovery::{self, Progress},
     iface,
     report::{self, AgentState, DeliveryError},
-    scope::{self, InterfaceTargets, ScopeError},
+    scope::{self, ScopeError, SweepPlan},
 };
 
 /// How long `--once` waits for the collector to come back before giving up.
@@ -43,15 +41,10 @@ pub enum AgentError {
     Sweep(String),
     #[error("sweep needs raw socket access: {0}")]
     Permission(String),
-}
-
-/// What one sweep found, across interfaces.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct SweepSummary {
-    pub probed: usize,
-    pub replies: usize,
-    pub observations: usize,
-    pub duration: Duration,
+    #[error(
+        "stopped before every batch was acknowledged ({pending} batches undelivered): run again to sweep and deliver anew"
+    )]
+    Interrupted { pending: usize },
 }
 
 /// How the agent runs.
@@ -59,6 +52,54 @@ pub struct SweepSummary {
 pub struct RunOptions {
     /// Sweep once, deliver, and return.
     pub once: bool,
+    /// Print progress lines on stderr (a person is watching a terminal).
+    pub progress: bool,
+}
+
+/// Plans the sweep from the configuration and this host's interfaces and routes, and logs what
+/// it is about to sweep.
+pub fn plan(config: &Config) -> Result<SweepPlan, AgentError> {
+    let interfaces = iface::list().map_err(|e| AgentError::Interfaces(e.to_string()))?;
+    let routes = iface::routes();
+    let plan = scope::plan(
+        &config.scopes,
+        &config.exclude,
+        config.interface.as_deref(),
+        &interfaces,
+        &routes,
+    )?;
+    for p in &plan.on_link {
+        info!(
+            interface = %p.interface.name,
+            scopes = %p.scopes.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            targets = p.targets.len(),
+            rate_pps = config.arp.rate,
+            method = if config.arp.enabled { "arp" } else { "none (arp disabled)" },
+            "will sweep on-link"
+        );
+    }
+    for r in &plan.routed {
+        info!(
+            scope = %r.scope,
+            via = %r.route.gateway.map_or_else(|| r.route.interface.clone(), |g| format!("{g} on {}", r.route.interface)),
+            targets = r.targets.len(),
+            rate_pps = config.icmp.rate,
+            method = if config.icmp.enabled { "icmp" } else { "none (icmp disabled)" },
+            "will sweep routed"
+        );
+    }
+    Ok(plan)
+}
+
+/// Sweeps once and returns the observations without delivering them (`census-agent scan`).
+pub async fn scan(
+    config: &Config,
+    progress: bool,
+    shutdown: &CancellationToken,
+) -> Result<(Vec<v1::Observation>, SweepSummary), AgentError> {
+    config.validate_sweep()?;
+    let plan = plan(config)?;
+    discovery::sweep(&plan, config, Progress { enabled: progress }, shutdown).await
 }
 
 /// Runs the agent until `shutdown` is cancelled (or, with `once`, until one sweep is
@@ -71,22 +112,7 @@ pub async fn run(
     config.validate()?;
     let token = config.token()?;
     let url = config.collector.clone().ok_or(ConfigError::NoCollector)?;
-    let interfaces = iface::list().map_err(|e| AgentError::Interfaces(e.to_string()))?;
-    let plan = scope::plan(
-        &config.scopes,
-        &config.exclude,
-        config.interface.as_deref(),
-        &interfaces,
-    )?;
-    for p in &plan {
-        info!(
-            interface = %p.interface.name,
-            scopes = %p.scopes.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-            targets = p.targets.len(),
-            rate_pps = config.arp.rate,
-            "will sweep with ARP"
-        );
-    }
+    let plan = plan(&config)?;
     let mut state =
         AgentState::load_or_create(config.state_dir.as_deref()).map_err(AgentError::State)?;
     info!(agent_id = %state.agent_id, collector = %url, "agent starting");
@@ -105,7 +131,15 @@ pub async fn run(
     let mut pending: BTreeMap<u64, v1::ObservationBatch> = BTreeMap::new();
     let mut last = SweepSummary::default();
     loop {
-        let (summary, observations) = sweep(&plan, &config, &shutdown).await?;
+        let (observations, summary) = discovery::sweep(
+            &plan,
+            &config,
+            Progress {
+                enabled: options.progress,
+            },
+            &shutdown,
+        )
+        .await?;
         if shutdown.is_cancelled() {
             break;
         }
@@ -126,6 +160,7 @@ pub async fn run(
             &url,
             &token,
             &mut channel,
+            &mut state,
             &mut pending,
             attempts,
             &shutdown,
@@ -142,6 +177,11 @@ pub async fn run(
             () = tokio::time::sleep(wait) => {}
         }
     }
+    if options.once && (shutdown.is_cancelled() || !pending.is_empty()) {
+        return Err(AgentError::Interrupted {
+            pending: pending.len(),
+        });
+    }
     if !pending.is_empty() {
         warn!(
             batches = pending.len(),
@@ -157,6 +197,7 @@ async fn flush(
     url: &str,
     token: &str,
     channel: &mut Option<tonic::transport::Channel>,
+    state: &mut AgentState,
     pending: &mut BTreeMap<u64, v1::ObservationBatch>,
     attempts: u32,
     shutdown: &CancellationToken,
@@ -195,6 +236,16 @@ async fn flush(
         .await;
         match result {
             Ok(()) => return Ok(()),
+            Err(DeliveryError::Conflict(reason)) if attempt < attempts || attempts == 1 => {
+                // Our state was restored or copied: the collector already holds other batches
+                // under our sequence numbers. Continue as a new agent, resending everything.
+                let old = state.agent_id.clone();
+                let batches: Vec<v1::ObservationBatch> =
+                    std::mem::take(pending).into_values().collect();
+                let renumbered = state.rotate(batches).map_err(AgentError::State)?;
+                warn!(old_agent_id = %old, new_agent_id = %state.agent_id, %reason, "sequence numbers already used: continuing under a new agent id");
+                pending.extend(renumbered.into_iter().map(|b| (b.sequence, b)));
+            }
             Err(e) if e.is_retryable() && attempt < attempts => {
                 warn!(error = %e, attempt, retry_in = ?backoff, "delivery failed; retrying");
                 tokio::select! {
@@ -211,107 +262,4 @@ async fn flush(
         }
     }
     Ok(())
-}
-
-/// Sweeps every planned interface in parallel, one OS thread each (pnet's receive blocks).
-#[instrument(skip_all)]
-async fn sweep(
-    plan: &[InterfaceTargets],
-    config: &Config,
-    shutdown: &CancellationToken,
-) -> Result<(SweepSummary, Vec<v1::Observation>), AgentError> {
-    let started = Instant::now();
-    let mut summary = SweepSummary::default();
-    let mut observations = Vec::new();
-    let results = sweep_arp(plan, config, shutdown).await?;
-    for r in results {
-        summary.probed += r.probed;
-        summary.replies += r.replies.len();
-        info!(interface = %r.interface, probed = r.probed, replies = r.replies.len(), requests = r.requests_sent, "ARP sweep");
-        for (ip, mac, at) in r.replies {
-            observations.push(report::arp_observation(ip, mac, &r.interface, at));
-        }
-    }
-    summary.observations = observations.len();
-    summary.duration = started.elapsed();
-    info!(probed = summary.probed, replies = summary.replies, duration = ?summary.duration, "sweep finished");
-    Ok((summary, observations))
-}
-
-/// What ARP found on one interface, independent of the platform's backend.
-#[derive(Debug)]
-struct ArpFound {
-    interface: String,
-    probed: usize,
-    requests_sent: u64,
-    replies: Vec<(Ipv4Addr, [u8; 6], SystemTime)>,
-}
-
-#[cfg(unix)]
-async fn sweep_arp(
-    plan: &[InterfaceTargets],
-    config: &Config,
-    shutdown: &CancellationToken,
-) -> Result<Vec<ArpFound>, AgentError> {
-    use crate::probe::arp::{self, ArpConfig, ArpError};
-
-    let arp_config = ArpConfig {
-        rate_pps: config.arp.rate,
-        retries: config.arp.retries,
-        reply_window: Duration::from_millis(config.arp.reply_window_ms),
-        ..ArpConfig::default()
-    };
-    let mut waiting = Vec::new();
-    for p in plan {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (iface, targets, cfg, cancel) = (
-            p.interface.clone(),
-            p.targets.clone(),
-            arp_config.clone(),
-            shutdown.clone(),
-        );
-        std::thread::Builder::new()
-            .name(format!("arp-{}", p.interface.name))
-            .spawn(move || {
-                let _ = tx.send(arp::sweep(&iface, &targets, &cfg, &cancel));
-            })
-            .map_err(|e| AgentError::Sweep(format!("cannot start the ARP thread: {e}")))?;
-        waiting.push(rx);
-    }
-    let mut out = Vec::new();
-    for rx in waiting {
-        match rx.await {
-            Ok(Ok(r)) => out.push(ArpFound {
-                interface: r.interface,
-                probed: r.probed,
-                requests_sent: r.requests_sent,
-                replies: r
-                    .replies
-                    .into_iter()
-                    .map(|a| (a.ip, a.mac, a.first_seen))
-                    .collect(),
-            }),
-            Ok(Err(e @ ArpError::PermissionDenied { .. })) => {
-                return Err(AgentError::Permission(e.to_string()));
-            }
-            Ok(Err(e)) => return Err(AgentError::Sweep(e.to_string())),
-            Err(_) => {
-                return Err(AgentError::Sweep(
-                    "the ARP thread ended without a result".into(),
-                ));
-            }
-        }
-    }
-    Ok(out)
-}
-
-#[cfg(not(unix))]
-async fn sweep_arp(
-    _plan: &[InterfaceTargets],
-    _config: &Config,
-    _shutdown: &CancellationToken,
-) -> Result<Vec<ArpFound>, AgentError> {
-    Err(AgentError::Sweep(
-        "ARP sweeps on Windows need the IP Helper backend, which is not built yet".into(),
-    ))
 }

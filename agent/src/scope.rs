@@ -1,15 +1,17 @@
-//! Turns configured CIDRs into per-interface target lists, and refuses what is unsafe or
-//! impossible before a single packet leaves. I/O-free: the interfaces are an argument.
+//! Turns configured CIDRs into target lists, and refuses what is unsafe or impossible before a
+//! single packet leaves. I/O-free: interfaces and routes are arguments.
 //!
-//! A scope is swept by ARP through the interface it is on-link on: the scope must lie inside
-//! one of that interface's IPv4 subnets. The agent's own addresses, the network and broadcast
+//! A scope inside an on-link subnet of an up interface is swept by ARP through that interface.
+//! Any other scope must be covered by a route (a specific one, or the default route: other
+//! VLANs of a client site are usually reached through the default gateway) and is swept by
+//! ICMP. A scope that is neither is refused. The agent's own addresses, network and broadcast
 //! addresses and every excluded CIDR are never probed.
 
 use std::{collections::BTreeSet, fmt::Write as _, net::Ipv4Addr};
 
 use ipnet::Ipv4Net;
 
-use crate::iface::Interface;
+use crate::iface::{Interface, Route};
 
 /// Hard cap on the addresses one sweep probes, whatever the configuration says.
 pub const MAX_TARGETS: usize = 1 << 20;
@@ -23,6 +25,32 @@ pub struct InterfaceTargets {
     pub targets: Vec<Ipv4Addr>,
 }
 
+/// Routed addresses to probe with ICMP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutedTargets {
+    pub scope: Ipv4Net,
+    /// The route that leads there.
+    pub route: Route,
+    pub targets: Vec<Ipv4Addr>,
+}
+
+/// Everything one sweep probes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepPlan {
+    /// On-link targets, by interface (ARP).
+    pub on_link: Vec<InterfaceTargets>,
+    /// Routed targets (ICMP).
+    pub routed: Vec<RoutedTargets>,
+}
+
+impl SweepPlan {
+    /// Every address the plan probes.
+    pub fn target_count(&self) -> usize {
+        self.on_link.iter().map(|p| p.targets.len()).sum::<usize>()
+            + self.routed.iter().map(|r| r.targets.len()).sum::<usize>()
+    }
+}
+
 /// Why a set of scopes cannot be swept.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScopeError {
@@ -31,7 +59,7 @@ pub enum ScopeError {
     #[error("interface {0} is down: bring it up or choose another with --interface")]
     InterfaceDown(String),
     #[error(
-        "scope {scope} is not on-link on {where_}: {subnets}; choose a scope inside one of them"
+        "scope {scope} is not on-link on {where_} and no route leads to it: {subnets}; choose a scope inside one of them or add a route"
     )]
     NotOnLink {
         scope: Ipv4Net,
@@ -60,13 +88,14 @@ fn on_link_summary(ifaces: &[&Interface]) -> String {
     format!("on-link subnets are {out}")
 }
 
-/// Plans a sweep: which addresses go through which interface.
+/// Plans a sweep: which addresses go through which interface, and which are routed.
 pub fn plan(
     scopes: &[Ipv4Net],
     exclude: &[Ipv4Net],
     interface: Option<&str>,
     ifaces: &[Interface],
-) -> Result<Vec<InterfaceTargets>, ScopeError> {
+    routes: &[Route],
+) -> Result<SweepPlan, ScopeError> {
     let usable: Vec<&Interface> = match interface {
         Some(name) => {
             let i = ifaces.iter().find(|i| i.name == name).ok_or_else(|| {
@@ -93,16 +122,53 @@ pub fn plan(
         .iter()
         .flat_map(|i| i.ipv4.iter().map(|n| n.addr()))
         .collect();
-    let mut plans: Vec<InterfaceTargets> = Vec::new();
+    let wanted = |ip: &Ipv4Addr| !own.contains(ip) && !exclude.iter().any(|x| x.contains(ip));
+    let mut plan = SweepPlan::default();
     let mut total = 0usize;
     for scope in scopes {
-        let found = usable.iter().find_map(|i| {
+        total = total.saturating_add(1usize << (32 - u32::from(scope.prefix_len())));
+        if total > MAX_TARGETS {
+            return Err(ScopeError::TooMany(total));
+        }
+        let on_link = usable.iter().find_map(|i| {
             i.ipv4
                 .iter()
                 .find(|net| net.trunc().contains(scope))
-                .map(|net| (*i, *net))
+                .map(|net| (*i, net.trunc()))
         });
-        let Some((iface, subnet)) = found else {
+        if let Some((iface, subnet)) = on_link {
+            let targets = scope.hosts().filter(|ip| {
+                // The subnet's network and broadcast addresses are not hosts, even when the
+                // scope is a /32 or a slice of the subnet.
+                let edge = subnet.prefix_len() < 31
+                    && (*ip == subnet.network() || *ip == subnet.broadcast());
+                !edge && wanted(ip)
+            });
+            match plan
+                .on_link
+                .iter_mut()
+                .find(|p| p.interface.name == iface.name)
+            {
+                Some(p) => {
+                    p.scopes.push(*scope);
+                    p.targets.extend(targets);
+                }
+                None => plan.on_link.push(InterfaceTargets {
+                    interface: iface.clone(),
+                    scopes: vec![*scope],
+                    targets: targets.collect(),
+                }),
+            }
+            continue;
+        }
+        // The most specific route covering the whole scope, through a usable interface.
+        let route = routes
+            .iter()
+            .filter(|r| {
+                r.destination.contains(scope) && usable.iter().any(|i| i.name == r.interface)
+            })
+            .max_by_key(|r| r.destination.prefix_len());
+        let Some(route) = route else {
             return Err(ScopeError::NotOnLink {
                 scope: *scope,
                 where_: interface
@@ -110,40 +176,22 @@ pub fn plan(
                 subnets: on_link_summary(&usable),
             });
         };
-        let subnet = subnet.trunc();
-        let size = 1usize << (32 - u32::from(scope.prefix_len()));
-        total = total.saturating_add(size);
-        if total > MAX_TARGETS {
-            return Err(ScopeError::TooMany(total));
-        }
-        let targets = scope.hosts().filter(|ip| {
-            // The subnet's network and broadcast addresses are not hosts, even when the scope
-            // is a /32 or a slice of the subnet.
-            let edge =
-                subnet.prefix_len() < 31 && (*ip == subnet.network() || *ip == subnet.broadcast());
-            !edge && !own.contains(ip) && !exclude.iter().any(|x| x.contains(ip))
+        plan.routed.push(RoutedTargets {
+            scope: *scope,
+            route: route.clone(),
+            targets: scope.hosts().filter(|ip| wanted(ip)).collect(),
         });
-        match plans.iter_mut().find(|p| p.interface.name == iface.name) {
-            Some(p) => {
-                p.scopes.push(*scope);
-                p.targets.extend(targets);
-            }
-            None => plans.push(InterfaceTargets {
-                interface: iface.clone(),
-                scopes: vec![*scope],
-                targets: targets.collect(),
-            }),
-        }
     }
-    for p in &mut plans {
+    for p in &mut plan.on_link {
         p.targets.sort_unstable();
         p.targets.dedup();
     }
-    plans.retain(|p| !p.targets.is_empty());
-    if plans.is_empty() {
+    plan.on_link.retain(|p| !p.targets.is_empty());
+    plan.routed.retain(|r| !r.targets.is_empty());
+    if plan.on_link.is_empty() && plan.routed.is_empty() {
         return Err(ScopeError::Empty);
     }
-    Ok(plans)
+    Ok(plan)
 }
 
 #[cfg(test)]
@@ -171,7 +219,9 @@ mod tests {
             iface("eth0", "198.18.0.2/24", true),
             iface("up0", "198.19.255.2/24", true),
         ];
-        let plan = plan(&nets("198.18.0.0/24"), &[], None, &ifaces).expect("plan");
+        let plan = plan(&nets("198.18.0.0/24"), &[], None, &ifaces, &[])
+            .expect("plan")
+            .on_link;
         assert_eq!(plan.len(), 1);
         assert_eq!(plan[0].interface.name, "eth0");
         assert_eq!(plan[0].targets.len(), 253);
@@ -191,8 +241,10 @@ mod tests {
             &nets("198.18.0.8/29"),
             None,
             &ifaces,
+            &[],
         )
-        .expect("plan");
+        .expect("plan")
+        .on_link;
         let t: Vec<String> = plan[0].targets.iter().map(|i| i.to_string()).collect();
         assert_eq!(
             t,
@@ -213,29 +265,68 @@ mod tests {
             iface("eth0", "198.18.0.2/24", true),
             iface("eth1", "198.18.1.2/24", false),
         ];
-        let err = plan(&nets("198.18.5.0/24"), &[], None, &ifaces).expect_err("off link");
+        let err = plan(&nets("198.18.5.0/24"), &[], None, &ifaces, &[]).expect_err("off link");
         assert!(err.to_string().contains("eth0 198.18.0.0/24"), "{err}");
         // A scope only on-link on a down interface is not on-link.
         assert!(matches!(
-            plan(&nets("198.18.1.0/24"), &[], None, &ifaces),
+            plan(&nets("198.18.1.0/24"), &[], None, &ifaces, &[]),
             Err(ScopeError::NotOnLink { .. })
         ));
         assert!(matches!(
-            plan(&nets("198.18.0.0/24"), &[], Some("eth9"), &ifaces),
+            plan(&nets("198.18.0.0/24"), &[], Some("eth9"), &ifaces, &[]),
             Err(ScopeError::NoSuchInterface { .. })
         ));
         assert!(matches!(
-            plan(&nets("198.18.1.0/24"), &[], Some("eth1"), &ifaces),
+            plan(&nets("198.18.1.0/24"), &[], Some("eth1"), &ifaces, &[]),
             Err(ScopeError::InterfaceDown(_))
         ));
         // Wider than the interface's subnet: not on-link as a whole.
         assert!(matches!(
-            plan(&nets("198.18.0.0/23"), &[], None, &ifaces),
+            plan(&nets("198.18.0.0/23"), &[], None, &ifaces, &[]),
             Err(ScopeError::NotOnLink { .. })
         ));
         assert!(matches!(
-            plan(&nets("198.18.0.2/32"), &[], None, &ifaces),
+            plan(&nets("198.18.0.2/32"), &[], None, &ifaces, &[]),
             Err(ScopeError::Empty)
         ));
+    }
+
+    #[test]
+    fn routed_scopes_go_to_icmp_through_the_most_specific_route() {
+        let ifaces = [iface("eth0", "198.18.0.2/24", true)];
+        let route = |dest: &str, gw: Option<&str>| Route {
+            destination: dest.parse().expect("cidr"),
+            gateway: gw.map(|g| g.parse().expect("ip")),
+            interface: "eth0".into(),
+        };
+        let routes = [
+            route("0.0.0.0/0", Some("198.18.0.1")),
+            route("198.18.1.0/24", Some("198.18.0.254")),
+        ];
+        let p = plan(
+            &nets("198.18.0.0/24,198.18.1.0/24,198.18.2.0/25"),
+            &nets("198.18.1.9/32"),
+            None,
+            &ifaces,
+            &routes,
+        )
+        .expect("plan");
+        assert_eq!(p.on_link.len(), 1);
+        assert_eq!(p.routed.len(), 2);
+        assert_eq!(
+            p.routed[0].route.gateway,
+            Some("198.18.0.254".parse().expect("ip"))
+        );
+        assert_eq!(
+            p.routed[0].targets.len(),
+            253,
+            "254 hosts less the excluded one"
+        );
+        assert!(p.routed[1].route.is_default());
+        assert_eq!(p.target_count(), 253 + 253 + 126);
+        // Without any route, an off-link scope is refused.
+        let err =
+            plan(&nets("198.18.2.0/24"), &[], None, &ifaces, &routes[1..]).expect_err("no route");
+        assert!(err.to_string().contains("no route leads to it"), "{err}");
     }
 }

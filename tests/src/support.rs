@@ -62,6 +62,9 @@ pub struct Device {
     pub site: String,
     pub macs: Vec<String>,
     pub addresses: Vec<DeviceAddress>,
+    pub names: Vec<String>,
+    pub category: String,
+    pub category_reason: String,
     pub first_seen: String,
     pub last_seen: String,
     pub counted: bool,
@@ -251,5 +254,33 @@ pub fn error_lines(output: &Output) -> Vec<String> {
         .lines()
         .filter(|l| l.contains(": error: "))
         .map(str::to_owned)
+        .collect()
+}
+
+/// Runs `census-agent scan --json` in namespace `ns` with `args`, and returns one JSON object
+/// per device found. A non-zero exit is an error quoting stderr.
+pub fn scan<I, S>(lab: &Lab, ns: &str, args: I) -> Result<Vec<serde_json::Value>>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut full: Vec<std::ffi::OsString> = vec![
+        bin("census-agent")?.into_os_string(),
+        "scan".into(),
+        "--json".into(),
+    ];
+    full.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+    let out = lab.exec_timeout(ns, full, Duration::from_secs(120))?;
+    if !out.status.success() {
+        bail!(
+            "census-agent scan failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("parsing scan output {l}")))
         .collect()
 }
