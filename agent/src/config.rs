@@ -26,6 +26,9 @@ pub struct Config {
     /// CIDRs to sweep, e.g. `["198.18.0.0/24"]`.
     #[serde(default)]
     pub scopes: Vec<Ipv4Net>,
+    /// Also sweep every on-link IPv4 subnet of these interfaces, e.g. `["eth0"]`.
+    #[serde(default)]
+    pub scope_interfaces: Vec<String>,
     /// CIDRs never to probe, even inside a scope.
     #[serde(default)]
     pub exclude: Vec<Ipv4Net>,
@@ -284,6 +287,7 @@ impl Default for Config {
             token: None,
             token_file: None,
             scopes: Vec::new(),
+            scope_interfaces: Vec::new(),
             exclude: Vec::new(),
             interface: None,
             allow_large_scope: false,
@@ -322,7 +326,9 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("nothing to sweep: pass --scope CIDR[,CIDR...] or set scopes in the config file")]
+    #[error(
+        "nothing to sweep: pass --scope CIDR[,CIDR...] or --scope-interface IF, or set scopes in the config file"
+    )]
     NoScope,
     #[error("{0:?} is not a CIDR (expected e.g. 198.18.0.0/24)")]
     BadCidr(String),
@@ -428,17 +434,10 @@ impl Config {
     /// Checks what a sweep needs (scopes, methods, state), not what delivery needs: enough for
     /// `census-agent scan`.
     pub fn validate_sweep(&self) -> Result<(), ConfigError> {
-        if self.scopes.is_empty() {
+        if self.scopes.is_empty() && self.scope_interfaces.is_empty() {
             return Err(ConfigError::NoScope);
         }
-        for scope in &self.scopes {
-            if scope.prefix_len() < MAX_SCOPE_PREFIX && !self.allow_large_scope {
-                return Err(ConfigError::ScopeTooLarge {
-                    scope: *scope,
-                    hosts: 1u64 << (32 - u32::from(scope.prefix_len())),
-                });
-            }
-        }
+        self.check_scope_sizes(&self.scopes)?;
         if self.interval < Duration::from_secs(10) {
             return Err(ConfigError::Interval(self.interval));
         }
@@ -529,6 +528,19 @@ impl Config {
         }
         for user in &self.snmp.v3_users {
             user.validate()?;
+        }
+        Ok(())
+    }
+
+    /// Refuses scopes wider than a /16 unless `allow_large_scope` says otherwise.
+    pub fn check_scope_sizes(&self, scopes: &[Ipv4Net]) -> Result<(), ConfigError> {
+        for scope in scopes {
+            if scope.prefix_len() < MAX_SCOPE_PREFIX && !self.allow_large_scope {
+                return Err(ConfigError::ScopeTooLarge {
+                    scope: *scope,
+                    hosts: 1u64 << (32 - u32::from(scope.prefix_len())),
+                });
+            }
         }
         Ok(())
     }

@@ -84,6 +84,9 @@ struct Settings {
     /// CIDRs to sweep, comma-separated (repeatable).
     #[arg(long, env = "CENSUS_AGENT_SCOPE", value_delimiter = ',')]
     scope: Vec<String>,
+    /// Also sweep every on-link subnet of these interfaces, comma-separated (repeatable).
+    #[arg(long, env = "CENSUS_AGENT_SCOPE_INTERFACE", value_delimiter = ',')]
+    scope_interface: Vec<String>,
     /// CIDRs never to probe, comma-separated (repeatable).
     #[arg(long, env = "CENSUS_AGENT_EXCLUDE", value_delimiter = ',')]
     exclude: Vec<String>,
@@ -157,6 +160,9 @@ impl Settings {
         }
         if !self.scope.is_empty() {
             c.scopes = config::parse_cidrs(&self.scope.join(","))?;
+        }
+        if !self.scope_interface.is_empty() {
+            c.scope_interfaces.clone_from(&self.scope_interface);
         }
         if !self.exclude.is_empty() {
             c.exclude = config::parse_cidrs(&self.exclude.join(","))?;

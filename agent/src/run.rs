@@ -61,8 +61,12 @@ pub struct RunOptions {
 pub fn plan(config: &Config) -> Result<SweepPlan, AgentError> {
     let interfaces = iface::list().map_err(|e| AgentError::Interfaces(e.to_string()))?;
     let routes = iface::routes();
+    let mut scopes = config.scopes.clone();
+    let from_interfaces = scope::interface_scopes(&config.scope_interfaces, &interfaces)?;
+    config.check_scope_sizes(&from_interfaces)?;
+    scopes.extend(from_interfaces);
     let plan = scope::plan(
-        &config.scopes,
+        &scopes,
         &config.exclude,
         config.interface.as_deref(),
         &interfaces,

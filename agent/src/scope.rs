@@ -88,6 +88,38 @@ fn on_link_summary(ifaces: &[&Interface]) -> String {
     format!("on-link subnets are {out}")
 }
 
+/// The on-link IPv4 subnets of the named interfaces, as scopes (`--scope-interface eth0`).
+/// Point-to-point /32 addresses have no subnet to sweep and are skipped.
+pub fn interface_scopes(
+    names: &[String],
+    ifaces: &[Interface],
+) -> Result<Vec<Ipv4Net>, ScopeError> {
+    let mut out = Vec::new();
+    for name in names {
+        let i =
+            ifaces
+                .iter()
+                .find(|i| &i.name == name)
+                .ok_or_else(|| ScopeError::NoSuchInterface {
+                    name: name.clone(),
+                    known: ifaces
+                        .iter()
+                        .map(|i| i.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+        out.extend(
+            i.ipv4
+                .iter()
+                .filter(|n| n.prefix_len() < 32)
+                .map(Ipv4Net::trunc),
+        );
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
 /// Plans a sweep: which addresses go through which interface, and which are routed.
 pub fn plan(
     scopes: &[Ipv4Net],
@@ -328,5 +360,19 @@ mod tests {
         let err =
             plan(&nets("198.18.2.0/24"), &[], None, &ifaces, &routes[1..]).expect_err("no route");
         assert!(err.to_string().contains("no route leads to it"), "{err}");
+    }
+
+    #[test]
+    fn interface_scopes_are_their_subnets() {
+        let mut eth0 = iface("eth0", "198.18.0.2/24", true);
+        eth0.ipv4.push("198.18.5.1/32".parse().expect("cidr"));
+        let ifaces = [eth0, iface("eth1", "198.18.1.2/25", true)];
+        let nets = interface_scopes(&["eth1".into(), "eth0".into()], &ifaces).expect("scopes");
+        let text: Vec<String> = nets.iter().map(ToString::to_string).collect();
+        assert_eq!(text, ["198.18.0.0/24", "198.18.1.0/25"]);
+        assert!(matches!(
+            interface_scopes(&["eth7".into()], &ifaces),
+            Err(ScopeError::NoSuchInterface { .. })
+        ));
     }
 }

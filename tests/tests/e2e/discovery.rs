@@ -313,3 +313,20 @@ window_ms = 3000
     assert!(listed.iter().any(|d| d.category == "printer"), "{listed:?}");
     Ok(())
 }
+
+#[test]
+fn an_interface_can_name_the_scope() -> Result<()> {
+    if lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let site = lab.add_site(SiteSpec::new("by-interface", "198.18.4.0/24".parse()?, ip("198.18.4.2")))?;
+    let hosts = site.add_hosts(HostSpec::range(ip("198.18.4.50"), 3))?;
+    let devices = support::scan(&lab, site.agent().ns(), ["--scope-interface", "eth0", "--disable", "snmp,mdns"])?;
+    let mut got: Vec<String> = devices.iter().filter_map(|d| d["addresses"][0]["address"].as_str().map(str::to_owned)).collect();
+    got.sort();
+    let want: Vec<String> = hosts.iter().map(|h| h.ip().to_string()).collect();
+    assert_eq!(got, want, "exactly eth0's subnet, not the uplink's");
+    Ok(())
+}
