@@ -75,9 +75,58 @@ pub enum Command {
     Devices {
         #[arg(long)]
         client: String,
-        /// Only this site.
+        /// Only devices seen at this site.
         #[arg(long)]
         site: Option<String>,
+        /// Only this category (network, printer, computer, phone-tablet, media-iot, unknown).
+        #[arg(long)]
+        category: Option<String>,
+        /// Only devices that count (or, with --not-counted, that do not).
+        #[arg(long, conflicts_with = "not_counted")]
+        counted: bool,
+        #[arg(long)]
+        not_counted: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One device: identifiers, addresses (current or lost), evidence, and why it counts.
+    Device {
+        #[arg(long)]
+        client: String,
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Merge device B into device A (recorded; undo with `census undo`).
+    Merge {
+        #[arg(long)]
+        client: String,
+        a: String,
+        b: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Split identifiers (keys from `census device`) out of a device into a device of their own.
+    Split {
+        #[arg(long)]
+        client: String,
+        id: String,
+        /// Identifier keys, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        keys: Vec<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Undo a merge or split by its history number.
+    Undo {
+        #[arg(long)]
+        client: String,
+        seq: u64,
+    },
+    /// A client's merges and splits.
+    History {
+        #[arg(long)]
+        client: String,
         #[arg(long)]
         json: bool,
     },
@@ -294,11 +343,100 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 );
             }
         }
-        Command::Devices { client, site, json } => {
+        Command::Device { client, id, json } => {
+            let d = query
+                .get_device(v1::GetDeviceRequest { client, id })
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&device_json(&d)).unwrap_or_default()
+                );
+            } else {
+                print_device(&d);
+            }
+        }
+        Command::Merge {
+            client,
+            a,
+            b,
+            reason,
+        } => {
+            let e = admin
+                .merge_devices(v1::MergeDevicesRequest {
+                    client,
+                    a,
+                    b,
+                    reason,
+                })
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            print_event(&e);
+        }
+        Command::Split {
+            client,
+            id,
+            keys,
+            reason,
+        } => {
+            let e = admin
+                .split_device(v1::SplitDeviceRequest {
+                    client,
+                    id,
+                    keys,
+                    reason,
+                })
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            print_event(&e);
+        }
+        Command::Undo { client, seq } => {
+            let e = admin
+                .undo_event(v1::UndoEventRequest { client, seq })
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            print_event(&e);
+        }
+        Command::History { client, json } => {
+            let r = query
+                .list_history(v1::ListHistoryRequest { client })
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            if json {
+                let rows: Vec<_> = r.events.iter().map(event_json).collect();
+                print_json(&rows);
+            } else {
+                for e in &r.events {
+                    print_event(e);
+                }
+            }
+        }
+        Command::Devices {
+            client,
+            site,
+            category,
+            counted,
+            not_counted,
+            json,
+        } => {
             let r = query
                 .list_devices(v1::ListDevicesRequest {
                     client,
                     site: site.unwrap_or_default(),
+                    category: category.unwrap_or_default(),
+                    counted: if counted {
+                        v1::CountedFilter::Counted
+                    } else if not_counted {
+                        v1::CountedFilter::NotCounted
+                    } else {
+                        v1::CountedFilter::Any
+                    } as i32,
                 })
                 .await
                 .map_err(|s| status_failure(s, url))?
@@ -490,7 +628,11 @@ fn device_json(d: &v1::Device) -> serde_json::Value {
         "client": d.client,
         "site": d.site,
         "macs": macs(&d.macs),
-        "addresses": d.addresses.iter().map(|a| json!({"address": a.address, "answered": a.answered, "last_seen": time(a.last_seen.as_ref())})).collect::<Vec<_>>(),
+        "addresses": d.addresses.iter().map(|a| json!({"address": a.address, "site": a.site, "answered": a.answered, "current": a.current, "last_seen": time(a.last_seen.as_ref())})).collect::<Vec<_>>(),
+        "identifiers": d.identifiers.iter().map(|i| json!({"kind": i.kind, "value": i.value, "strong": i.strong, "key": i.key})).collect::<Vec<_>>(),
+        "sites": d.sites,
+        "anomalies": d.anomalies,
+        "weak_only": d.weak_only,
         "names": d.names,
         "category": d.category,
         "category_reason": d.category_reason,
@@ -506,6 +648,108 @@ fn device_json(d: &v1::Device) -> serde_json::Value {
             "observations": e.observations,
         })).collect::<Vec<_>>(),
     })
+}
+
+fn history_kind(k: i32) -> &'static str {
+    match v1::HistoryKind::try_from(k) {
+        Ok(v1::HistoryKind::Merge) => "merge",
+        Ok(v1::HistoryKind::ManualMerge) => "manual-merge",
+        Ok(v1::HistoryKind::Split) => "split",
+        _ => "unknown",
+    }
+}
+
+fn event_json(e: &v1::HistoryEvent) -> serde_json::Value {
+    let ids = |l: &[v1::DeviceIdentity]| {
+        l.iter()
+            .map(|d| json!({"id": d.id, "keys": d.keys}))
+            .collect::<Vec<_>>()
+    };
+    json!({
+        "seq": e.seq,
+        "at": time(e.at.as_ref()),
+        "kind": history_kind(e.kind),
+        "reason": e.reason,
+        "before": ids(&e.before),
+        "after": ids(&e.after),
+        "undone_by": (e.undone_by != 0).then_some(e.undone_by),
+        "undoes": (e.undoes != 0).then_some(e.undoes),
+    })
+}
+
+fn print_event(e: &v1::HistoryEvent) {
+    let ids = |l: &[v1::DeviceIdentity]| {
+        l.iter()
+            .map(|d| d.id.as_str())
+            .collect::<Vec<_>>()
+            .join(" + ")
+    };
+    let mut line = format!(
+        "#{} {} {}: {} -> {} ({})",
+        e.seq,
+        time(e.at.as_ref()),
+        history_kind(e.kind),
+        ids(&e.before),
+        ids(&e.after),
+        e.reason
+    );
+    if e.undone_by != 0 {
+        line.push_str(&format!(" [undone by #{}]", e.undone_by));
+    }
+    println!("{line}");
+}
+
+fn print_device(d: &v1::Device) {
+    println!("device     {}", d.id);
+    println!("client     {} (sites {})", d.client, d.sites.join(", "));
+    println!("category   {} ({})", d.category, d.category_reason);
+    println!(
+        "counted    {} ({})",
+        if d.counted { "yes" } else { "no" },
+        d.reason
+    );
+    println!(
+        "seen       {} .. {}",
+        time(d.first_seen.as_ref()),
+        time(d.last_seen.as_ref())
+    );
+    println!("names      {}", d.names.join(", "));
+    for i in &d.identifiers {
+        println!(
+            "identifier {:<15} {:<40} {} key={}",
+            i.kind,
+            i.value,
+            if i.strong { "strong" } else { "weak" },
+            i.key
+        );
+    }
+    for a in &d.addresses {
+        println!(
+            "address    {:<16} site {:<10} {}{} last seen {}",
+            a.address,
+            a.site,
+            if a.answered { "answered" } else { "claimed" },
+            if a.current {
+                ""
+            } else {
+                ", lost to another device"
+            },
+            time(a.last_seen.as_ref())
+        );
+    }
+    for e in &d.evidence {
+        println!(
+            "evidence   agent {} by {}: {} observations, {} .. {}",
+            e.agent_id,
+            method(e.method),
+            e.observations,
+            time(e.first_seen.as_ref()),
+            time(e.last_seen.as_ref())
+        );
+    }
+    for a in &d.anomalies {
+        println!("note       {a}");
+    }
 }
 
 fn print_json(rows: &[serde_json::Value]) {

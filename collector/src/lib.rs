@@ -4,7 +4,8 @@
 //!
 //! Layout:
 //! - [`config`]: the daemon's `Config` (TOML, environment, flags) and its validation.
-//! - [`model`]: records and the I/O-free rules from observation to device to count.
+//! - [`model`]: records, validation of observations, and counting.
+//! - [`identity`]: the I/O-free rules that decide which observations are one device.
 //! - [`store`]: the [`store::Store`] trait, the sled store and the in-memory store.
 //! - [`auth`]: enrollment tokens and the operator token.
 //! - [`service`]: the `census.v1` gRPC services (ingest, query, admin).
@@ -17,6 +18,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod identity;
 pub mod model;
 pub mod server;
 pub mod service;

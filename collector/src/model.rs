@@ -4,10 +4,8 @@
 //! as an argument, so ingest and counting are deterministic to test. The stores persist these
 //! records; the services translate them to and from `census.v1`.
 //!
-//! Identity, first cut: a device is named by (client, site, MAC). An observation without a MAC
-//! (a routed host seen by ICMP) is named by its answered IP address instead. The full identity
-//! resolution (strong and weak identifiers, merges, splits) replaces [`device_key`] later; every
-//! key is already scoped by client and site, so two clients' overlapping subnets never meet.
+//! Which observations are one device is [`crate::identity`]'s job; every record is scoped by
+//! client, so two clients' overlapping subnets never meet.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -116,8 +114,12 @@ pub struct Scope {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddressRecord {
     pub ip: IpAddr,
+    /// The site whose address space the address is in.
+    pub site: String,
     pub answered: bool,
     pub last_seen_ms: u64,
+    /// Whether the device still holds it (no other device answered on it since).
+    pub current: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,19 +134,29 @@ pub struct EvidenceRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {
-    /// Stable identifier: the hex of the device's key within its client.
+    /// Stable identifier, derived from the client and the device's smallest key.
     pub id: String,
-    /// The latest category an agent decided on with evidence ("unknown" until then), and why.
+    /// The identifiers that make this device (see [`crate::identity`]).
+    pub keys: Vec<String>,
+    /// The latest category an agent decided on with evidence ("" until then), why, and when.
     pub category: String,
     pub category_reason: String,
+    pub category_ms: u64,
     pub client: String,
+    /// The first of `sites`, for display.
     pub site: String,
+    /// Every site it was seen at (a laptop moves between a client's sites).
+    pub sites: Vec<String>,
     pub macs: Vec<MacAddr>,
     pub addresses: Vec<AddressRecord>,
     pub names: Vec<String>,
     pub first_seen_ms: u64,
     pub last_seen_ms: u64,
     pub evidence: Vec<EvidenceRecord>,
+    /// No strong identifier: only randomized MACs, names or an address.
+    pub weak_only: bool,
+    /// Oddities noticed (proxy ARP, ...).
+    pub anomalies: Vec<String>,
 }
 
 // === observations ===
@@ -157,10 +169,18 @@ pub struct CleanObservation {
     pub methods: Vec<v1::Method>,
     /// The agent's category and its reason, when it decided one.
     pub category: Option<(v1::Category, String)>,
+    /// MACs the device was reached by (ARP reply, a router's ARP cache).
     pub macs: Vec<MacAddr>,
+    /// MACs the device lists among its own interfaces over SNMP.
+    pub interface_macs: Vec<MacAddr>,
+    pub engine_id: Option<Vec<u8>>,
+    pub serial: Option<String>,
+    pub mdns_host: Option<String>,
     /// (address, answered)
     pub addresses: Vec<(IpAddr, bool)>,
     pub names: Vec<String>,
+    /// The agent saw this MAC answer ARP for many addresses.
+    pub proxy_arp: bool,
 }
 
 /// Validates one observation from an agent. `None` when it names no device: no unicast MAC and
@@ -226,6 +246,35 @@ pub fn clean_observation(
     if macs.is_empty() && !addresses.iter().any(|(_, answered)| *answered) {
         return None;
     }
+    let snmp = obs.snmp.as_ref();
+    let mut interface_macs: Vec<MacAddr> = snmp
+        .map(|s| {
+            s.interfaces
+                .iter()
+                .take(MAX_MACS * 4)
+                .filter_map(|i| MacAddr::try_from(i.mac.as_slice()).ok())
+                .filter(MacAddr::is_unicast)
+                .collect()
+        })
+        .unwrap_or_default();
+    interface_macs.sort();
+    interface_macs.dedup();
+    interface_macs.truncate(MAX_MACS * 4);
+    let engine_id = snmp
+        .map(|s| s.engine_id.clone())
+        .filter(|e| (5..=32).contains(&e.len()));
+    let serial = snmp
+        .map(|s| clean_text(&s.serial_number, 64))
+        .filter(|s| !s.is_empty());
+    let mdns_host = obs
+        .mdns
+        .as_ref()
+        .map(|m| clean_text(&m.host_name, MAX_NAME_LEN))
+        .filter(|h| !h.is_empty());
+    let proxy_arp = obs
+        .anomalies
+        .iter()
+        .any(|a| a.kind == v1::AnomalyKind::ProxyArp as i32);
     let observed_ms = obs
         .observed_at
         .as_ref()
@@ -239,8 +288,13 @@ pub fn clean_observation(
         methods,
         category,
         macs,
+        interface_macs,
+        engine_id,
+        serial,
+        mdns_host,
         addresses,
         names,
+        proxy_arp,
     })
 }
 
@@ -267,119 +321,6 @@ fn clean_text(s: &str, max: usize) -> String {
     out.trim().to_owned()
 }
 
-/// The key naming an observation's device within its site: its lowest MAC, or, without one,
-/// its first answered address.
-pub fn device_key(obs: &CleanObservation) -> Option<String> {
-    if let Some(mac) = obs.macs.first() {
-        return Some(format!("mac:{mac}"));
-    }
-    obs.addresses
-        .iter()
-        .find(|(_, answered)| *answered)
-        .map(|(ip, _)| format!("ip:{ip}"))
-}
-
-/// A stable device identifier: the client-scoped key, hashed so it is short and opaque.
-pub fn device_id(scope: &Scope, key: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::new()
-        .chain_update(scope.client.as_bytes())
-        .chain_update([0])
-        .chain_update(scope.site.as_bytes())
-        .chain_update([0])
-        .chain_update(key.as_bytes())
-        .finalize();
-    hex::encode(&digest[..10])
-}
-
-/// Folds one observation into a device (a new one when `existing` is `None`).
-pub fn apply_observation(
-    existing: Option<DeviceRecord>,
-    scope: &Scope,
-    key: &str,
-    agent_id: &str,
-    obs: &CleanObservation,
-) -> DeviceRecord {
-    let at = obs.observed_ms;
-    let mut dev = existing.unwrap_or_else(|| DeviceRecord {
-        id: device_id(scope, key),
-        category: "unknown".into(),
-        category_reason: String::new(),
-        client: scope.client.clone(),
-        site: scope.site.clone(),
-        macs: Vec::new(),
-        addresses: Vec::new(),
-        names: Vec::new(),
-        first_seen_ms: at,
-        last_seen_ms: at,
-        evidence: Vec::new(),
-    });
-    dev.first_seen_ms = dev.first_seen_ms.min(at);
-    dev.last_seen_ms = dev.last_seen_ms.max(at);
-    for mac in &obs.macs {
-        if !dev.macs.contains(mac) && dev.macs.len() < MAX_MACS {
-            dev.macs.push(*mac);
-        }
-    }
-    dev.macs.sort();
-    for (ip, answered) in &obs.addresses {
-        match dev.addresses.iter_mut().find(|a| a.ip == *ip) {
-            Some(a) => {
-                a.answered |= *answered;
-                a.last_seen_ms = a.last_seen_ms.max(at);
-            }
-            None => dev.addresses.push(AddressRecord {
-                ip: *ip,
-                answered: *answered,
-                last_seen_ms: at,
-            }),
-        }
-    }
-    dev.addresses
-        .sort_by(|a, b| b.last_seen_ms.cmp(&a.last_seen_ms).then(a.ip.cmp(&b.ip)));
-    dev.addresses.truncate(MAX_DEVICE_ADDRESSES);
-    for name in &obs.names {
-        if !dev.names.contains(name) {
-            dev.names.push(name.clone());
-        }
-    }
-    dev.names.sort();
-    dev.names.truncate(MAX_NAMES);
-    if let Some((category, reason)) = &obs.category {
-        dev.category = category.label().to_owned();
-        dev.category_reason.clone_from(reason);
-    }
-    for method in &obs.methods {
-        let method = *method as i32;
-        match dev
-            .evidence
-            .iter_mut()
-            .find(|e| e.agent_id == agent_id && e.method == method)
-        {
-            Some(e) => {
-                e.first_seen_ms = e.first_seen_ms.min(at);
-                e.last_seen_ms = e.last_seen_ms.max(at);
-                e.observations += 1;
-            }
-            None => dev.evidence.push(EvidenceRecord {
-                agent_id: agent_id.to_owned(),
-                method,
-                first_seen_ms: at,
-                last_seen_ms: at,
-                observations: 1,
-            }),
-        }
-    }
-    if dev.evidence.len() > MAX_EVIDENCE {
-        dev.evidence
-            .sort_by_key(|e| std::cmp::Reverse(e.last_seen_ms));
-        dev.evidence.truncate(MAX_EVIDENCE);
-    }
-    dev.evidence
-        .sort_by(|a, b| (&a.agent_id, a.method).cmp(&(&b.agent_id, b.method)));
-    dev
-}
-
 // === counting ===
 
 /// Whether a device counts at `now_ms` under policy `device-v1`, and the rule that decided.
@@ -393,7 +334,7 @@ pub fn counts_device(dev: &DeviceRecord, now_ms: u64) -> (bool, String) {
     }
 }
 
-/// Category of a device: the agent's latest decision, "unknown" without one.
+/// Category of a device: the agents' latest decision, "unknown" without one.
 pub fn category(dev: &DeviceRecord) -> &str {
     if dev.category.is_empty() {
         "unknown"
@@ -528,46 +469,22 @@ mod tests {
     }
 
     #[test]
-    fn same_mac_is_one_device_and_evidence_accumulates() {
-        let s = scope("acme");
-        let mac = [0, 0x16, 0x3e, 0, 0, 1];
-        let a = clean_observation(&arp("198.18.0.10", mac, 1_000), 5_000, 0).expect("valid");
-        let b = clean_observation(&arp("198.18.0.11", mac, 2_000), 5_000, 0).expect("valid");
-        assert_eq!(device_key(&a), device_key(&b));
-        let key = device_key(&a).expect("key");
-        let dev = apply_observation(None, &s, &key, "agent-1", &a);
-        let dev = apply_observation(Some(dev), &s, &key, "agent-1", &b);
-        assert_eq!(dev.first_seen_ms, 1_000);
-        assert_eq!(dev.last_seen_ms, 2_000);
-        assert_eq!(dev.addresses.len(), 2);
-        assert_eq!(dev.evidence.len(), 1);
-        assert_eq!(dev.evidence[0].observations, 2);
-    }
-
-    #[test]
-    fn device_ids_are_scoped_by_client() {
-        let key = "mac:00:16:3e:00:00:01";
-        assert_ne!(device_id(&scope("a"), key), device_id(&scope("b"), key));
-        assert_eq!(device_id(&scope("a"), key), device_id(&scope("a"), key));
-    }
-
-    #[test]
     fn stale_devices_stop_counting() {
-        let s = scope("acme");
         let obs = clean_observation(
             &arp("198.18.0.10", [0, 0x16, 0x3e, 0, 0, 1], 1_000),
             1_000,
             0,
         )
         .expect("valid");
-        let dev = apply_observation(None, &s, "k", "agent", &obs);
-        assert!(counts_device(&dev, 1_000 + DEFAULT_WINDOW_MS).0);
-        assert!(!counts_device(&dev, 1_001 + DEFAULT_WINDOW_MS).0);
+        let mut g = crate::identity::MemGraph::default();
+        crate::identity::apply(&mut g, &scope("acme"), "agent", &obs).expect("infallible");
+        let dev = g.devices.values().next().expect("a device");
+        assert!(counts_device(dev, 1_000 + DEFAULT_WINDOW_MS).0);
+        assert!(!counts_device(dev, 1_001 + DEFAULT_WINDOW_MS).0);
     }
 
     #[test]
-    fn every_method_of_an_observation_is_evidence_and_the_category_is_kept() {
-        let s = scope("acme");
+    fn identity_fields_are_read_from_snmp_mdns_and_anomalies() {
         let mut wire = arp("198.18.0.1", [0, 0x16, 0x3e, 0, 0, 1], 1_000);
         wire.methods = vec![
             v1::Method::Arp as i32,
@@ -577,28 +494,49 @@ mod tests {
         ];
         wire.category = v1::Category::Network as i32;
         wire.category_reason = "SNMP sysDescr mentions \"routeros\"".into();
+        wire.snmp = Some(v1::SnmpIdentity {
+            engine_id: vec![0x80, 0, 0x1f, 0x88, 4, 1],
+            serial_number: "SN\u{7}123".into(),
+            interfaces: vec![
+                v1::SnmpInterface {
+                    if_index: 1,
+                    name: "eth0".into(),
+                    mac: vec![0, 0x16, 0x3e, 0, 0, 1],
+                },
+                v1::SnmpInterface {
+                    if_index: 2,
+                    name: "lo".into(),
+                    mac: vec![],
+                },
+                v1::SnmpInterface {
+                    if_index: 3,
+                    name: "junk".into(),
+                    mac: vec![1, 2, 3],
+                },
+            ],
+            ..Default::default()
+        });
+        wire.mdns = Some(v1::MdnsIdentity {
+            host_name: "gw.local.".into(),
+            services: vec![],
+        });
+        wire.anomalies = vec![v1::Anomaly {
+            kind: v1::AnomalyKind::ProxyArp as i32,
+            detail: "x".into(),
+        }];
         let obs = clean_observation(&wire, 5_000, 0).expect("valid");
         assert_eq!(obs.methods, [v1::Method::Arp, v1::Method::Snmp]);
-        let key = device_key(&obs).expect("key");
-        let dev = apply_observation(None, &s, &key, "agent", &obs);
-        assert_eq!(dev.evidence.len(), 2);
-        assert_eq!(category(&dev), "network");
-        assert!(dev.category_reason.contains("routeros"));
-        // A later observation without a category keeps the decided one.
-        let plain = clean_observation(
-            &arp("198.18.0.1", [0, 0x16, 0x3e, 0, 0, 1], 2_000),
-            5_000,
-            0,
-        )
-        .expect("valid");
-        let dev = apply_observation(Some(dev), &s, &key, "agent", &plain);
-        assert_eq!(category(&dev), "network");
+        assert_eq!(obs.interface_macs.len(), 1);
         assert_eq!(
-            dev.evidence
-                .iter()
-                .find(|e| e.method == v1::Method::Arp as i32)
-                .map(|e| e.observations),
-            Some(2)
+            obs.engine_id.as_deref(),
+            Some(&[0x80, 0, 0x1f, 0x88, 4, 1][..])
+        );
+        assert_eq!(obs.serial.as_deref(), Some("SN123"));
+        assert_eq!(obs.mdns_host.as_deref(), Some("gw.local."));
+        assert!(obs.proxy_arp);
+        assert_eq!(
+            obs.category.as_ref().map(|c| c.0),
+            Some(v1::Category::Network)
         );
     }
 }

@@ -20,8 +20,9 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::{
     auth::{self, AuthError, OperatorToken},
+    identity::{self, EditError, Event, EventKind},
     model::{self, DeviceRecord, Scope, Tally},
-    store::{BatchId, BatchOutcome, Store, StoreError},
+    store::{BatchId, BatchOutcome, Edit, Store, StoreError},
 };
 
 /// Limits applied to what agents send.
@@ -287,8 +288,26 @@ fn device_to_wire(dev: &DeviceRecord, now: u64) -> v1::Device {
                 address: a.ip.to_string(),
                 answered: a.answered,
                 last_seen: Some(convert::timestamp_from_millis(a.last_seen_ms)),
+                site: a.site.clone(),
+                current: a.current,
             })
             .collect(),
+        identifiers: dev
+            .keys
+            .iter()
+            .map(|k| {
+                let (kind, value) = identity::describe_key(k);
+                v1::Identifier {
+                    kind: kind.to_owned(),
+                    value: value.to_owned(),
+                    strong: identity::is_strong(k),
+                    key: k.clone(),
+                }
+            })
+            .collect(),
+        sites: dev.sites.clone(),
+        anomalies: dev.anomalies.clone(),
+        weak_only: dev.weak_only,
         names: dev.names.clone(),
         category: model::category(dev).to_owned(),
         category_reason: dev.category_reason.clone(),
@@ -387,16 +406,100 @@ impl QueryService for Collector {
         }
         self.require_client(&req.client).await?;
         let now = now_ms();
+        let counted = v1::CountedFilter::try_from(req.counted).unwrap_or_default();
         let devices = self
             .blocking(move |s| {
                 let site = (!req.site.is_empty()).then_some(req.site.as_str());
                 Ok(s.devices(&req.client, site)?
                     .iter()
                     .map(|d| device_to_wire(d, now))
+                    .filter(|d| req.category.is_empty() || d.category == req.category)
+                    .filter(|d| match counted {
+                        v1::CountedFilter::Any => true,
+                        v1::CountedFilter::Counted => d.counted,
+                        v1::CountedFilter::NotCounted => !d.counted,
+                    })
                     .collect())
             })
             .await?;
         Ok(Response::new(v1::ListDevicesResponse { devices }))
+    }
+
+    async fn get_device(
+        &self,
+        request: Request<v1::GetDeviceRequest>,
+    ) -> Result<Response<v1::Device>, Status> {
+        let req = request.into_inner();
+        model::validate_name("client", &req.client).map_err(name_status)?;
+        self.require_client(&req.client).await?;
+        let now = now_ms();
+        let (client, id) = (req.client.clone(), req.id.clone());
+        let device = self.blocking(move |s| s.device(&client, &id)).await?;
+        device
+            .map(|d| Response::new(device_to_wire(&d, now)))
+            .ok_or_else(|| {
+                Status::not_found(format!("no device {:?} in client {:?}", req.id, req.client))
+            })
+    }
+
+    async fn list_history(
+        &self,
+        request: Request<v1::ListHistoryRequest>,
+    ) -> Result<Response<v1::ListHistoryResponse>, Status> {
+        let client = request.into_inner().client;
+        model::validate_name("client", &client).map_err(name_status)?;
+        self.require_client(&client).await?;
+        let events = self.blocking(move |s| s.history(&client)).await?;
+        Ok(Response::new(v1::ListHistoryResponse {
+            events: events.iter().map(event_to_wire).collect(),
+        }))
+    }
+}
+
+fn event_to_wire(e: &Event) -> v1::HistoryEvent {
+    let ids = |list: &[(String, Vec<String>)]| {
+        list.iter()
+            .map(|(id, keys)| v1::DeviceIdentity {
+                id: id.clone(),
+                keys: keys.clone(),
+            })
+            .collect()
+    };
+    v1::HistoryEvent {
+        seq: e.seq,
+        at: Some(convert::timestamp_from_millis(e.at_ms)),
+        kind: match e.kind {
+            EventKind::Merge => v1::HistoryKind::Merge,
+            EventKind::ManualMerge => v1::HistoryKind::ManualMerge,
+            EventKind::Split => v1::HistoryKind::Split,
+        } as i32,
+        reason: e.reason.clone(),
+        before: ids(&e.before),
+        after: ids(&e.after),
+        undone_by: e.undone_by.unwrap_or(0),
+        undoes: e.undoes.unwrap_or(0),
+    }
+}
+
+fn edit_status(e: EditError) -> Status {
+    match e {
+        EditError::NoDevice(_) | EditError::NoEvent(_) => Status::not_found(e.to_string()),
+        EditError::SameDevice | EditError::BadSplit(_) => Status::invalid_argument(e.to_string()),
+        EditError::AlreadyUndone(_) => Status::failed_precondition(e.to_string()),
+    }
+}
+
+impl Collector {
+    async fn edit(&self, client: String, edit: Edit) -> Result<Response<v1::HistoryEvent>, Status> {
+        model::validate_name("client", &client).map_err(name_status)?;
+        self.require_client(&client).await?;
+        let now = now_ms();
+        let event = self
+            .blocking(move |s| s.edit(&client, &edit, now))
+            .await?
+            .map_err(edit_status)?;
+        info!(seq = event.seq, kind = ?event.kind, reason = %event.reason, "device identity edited");
+        Ok(Response::new(event_to_wire(&event)))
     }
 }
 
@@ -522,5 +625,55 @@ impl AdminService for Collector {
             .blocking(move |s| s.ensure_site(&req.client, &req.site, now))
             .await?;
         Ok(Response::new(v1::CreateSiteResponse { created }))
+    }
+
+    async fn merge_devices(
+        &self,
+        request: Request<v1::MergeDevicesRequest>,
+    ) -> Result<Response<v1::HistoryEvent>, Status> {
+        let r = request.into_inner();
+        let reason = if r.reason.trim().is_empty() {
+            "merged by an operator".to_owned()
+        } else {
+            r.reason
+        };
+        self.edit(
+            r.client,
+            Edit::Merge {
+                a: r.a,
+                b: r.b,
+                reason,
+            },
+        )
+        .await
+    }
+
+    async fn split_device(
+        &self,
+        request: Request<v1::SplitDeviceRequest>,
+    ) -> Result<Response<v1::HistoryEvent>, Status> {
+        let r = request.into_inner();
+        let reason = if r.reason.trim().is_empty() {
+            "split by an operator".to_owned()
+        } else {
+            r.reason
+        };
+        self.edit(
+            r.client,
+            Edit::Split {
+                id: r.id,
+                keys: r.keys,
+                reason,
+            },
+        )
+        .await
+    }
+
+    async fn undo_event(
+        &self,
+        request: Request<v1::UndoEventRequest>,
+    ) -> Result<Response<v1::HistoryEvent>, Status> {
+        let r = request.into_inner();
+        self.edit(r.client, Edit::Undo { seq: r.seq }).await
     }
 }

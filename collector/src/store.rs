@@ -11,8 +11,15 @@
 pub mod memory;
 pub mod sled;
 
-use crate::model::{
-    self, CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord,
+use std::{collections::BTreeMap, net::IpAddr};
+
+use census_proto::convert::MacAddr;
+
+use crate::{
+    identity::{self, AddressOwner, EditResult, Event, Graph, VirtualMacRecord},
+    model::{
+        AddressRecord, CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord,
+    },
 };
 
 /// What happened to a batch.
@@ -74,28 +81,91 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         observations: &[CleanObservation],
     ) -> Result<BatchOutcome, StoreError>;
 
-    /// A client's devices, optionally of one site, in key order.
+    /// A client's devices, optionally only those seen at one site, in id order, ready for
+    /// people (see [`present`]).
     fn devices(&self, client: &str, site: Option<&str>) -> Result<Vec<DeviceRecord>, StoreError>;
+
+    /// One device of a client.
+    fn device(&self, client: &str, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        Ok(self.devices(client, None)?.into_iter().find(|d| d.id == id))
+    }
+
+    /// Applies an operator's edit, atomically and durably.
+    fn edit(
+        &self,
+        client: &str,
+        edit: &Edit,
+        at_ms: u64,
+    ) -> Result<Result<Event, identity::EditError>, StoreError>;
+
+    /// The client's merges and splits, oldest first.
+    fn history(&self, client: &str) -> Result<Vec<Event>, StoreError>;
 }
 
-/// Folds a batch into devices through a store's own read and write of device records, so both
-/// stores share one definition of what a batch does.
-pub(crate) fn fold_batch<E>(
-    scope: &Scope,
-    agent_id: &str,
-    observations: &[CleanObservation],
-    mut get: impl FnMut(&str) -> Result<Option<DeviceRecord>, E>,
-    mut put: impl FnMut(&str, &DeviceRecord) -> Result<(), E>,
-) -> Result<(), E> {
-    for obs in observations {
-        let Some(key) = model::device_key(obs) else {
-            continue;
-        };
-        let existing = get(&key)?;
-        let updated = model::apply_observation(existing, scope, &key, agent_id, obs);
-        put(&key, &updated)?;
+/// An operator's edit of a client's devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Edit {
+    /// Merge device `b` into device `a`.
+    Merge {
+        a: String,
+        b: String,
+        reason: String,
+    },
+    /// Split `keys` out of device `id`.
+    Split {
+        id: String,
+        keys: Vec<String>,
+        reason: String,
+    },
+    /// Undo history event `seq`.
+    Undo { seq: u64 },
+}
+
+/// Applies an edit through a graph.
+pub(crate) fn run_edit<G: Graph>(
+    g: &mut G,
+    client: &str,
+    edit: &Edit,
+    at_ms: u64,
+) -> EditResult<G::Error> {
+    match edit {
+        Edit::Merge { a, b, reason } => identity::merge(g, client, a, b, reason, at_ms),
+        Edit::Split { id, keys, reason } => identity::split(g, client, id, keys, reason, at_ms),
+        Edit::Undo { seq } => identity::undo(g, client, *seq, at_ms),
     }
-    Ok(())
+}
+
+/// Readies stored devices for people: which addresses are still theirs, and the virtual
+/// router addresses they hold.
+pub(crate) fn present(
+    mut devices: Vec<DeviceRecord>,
+    owners: &BTreeMap<(String, IpAddr), AddressOwner>,
+    virtual_macs: &[(MacAddr, VirtualMacRecord)],
+) -> Vec<DeviceRecord> {
+    for dev in &mut devices {
+        identity::mark_current(dev, owners);
+        for (mac, v) in virtual_macs {
+            if v.owner.as_ref().is_some_and(|o| dev.keys.contains(o)) {
+                for a in &v.addresses {
+                    dev.anomalies.push(format!(
+                        "holds virtual router address {} ({mac}) at {}",
+                        a.ip, a.site
+                    ));
+                    if !dev
+                        .addresses
+                        .iter()
+                        .any(|x| x.ip == a.ip && x.site == a.site)
+                    {
+                        dev.addresses.push(AddressRecord {
+                            answered: false,
+                            ..a.clone()
+                        });
+                    }
+                }
+            }
+        }
+    }
+    devices
 }
 
 #[cfg(test)]
@@ -118,7 +188,7 @@ pub(crate) mod contract {
             macs: vec![mac.to_vec()],
             ..Default::default()
         };
-        model::clean_observation(&wire, at, 0).expect("valid observation")
+        crate::model::clean_observation(&wire, at, 0).expect("valid observation")
     }
 
     fn scope(client: &str, site: &str) -> Scope {

@@ -1,12 +1,12 @@
 //! The store contract in memory: for tests and tools. Nothing survives the process.
 
 use std::{
-    cell::RefCell,
     collections::BTreeMap,
     sync::{Mutex, MutexGuard},
 };
 
-use super::{BatchId, BatchOutcome, Store, StoreError, fold_batch};
+use super::{BatchId, BatchOutcome, Edit, Store, StoreError, present, run_edit};
+use crate::identity::{self, Event, MemGraph};
 use crate::model::{CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord};
 
 #[derive(Debug, Default)]
@@ -19,7 +19,8 @@ struct Inner {
     clients: BTreeMap<String, ClientRecord>,
     sites: BTreeMap<(String, String), SiteRecord>,
     tokens: BTreeMap<String, TokenRecord>,
-    devices: BTreeMap<(String, String, String), DeviceRecord>,
+    /// Per client.
+    graphs: BTreeMap<String, MemGraph>,
     batches: BTreeMap<(String, String, String, u64), [u8; 32]>,
 }
 
@@ -119,38 +120,58 @@ impl Store for MemoryStore {
                 BatchOutcome::Conflict
             });
         }
-        // Apply to a working copy of the touched devices, then commit all at once, so a batch
-        // is applied whole or not at all.
-        let touched: RefCell<BTreeMap<String, DeviceRecord>> = RefCell::default();
-        let dk = |k: &str| (scope.client.clone(), scope.site.clone(), k.to_owned());
-        fold_batch::<StoreError>(
-            scope,
-            agent_id,
-            observations,
-            |k| {
-                let working = touched.borrow().get(k).cloned();
-                Ok(working.or_else(|| inner.devices.get(&dk(k)).cloned()))
-            },
-            |k, dev| {
-                touched.borrow_mut().insert(k.to_owned(), dev.clone());
-                Ok(())
-            },
-        )?;
-        for (k, dev) in touched.into_inner() {
-            inner.devices.insert(dk(&k), dev);
+        // Apply to a copy of the client's graph, then commit it whole: a batch is applied
+        // whole or not at all.
+        let mut graph = inner.graphs.get(&scope.client).cloned().unwrap_or_default();
+        for obs in observations {
+            let Ok(()) = identity::apply(&mut graph, scope, agent_id, obs);
         }
+        inner.graphs.insert(scope.client.clone(), graph);
         inner.batches.insert(key, batch.digest);
         Ok(BatchOutcome::Stored)
     }
 
     fn devices(&self, client: &str, site: Option<&str>) -> Result<Vec<DeviceRecord>, StoreError> {
+        let inner = self.lock();
+        let Some(g) = inner.graphs.get(client) else {
+            return Ok(Vec::new());
+        };
+        let devices = g
+            .devices
+            .values()
+            .filter(|d| site.is_none_or(|s| d.sites.iter().any(|x| x == s)))
+            .cloned()
+            .collect();
+        let virtual_macs: Vec<_> = g
+            .virtual_macs
+            .iter()
+            .map(|(m, v)| (*m, v.clone()))
+            .collect();
+        Ok(present(devices, &g.owners, &virtual_macs))
+    }
+
+    fn edit(
+        &self,
+        client: &str,
+        edit: &Edit,
+        at_ms: u64,
+    ) -> Result<Result<Event, identity::EditError>, StoreError> {
+        let mut inner = self.lock();
+        let mut graph = inner.graphs.get(client).cloned().unwrap_or_default();
+        let Ok(outcome) = run_edit(&mut graph, client, edit, at_ms);
+        if outcome.is_ok() {
+            inner.graphs.insert(client.to_owned(), graph);
+        }
+        Ok(outcome)
+    }
+
+    fn history(&self, client: &str) -> Result<Vec<Event>, StoreError> {
         Ok(self
             .lock()
-            .devices
-            .iter()
-            .filter(|((c, s, _), _)| c == client && site.is_none_or(|site| s == site))
-            .map(|(_, d)| d.clone())
-            .collect())
+            .graphs
+            .get(client)
+            .map(|g| g.events.values().cloned().collect())
+            .unwrap_or_default())
     }
 }
 

@@ -4,23 +4,32 @@
 //! - `clients`: `client` -> [`ClientRecord`]
 //! - `sites`: `client\0site` -> [`SiteRecord`]
 //! - `tokens`: `token id` -> [`TokenRecord`]
-//! - `devices`: `client\0site\0device key` -> [`DeviceRecord`]
+//! - `devices`: `client\0device id` -> [`DeviceRecord`]
+//! - `keys`: `client\0identity key` -> [`KeyRecord`] (see [`crate::identity`])
+//! - `owners`: `client\0site\0address` -> [`AddressOwner`]
+//! - `vmacs`: `client\0virtual MAC` -> [`VirtualMacRecord`]
+//! - `events`: `client\0sequence (u64 BE)` -> [`Event`] (merges and splits)
 //! - `batches`: `client\0site\0agent id\0sequence (u64 BE)` -> applied-at millis (u64 BE)
 //!   and the SHA-256 of the batch's content
 //!
 //! Values are one format byte followed by postcard. Every write that is acknowledged to anyone
 //! is flushed first: sled's background flush alone can lose the last half second.
 
-use std::path::Path;
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
+
+use census_proto::convert::MacAddr;
 
 use serde::{Serialize, de::DeserializeOwned};
 use sled::{
     Transactional,
-    transaction::{ConflictableTransactionError, TransactionError},
+    transaction::{ConflictableTransactionError, TransactionError, TransactionalTree},
 };
 
-use super::{BatchId, BatchOutcome, Store, StoreError, fold_batch};
-use crate::model::{CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord};
+use super::{BatchId, BatchOutcome, Edit, Store, StoreError, present, run_edit};
+use crate::{
+    identity::{self, AddressOwner, EditError, Event, Graph, KeyRecord, VirtualMacRecord},
+    model::{CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord},
+};
 
 /// Format byte in front of every stored value.
 const FORMAT_V1: u8 = 1;
@@ -33,6 +42,10 @@ pub struct SledStore {
     sites: sled::Tree,
     tokens: sled::Tree,
     devices: sled::Tree,
+    keys: sled::Tree,
+    owners: sled::Tree,
+    vmacs: sled::Tree,
+    events: sled::Tree,
     batches: sled::Tree,
 }
 
@@ -67,6 +80,10 @@ impl SledStore {
             sites: tree("sites")?,
             tokens: tree("tokens")?,
             devices: tree("devices")?,
+            keys: tree("keys")?,
+            owners: tree("owners")?,
+            vmacs: tree("vmacs")?,
+            events: tree("events")?,
             batches: tree("batches")?,
             db,
         })
@@ -232,9 +249,15 @@ impl Store for SledStore {
         // The batch record: when it was applied, and the digest of its content.
         let mut record = applied_ms.to_be_bytes().to_vec();
         record.extend_from_slice(&batch.digest);
-        let outcome = (&self.devices, &self.batches)
-            .transaction(|(devices, batches)| {
-                let abort = ConflictableTransactionError::Abort;
+        let outcome = (
+            &self.devices,
+            &self.keys,
+            &self.owners,
+            &self.vmacs,
+            &self.events,
+            &self.batches,
+        )
+            .transaction(|(devices, keys, owners, vmacs, events, batches)| {
                 if let Some(stored) = batches.get(&batch_key)? {
                     return Ok(if stored.get(8..) == Some(&batch.digest[..]) {
                         BatchOutcome::Duplicate
@@ -242,28 +265,23 @@ impl Store for SledStore {
                         BatchOutcome::Conflict
                     });
                 }
-                fold_batch(
-                    scope,
-                    &batch.agent_id,
-                    observations,
-                    |k| {
-                        let dk = key(&[client, site, k.as_bytes()]);
-                        match devices.get(&dk)? {
-                            Some(v) => decode(&dk, &v).map(Some).map_err(abort),
-                            None => Ok(None),
-                        }
-                    },
-                    |k, dev| {
-                        let dk = key(&[client, site, k.as_bytes()]);
-                        devices.insert(dk, encode(dev).map_err(abort)?)?;
-                        Ok(())
-                    },
-                )?;
+                let mut g = SledGraph {
+                    client,
+                    devices,
+                    keys,
+                    owners,
+                    vmacs,
+                    events,
+                };
+                for obs in observations {
+                    identity::apply(&mut g, scope, &batch.agent_id, obs)?;
+                }
                 batches.insert(batch_key.as_slice(), record.as_slice())?;
                 Ok(BatchOutcome::Stored)
             })
             .map_err(|e| match e {
-                TransactionError::Abort(e) => e,
+                TransactionError::Abort(Refused::Store(e)) => e,
+                TransactionError::Abort(Refused::Edit(e)) => StoreError::Engine(e.to_string()),
                 TransactionError::Storage(e) => engine(e),
             })?;
         // The acknowledgement promises the batch is on disk: also for a duplicate, whose first
@@ -273,13 +291,229 @@ impl Store for SledStore {
     }
 
     fn devices(&self, client: &str, site: Option<&str>) -> Result<Vec<DeviceRecord>, StoreError> {
-        let p = match site {
-            Some(site) => prefix(&[client.as_bytes(), site.as_bytes()]),
-            None => prefix(&[client.as_bytes()]),
+        let c = client.as_bytes();
+        let devices: Vec<DeviceRecord> = scan(&self.devices, &prefix(&[c]))?
+            .into_iter()
+            .filter(|d: &DeviceRecord| site.is_none_or(|s| d.sites.iter().any(|x| x == s)))
+            .collect();
+        let mut owners = BTreeMap::new();
+        let owner_prefix = prefix(&[c]);
+        for kv in self.owners.scan_prefix(&owner_prefix) {
+            let (k, v) = kv.map_err(engine)?;
+            let rest = &k[owner_prefix.len()..];
+            let mut parts = rest.splitn(2, |b| *b == 0);
+            let (Some(site), Some(ip)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let Some(ip) = std::str::from_utf8(ip)
+                .ok()
+                .and_then(|t| t.parse::<IpAddr>().ok())
+            else {
+                continue;
+            };
+            owners.insert(
+                (String::from_utf8_lossy(site).into_owned(), ip),
+                decode::<AddressOwner>(&k, &v)?,
+            );
+        }
+        let mut virtual_macs = Vec::new();
+        for kv in self.vmacs.scan_prefix(&owner_prefix) {
+            let (k, v) = kv.map_err(engine)?;
+            let Some(mac) = std::str::from_utf8(&k[owner_prefix.len()..])
+                .ok()
+                .and_then(|t| t.parse::<MacAddr>().ok())
+            else {
+                continue;
+            };
+            virtual_macs.push((mac, decode::<VirtualMacRecord>(&k, &v)?));
+        }
+        Ok(present(devices, &owners, &virtual_macs))
+    }
+
+    fn device(&self, client: &str, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        let k = key(&[client.as_bytes(), id.as_bytes()]);
+        if self.devices.get(&k).map_err(engine)?.is_none() {
+            return Ok(None);
+        }
+        Ok(self.devices(client, None)?.into_iter().find(|d| d.id == id))
+    }
+
+    fn edit(
+        &self,
+        client: &str,
+        edit: &Edit,
+        at_ms: u64,
+    ) -> Result<Result<Event, EditError>, StoreError> {
+        let c = client.as_bytes();
+        let outcome = (
+            &self.devices,
+            &self.keys,
+            &self.owners,
+            &self.vmacs,
+            &self.events,
+        )
+            .transaction(|(devices, keys, owners, vmacs, events)| {
+                let mut g = SledGraph {
+                    client: c,
+                    devices,
+                    keys,
+                    owners,
+                    vmacs,
+                    events,
+                };
+                match run_edit(&mut g, client, edit, at_ms)? {
+                    Ok(event) => Ok(Ok(event)),
+                    // Refused: nothing may have been written half, so abort the transaction.
+                    Err(refusal) => {
+                        Err(ConflictableTransactionError::Abort(Refused::Edit(refusal)))
+                    }
+                }
+            });
+        let outcome = match outcome {
+            Ok(event) => event,
+            Err(TransactionError::Abort(Refused::Edit(refusal))) => return Ok(Err(refusal)),
+            Err(TransactionError::Abort(Refused::Store(e))) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(engine(e)),
         };
-        scan(&self.devices, &p)
+        self.flush()?;
+        Ok(outcome)
+    }
+
+    fn history(&self, client: &str) -> Result<Vec<Event>, StoreError> {
+        scan(&self.events, &prefix(&[client.as_bytes()]))
     }
 }
+
+/// Why an edit's transaction was aborted.
+enum Refused {
+    Edit(EditError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for Refused {
+    fn from(e: StoreError) -> Self {
+        Refused::Store(e)
+    }
+}
+
+// === impl SledGraph ===
+
+/// The identity graph of one client, inside a sled transaction.
+struct SledGraph<'a> {
+    client: &'a [u8],
+    devices: &'a TransactionalTree,
+    keys: &'a TransactionalTree,
+    owners: &'a TransactionalTree,
+    vmacs: &'a TransactionalTree,
+    events: &'a TransactionalTree,
+}
+
+type TxError<E> = ConflictableTransactionError<E>;
+
+fn tx_get<T: DeserializeOwned, E: From<StoreError>>(
+    tree: &TransactionalTree,
+    k: &[u8],
+) -> Result<Option<T>, TxError<E>> {
+    match tree.get(k)? {
+        Some(v) => decode(k, &v)
+            .map(Some)
+            .map_err(|e| TxError::Abort(e.into())),
+        None => Ok(None),
+    }
+}
+
+fn tx_put<T: Serialize, E: From<StoreError>>(
+    tree: &TransactionalTree,
+    k: Vec<u8>,
+    value: &T,
+) -> Result<(), TxError<E>> {
+    tree.insert(k, encode(value).map_err(|e| TxError::Abort(e.into()))?)?;
+    Ok(())
+}
+
+macro_rules! sled_graph {
+    ($err:ty) => {
+        impl Graph for SledGraph<'_> {
+            type Error = TxError<$err>;
+
+            fn key(&mut self, k: &str) -> Result<Option<KeyRecord>, Self::Error> {
+                tx_get(self.keys, &key(&[self.client, k.as_bytes()]))
+            }
+            fn put_key(&mut self, k: &str, record: &KeyRecord) -> Result<(), Self::Error> {
+                tx_put(self.keys, key(&[self.client, k.as_bytes()]), record)
+            }
+            fn device(&mut self, id: &str) -> Result<Option<DeviceRecord>, Self::Error> {
+                tx_get(self.devices, &key(&[self.client, id.as_bytes()]))
+            }
+            fn put_device(&mut self, device: &DeviceRecord) -> Result<(), Self::Error> {
+                tx_put(
+                    self.devices,
+                    key(&[self.client, device.id.as_bytes()]),
+                    device,
+                )
+            }
+            fn delete_device(&mut self, id: &str) -> Result<(), Self::Error> {
+                self.devices.remove(key(&[self.client, id.as_bytes()]))?;
+                Ok(())
+            }
+            fn address_owner(
+                &mut self,
+                site: &str,
+                ip: IpAddr,
+            ) -> Result<Option<AddressOwner>, Self::Error> {
+                tx_get(
+                    self.owners,
+                    &key(&[self.client, site.as_bytes(), ip.to_string().as_bytes()]),
+                )
+            }
+            fn put_address_owner(
+                &mut self,
+                site: &str,
+                ip: IpAddr,
+                owner: &AddressOwner,
+            ) -> Result<(), Self::Error> {
+                tx_put(
+                    self.owners,
+                    key(&[self.client, site.as_bytes(), ip.to_string().as_bytes()]),
+                    owner,
+                )
+            }
+            fn virtual_mac(
+                &mut self,
+                mac: MacAddr,
+            ) -> Result<Option<VirtualMacRecord>, Self::Error> {
+                tx_get(self.vmacs, &key(&[self.client, mac.to_string().as_bytes()]))
+            }
+            fn put_virtual_mac(
+                &mut self,
+                mac: MacAddr,
+                record: &VirtualMacRecord,
+            ) -> Result<(), Self::Error> {
+                tx_put(
+                    self.vmacs,
+                    key(&[self.client, mac.to_string().as_bytes()]),
+                    record,
+                )
+            }
+            fn event(&mut self, seq: u64) -> Result<Option<Event>, Self::Error> {
+                tx_get(self.events, &key(&[self.client, &seq.to_be_bytes()]))
+            }
+            fn put_event(&mut self, event: &mut Event) -> Result<(), Self::Error> {
+                if event.seq == 0 {
+                    // Unique and increasing across the database; ids start at 0, events at 1.
+                    event.seq = self.events.generate_id()? + 1;
+                }
+                tx_put(
+                    self.events,
+                    key(&[self.client, &event.seq.to_be_bytes()]),
+                    event,
+                )
+            }
+        }
+    };
+}
+
+sled_graph!(Refused);
 
 #[cfg(test)]
 mod tests {

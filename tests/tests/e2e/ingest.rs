@@ -92,7 +92,7 @@ impl Running {
                 &self.operator,
                 v1::ListDevicesRequest {
                     client: client.into(),
-                    site: String::new(),
+                    ..Default::default()
                 },
             ))
             .await?;

@@ -1,0 +1,988 @@
+//! Identity resolution: which observations are one device. I/O-free and deterministic: the
+//! rules run over a [`Graph`] (the store's keys and devices, or a map in tests) and read no
+//! clock, so replaying the same observations in any order gives the same devices.
+//!
+//! Every observation yields identifiers ([`identifiers`]):
+//! - **strong** ones merge: a globally administered unicast MAC (ARP, a router's ARP cache, the
+//!   device's own SNMP interface list: so a multi-homed device is one device), an SNMPv3 engine
+//!   ID, a serial number;
+//! - **weak** ones (a locally administered, i.e. randomized, MAC and the mDNS host name) link
+//!   only observations that have no strong identifier: a phone back with a new random MAC and
+//!   the same mDNS name is the same device;
+//! - an observation with neither is named by its answered address, per site;
+//! - virtual router MACs (VRRP, HSRP, CARP) are never identifiers: an address answered with
+//!   one is attached to the router that lists that MAC among its SNMP interfaces, and is never a
+//!   device of its own.
+//!
+//! Identifiers are keys; a device is a set of keys. Each observation's contribution (addresses,
+//! names, evidence, times) is kept on its *primary* key (the smallest), and a device's record is
+//! the fold of its keys' contributions: so a device can be split again exactly, and the fold is
+//! commutative, so arrival order does not matter. A device's id is derived from its smallest key
+//! (MACs sort first), so it is stable as a device gains identifiers.
+//!
+//! Addresses move: an address belongs to the key that answered on it most recently (ties to the
+//! smaller key); a device that lost an address keeps it in its history, marked not current.
+//!
+//! Merges happen when an observation links keys of two devices, or by an operator; splits only
+//! by an operator, and a split holds: keys split apart are never joined again by observations.
+//! Every merge and split is recorded in the client's history, and can be undone.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use census_proto::convert::MacAddr;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    AddressRecord, CleanObservation, DeviceRecord, EvidenceRecord, MAX_EVIDENCE, MAX_NAMES, Scope,
+};
+
+/// Most keys one device holds; links beyond it are recorded on the keys but do not merge.
+pub const MAX_DEVICE_KEYS: usize = 256;
+/// Most keys one key may be cut from.
+const MAX_CUTS: usize = 1024;
+
+// === MACs ===
+
+/// What a MAC address can say about identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MacClass {
+    /// Globally administered unicast: a strong identifier.
+    Strong,
+    /// Locally administered (randomized phones, VMs): weak.
+    Local,
+    /// A virtual router MAC (VRRP, HSRP, CARP): owned by whichever router is active, never a
+    /// device.
+    Virtual,
+    /// Zero, multicast or broadcast: not an identifier at all.
+    Excluded,
+}
+
+/// Classifies a MAC.
+pub fn mac_class(mac: MacAddr) -> MacClass {
+    let m = mac.octets();
+    let vrrp = m[..4] == [0x00, 0x00, 0x5e, 0x00] && (m[4] == 0x01 || m[4] == 0x02);
+    let hsrp = m[..5] == [0x00, 0x00, 0x0c, 0x07, 0xac];
+    let hsrp2 = m[..4] == [0x00, 0x00, 0x0c, 0x9f] && m[4] & 0xf0 == 0xf0;
+    if !mac.is_unicast() {
+        MacClass::Excluded
+    } else if vrrp || hsrp || hsrp2 {
+        MacClass::Virtual
+    } else if mac.is_locally_administered() {
+        MacClass::Local
+    } else {
+        MacClass::Strong
+    }
+}
+
+// === identifiers ===
+
+/// Key prefixes; the digit orders kinds, so a device's smallest key (its id) is a MAC when it
+/// has one.
+const MAC: &str = "1mac:";
+const ENGINE: &str = "2engine:";
+const SERIAL: &str = "3serial:";
+const LOCAL_MAC: &str = "4lmac:";
+const MDNS: &str = "5mdns:";
+const IP: &str = "6ip:";
+
+/// What one observation says about identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identifiers {
+    /// Keys that name the device, sorted; the first is the primary. Empty for an observation
+    /// that names no device (only virtual MACs).
+    pub keys: Vec<String>,
+    /// Virtual MACs the device reports among its own interfaces (it is their router).
+    pub owns_virtual: Vec<MacAddr>,
+    /// Virtual MACs this observation was answered with.
+    pub answered_virtual: Vec<MacAddr>,
+    /// Whether the device has no strong identifier (it counts under the randomized-MAC rule).
+    pub weak_only: bool,
+}
+
+/// Serial numbers that name no one: factory placeholders.
+fn useful_serial(s: &str) -> bool {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    t.len() >= 3
+        && !t.chars().all(|c| c == t.chars().next().unwrap_or('0'))
+        && ![
+            "n/a",
+            "na",
+            "none",
+            "unknown",
+            "not specified",
+            "not available",
+            "default string",
+            "to be filled by o.e.m.",
+            "system serial number",
+            "0123456789",
+        ]
+        .contains(&lower.as_str())
+}
+
+/// The identifiers of one observation made at `site`.
+pub fn identifiers(obs: &CleanObservation, site: &str) -> Identifiers {
+    let mut strong = BTreeSet::new();
+    let mut weak = BTreeSet::new();
+    let mut out = Identifiers::default();
+    for mac in obs.macs.iter().chain(&obs.interface_macs) {
+        match mac_class(*mac) {
+            MacClass::Strong => {
+                strong.insert(format!("{MAC}{mac}"));
+            }
+            MacClass::Local if obs.macs.contains(mac) => {
+                weak.insert(format!("{LOCAL_MAC}{mac}"));
+            }
+            MacClass::Virtual if obs.interface_macs.contains(mac) => out.owns_virtual.push(*mac),
+            MacClass::Virtual => out.answered_virtual.push(*mac),
+            MacClass::Local | MacClass::Excluded => {}
+        }
+    }
+    if let Some(engine) = obs.engine_id.as_deref().filter(|e| e.len() >= 5) {
+        strong.insert(format!("{ENGINE}{}", hex::encode(engine)));
+    }
+    if let Some(serial) = obs.serial.as_deref().filter(|s| useful_serial(s)) {
+        strong.insert(format!("{SERIAL}{}", serial.trim()));
+    }
+    if let Some(host) = obs.mdns_host.as_deref().filter(|h| !h.is_empty()) {
+        weak.insert(format!(
+            "{MDNS}{}",
+            host.trim_end_matches('.').to_ascii_lowercase()
+        ));
+    }
+    out.owns_virtual.sort();
+    out.owns_virtual.dedup();
+    out.answered_virtual.sort();
+    out.answered_virtual.dedup();
+    if !strong.is_empty() {
+        out.keys = strong.into_iter().collect();
+    } else if !weak.is_empty() {
+        out.weak_only = true;
+        out.keys = weak.into_iter().collect();
+    } else if out.answered_virtual.is_empty() {
+        out.weak_only = true;
+        out.keys = obs
+            .addresses
+            .iter()
+            .find(|(_, answered)| *answered)
+            .map(|(ip, _)| vec![format!("{IP}{site}:{ip}")])
+            .unwrap_or_default();
+    }
+    out
+}
+
+/// A device's id: derived from its client and smallest key.
+pub fn device_id(client: &str, min_key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(client.as_bytes())
+        .chain_update([0])
+        .chain_update(min_key.as_bytes())
+        .finalize();
+    hex::encode(&digest[..10])
+}
+
+/// Whether a key names a device by a strong identifier.
+pub fn is_strong(key: &str) -> bool {
+    key.starts_with(MAC) || key.starts_with(ENGINE) || key.starts_with(SERIAL)
+}
+
+/// The key's kind and value for people: ("mac", "00:16:3e:00:00:01").
+pub fn describe_key(key: &str) -> (&'static str, &str) {
+    for (prefix, kind) in [
+        (MAC, "mac"),
+        (ENGINE, "snmp-engine-id"),
+        (SERIAL, "serial"),
+        (LOCAL_MAC, "randomized-mac"),
+        (MDNS, "mdns-name"),
+        (IP, "address"),
+    ] {
+        if let Some(rest) = key.strip_prefix(prefix) {
+            return (kind, rest);
+        }
+    }
+    ("unknown", key)
+}
+
+// === records ===
+
+/// What the collector keeps per key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// The device this key belongs to now.
+    pub device: String,
+    /// What observations whose primary key this is contributed.
+    pub contribution: DeviceRecord,
+    /// Keys this key must never be joined with (an operator split them apart).
+    pub cut_from: BTreeSet<String>,
+}
+
+/// Who answers on an address of a site now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressOwner {
+    pub key: String,
+    pub last_seen_ms: u64,
+}
+
+/// Addresses answered with a virtual router MAC, and the router that owns it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtualMacRecord {
+    /// The key of the device that lists this MAC among its interfaces.
+    pub owner: Option<String>,
+    pub addresses: Vec<AddressRecord>,
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+}
+
+/// What kind of change an [`Event`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    /// An observation linked keys of several devices.
+    Merge,
+    /// An operator merged devices.
+    ManualMerge,
+    /// An operator split a device.
+    Split,
+}
+
+/// One merge or split, with the devices before and after (by id and keys), so it can be
+/// undone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub at_ms: u64,
+    pub kind: EventKind,
+    pub reason: String,
+    pub before: Vec<(String, Vec<String>)>,
+    pub after: Vec<(String, Vec<String>)>,
+    /// The event that undid this one, if any.
+    pub undone_by: Option<u64>,
+    /// The event this one undid, if it is an undo.
+    pub undoes: Option<u64>,
+}
+
+// === the graph ===
+
+/// The storage the rules run over, scoped to one client. Implemented by the stores (inside a
+/// transaction) and by [`MemGraph`].
+pub trait Graph {
+    type Error;
+    fn key(&mut self, key: &str) -> Result<Option<KeyRecord>, Self::Error>;
+    fn put_key(&mut self, key: &str, record: &KeyRecord) -> Result<(), Self::Error>;
+    fn device(&mut self, id: &str) -> Result<Option<DeviceRecord>, Self::Error>;
+    fn put_device(&mut self, device: &DeviceRecord) -> Result<(), Self::Error>;
+    fn delete_device(&mut self, id: &str) -> Result<(), Self::Error>;
+    fn address_owner(
+        &mut self,
+        site: &str,
+        ip: IpAddr,
+    ) -> Result<Option<AddressOwner>, Self::Error>;
+    fn put_address_owner(
+        &mut self,
+        site: &str,
+        ip: IpAddr,
+        owner: &AddressOwner,
+    ) -> Result<(), Self::Error>;
+    fn virtual_mac(&mut self, mac: MacAddr) -> Result<Option<VirtualMacRecord>, Self::Error>;
+    fn put_virtual_mac(
+        &mut self,
+        mac: MacAddr,
+        record: &VirtualMacRecord,
+    ) -> Result<(), Self::Error>;
+    fn event(&mut self, seq: u64) -> Result<Option<Event>, Self::Error>;
+    /// Stores an event; `seq` 0 asks the graph to assign the next sequence number.
+    fn put_event(&mut self, event: &mut Event) -> Result<(), Self::Error>;
+}
+
+// === contributions ===
+
+/// An empty record for `client`: the identity of the fold.
+fn empty(client: &str) -> DeviceRecord {
+    DeviceRecord {
+        id: String::new(),
+        keys: Vec::new(),
+        category: String::new(),
+        category_reason: String::new(),
+        category_ms: 0,
+        client: client.to_owned(),
+        site: String::new(),
+        sites: Vec::new(),
+        macs: Vec::new(),
+        addresses: Vec::new(),
+        names: Vec::new(),
+        first_seen_ms: u64::MAX,
+        last_seen_ms: 0,
+        evidence: Vec::new(),
+        weak_only: false,
+        anomalies: Vec::new(),
+    }
+}
+
+/// One observation as a record of its own.
+fn contribution(
+    scope: &Scope,
+    agent_id: &str,
+    obs: &CleanObservation,
+    ids: &Identifiers,
+) -> DeviceRecord {
+    let at = obs.observed_ms;
+    let mut r = empty(&scope.client);
+    r.sites = vec![scope.site.clone()];
+    r.site.clone_from(&scope.site);
+    r.macs = obs.macs.clone();
+    r.addresses = obs
+        .addresses
+        .iter()
+        .map(|(ip, answered)| AddressRecord {
+            ip: *ip,
+            site: scope.site.clone(),
+            answered: *answered && !obs.proxy_arp,
+            last_seen_ms: at,
+            current: true,
+        })
+        .collect();
+    r.names = obs.names.clone();
+    r.first_seen_ms = at;
+    r.last_seen_ms = at;
+    r.evidence = obs
+        .methods
+        .iter()
+        .map(|m| EvidenceRecord {
+            agent_id: agent_id.to_owned(),
+            method: *m as i32,
+            first_seen_ms: at,
+            last_seen_ms: at,
+            observations: 1,
+        })
+        .collect();
+    if let Some((category, reason)) = &obs.category {
+        r.category = category.label().to_owned();
+        r.category_reason.clone_from(reason);
+        r.category_ms = at;
+    }
+    r.weak_only = ids.weak_only;
+    if obs.proxy_arp {
+        r.anomalies.push(format!(
+            "answers ARP for {} addresses (proxy ARP)",
+            obs.addresses.len()
+        ));
+    }
+    r
+}
+
+/// Folds `b` into `a`. Commutative and associative up to the order of list fields, which are
+/// kept sorted, so the result does not depend on arrival order.
+pub fn fold(a: &mut DeviceRecord, b: &DeviceRecord) {
+    a.first_seen_ms = a.first_seen_ms.min(b.first_seen_ms);
+    a.last_seen_ms = a.last_seen_ms.max(b.last_seen_ms);
+    for s in &b.sites {
+        if !a.sites.contains(s) {
+            a.sites.push(s.clone());
+        }
+    }
+    a.sites.sort();
+    a.site = a.sites.first().cloned().unwrap_or_default();
+    for m in &b.macs {
+        if !a.macs.contains(m) {
+            a.macs.push(*m);
+        }
+    }
+    a.macs.sort();
+    for addr in &b.addresses {
+        match a
+            .addresses
+            .iter_mut()
+            .find(|x| x.ip == addr.ip && x.site == addr.site)
+        {
+            Some(x) => {
+                x.answered |= addr.answered;
+                x.last_seen_ms = x.last_seen_ms.max(addr.last_seen_ms);
+            }
+            None => a.addresses.push(addr.clone()),
+        }
+    }
+    a.addresses
+        .sort_by(|x, y| (&x.site, x.ip).cmp(&(&y.site, y.ip)));
+    for n in &b.names {
+        if !a.names.contains(n) {
+            a.names.push(n.clone());
+        }
+    }
+    a.names.sort();
+    a.names.truncate(MAX_NAMES);
+    for e in &b.evidence {
+        match a
+            .evidence
+            .iter_mut()
+            .find(|x| x.agent_id == e.agent_id && x.method == e.method)
+        {
+            Some(x) => {
+                x.first_seen_ms = x.first_seen_ms.min(e.first_seen_ms);
+                x.last_seen_ms = x.last_seen_ms.max(e.last_seen_ms);
+                x.observations += e.observations;
+            }
+            None => a.evidence.push(e.clone()),
+        }
+    }
+    a.evidence
+        .sort_by(|x, y| (&x.agent_id, x.method).cmp(&(&y.agent_id, y.method)));
+    a.evidence.truncate(MAX_EVIDENCE);
+    // The latest decided category wins; ties go to the smaller label, so order cannot matter.
+    if !b.category.is_empty()
+        && (b.category_ms, std::cmp::Reverse(&b.category))
+            > (a.category_ms, std::cmp::Reverse(&a.category))
+    {
+        a.category.clone_from(&b.category);
+        a.category_reason.clone_from(&b.category_reason);
+        a.category_ms = b.category_ms;
+    }
+    for x in &b.anomalies {
+        if !a.anomalies.contains(x) {
+            a.anomalies.push(x.clone());
+        }
+    }
+    a.anomalies.sort();
+    a.anomalies.truncate(16);
+}
+
+/// A device's record, rebuilt from its keys' contributions.
+fn rebuild<G: Graph>(g: &mut G, client: &str, keys: &[String]) -> Result<DeviceRecord, G::Error> {
+    let mut keys = keys.to_vec();
+    keys.sort();
+    keys.dedup();
+    let mut dev = empty(client);
+    let mut weak_only = true;
+    for k in &keys {
+        if let Some(rec) = g.key(k)? {
+            fold(&mut dev, &rec.contribution);
+        }
+        weak_only &= !is_strong(k);
+    }
+    dev.weak_only = weak_only;
+    dev.id = keys
+        .first()
+        .map(|k| device_id(client, k))
+        .unwrap_or_default();
+    dev.keys = keys;
+    Ok(dev)
+}
+
+/// Moves `keys` to one device (a new record under the id of their smallest key), writing the
+/// keys and the device, and deleting the devices in `old_ids` that are not the new one.
+fn settle<G: Graph>(
+    g: &mut G,
+    client: &str,
+    keys: &[String],
+    old_ids: &[String],
+) -> Result<DeviceRecord, G::Error> {
+    let dev = rebuild(g, client, keys)?;
+    for k in &dev.keys {
+        if let Some(mut rec) = g.key(k)?
+            && rec.device != dev.id
+        {
+            rec.device.clone_from(&dev.id);
+            g.put_key(k, &rec)?;
+        }
+    }
+    for id in old_ids {
+        if *id != dev.id {
+            g.delete_device(id)?;
+        }
+    }
+    g.put_device(&dev)?;
+    Ok(dev)
+}
+
+// === applying observations ===
+
+/// Folds one observation, made at `scope` by `agent_id`, into the client's devices.
+pub fn apply<G: Graph>(
+    g: &mut G,
+    scope: &Scope,
+    agent_id: &str,
+    obs: &CleanObservation,
+) -> Result<(), G::Error> {
+    let ids = identifiers(obs, &scope.site);
+    let at = obs.observed_ms;
+    if ids.keys.is_empty() {
+        // Answered only with a virtual router MAC: evidence for the router that owns it.
+        for mac in &ids.answered_virtual {
+            let mut v = g.virtual_mac(*mac)?.unwrap_or(VirtualMacRecord {
+                first_seen_ms: at,
+                last_seen_ms: at,
+                ..VirtualMacRecord::default()
+            });
+            v.first_seen_ms = v.first_seen_ms.min(at);
+            v.last_seen_ms = v.last_seen_ms.max(at);
+            for (ip, _) in &obs.addresses {
+                match v
+                    .addresses
+                    .iter_mut()
+                    .find(|a| a.ip == *ip && a.site == scope.site)
+                {
+                    Some(a) => a.last_seen_ms = a.last_seen_ms.max(at),
+                    None => v.addresses.push(AddressRecord {
+                        ip: *ip,
+                        site: scope.site.clone(),
+                        answered: false,
+                        last_seen_ms: at,
+                        current: true,
+                    }),
+                }
+            }
+            v.addresses
+                .sort_by(|a, b| (&a.site, a.ip).cmp(&(&b.site, b.ip)));
+            v.addresses.truncate(64);
+            g.put_virtual_mac(*mac, &v)?;
+        }
+        return Ok(());
+    }
+    let primary = ids.keys[0].clone();
+    let mut primary_rec = g.key(&primary)?;
+    let cut_from = primary_rec
+        .as_ref()
+        .map(|r| r.cut_from.clone())
+        .unwrap_or_default();
+
+    // The keys this observation may join: not cut from the primary (an operator's split holds).
+    let mut joined: Vec<String> = vec![primary.clone()];
+    let mut devices: BTreeSet<String> = primary_rec.iter().map(|r| r.device.clone()).collect();
+    for k in ids.keys.iter().skip(1) {
+        if cut_from.contains(k) {
+            continue;
+        }
+        let rec = g.key(k)?;
+        if rec.as_ref().is_some_and(|r| r.cut_from.contains(&primary)) {
+            continue;
+        }
+        if let Some(r) = &rec {
+            devices.insert(r.device.clone());
+        }
+        joined.push(k.clone());
+    }
+
+    // Every key of every device involved, unless that device holds a key cut from the primary.
+    let mut before = Vec::new();
+    let mut merged_ids = Vec::new();
+    let mut device_keys: Vec<String> = Vec::new();
+    for id in &devices {
+        let Some(dev) = g.device(id)? else {
+            continue;
+        };
+        if !dev.keys.contains(&primary) && dev.keys.iter().any(|k| cut_from.contains(k)) {
+            // Keep apart what an operator split.
+            joined.retain(|k| !dev.keys.contains(k));
+            continue;
+        }
+        before.push((dev.id.clone(), dev.keys.clone()));
+        merged_ids.push(dev.id.clone());
+        device_keys.extend(dev.keys.iter().cloned());
+    }
+    let mut all_keys: Vec<String> = joined
+        .iter()
+        .cloned()
+        .chain(device_keys)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    all_keys.truncate(MAX_DEVICE_KEYS);
+
+    // The observation's contribution lives on the primary key.
+    let contrib = contribution(scope, agent_id, obs, &ids);
+    let mut rec = primary_rec.take().unwrap_or_else(|| KeyRecord {
+        device: String::new(),
+        contribution: empty(&scope.client),
+        cut_from: BTreeSet::new(),
+    });
+    fold(&mut rec.contribution, &contrib);
+    g.put_key(&primary, &rec)?;
+    for k in &all_keys {
+        if g.key(k)?.is_none() {
+            g.put_key(
+                k,
+                &KeyRecord {
+                    device: String::new(),
+                    contribution: empty(&scope.client),
+                    cut_from: BTreeSet::new(),
+                },
+            )?;
+        }
+    }
+    let dev = settle(g, &scope.client, &all_keys, &merged_ids)?;
+    if before.len() > 1 {
+        let mut event = Event {
+            seq: 0,
+            at_ms: at,
+            kind: EventKind::Merge,
+            reason: format!(
+                "an observation linked {}",
+                joined
+                    .iter()
+                    .map(|k| {
+                        let (kind, v) = describe_key(k);
+                        format!("{kind} {v}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ),
+            before,
+            after: vec![(dev.id.clone(), dev.keys.clone())],
+            undone_by: None,
+            undoes: None,
+        };
+        g.put_event(&mut event)?;
+    }
+
+    // The addresses it answered on are now this key's.
+    for (ip, answered) in &obs.addresses {
+        if !answered || obs.proxy_arp {
+            continue;
+        }
+        let newer = match g.address_owner(&scope.site, *ip)? {
+            None => true,
+            Some(o) => {
+                (at, std::cmp::Reverse(primary.as_str()))
+                    > (o.last_seen_ms, std::cmp::Reverse(o.key.as_str()))
+            }
+        };
+        if newer {
+            g.put_address_owner(
+                &scope.site,
+                *ip,
+                &AddressOwner {
+                    key: primary.clone(),
+                    last_seen_ms: at,
+                },
+            )?;
+        }
+    }
+    // Virtual MACs it owns: it is their router.
+    for mac in &ids.owns_virtual {
+        let mut v = g.virtual_mac(*mac)?.unwrap_or(VirtualMacRecord {
+            first_seen_ms: at,
+            last_seen_ms: at,
+            ..VirtualMacRecord::default()
+        });
+        v.first_seen_ms = v.first_seen_ms.min(at);
+        v.last_seen_ms = v.last_seen_ms.max(at);
+        if v.owner.as_deref().is_none_or(|o| primary.as_str() < o) {
+            v.owner = Some(primary.clone());
+        }
+        g.put_virtual_mac(*mac, &v)?;
+    }
+    Ok(())
+}
+
+// === operators ===
+
+/// Why an operator's merge, split or undo was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EditError {
+    #[error("no device {0:?} in this client")]
+    NoDevice(String),
+    #[error("a device cannot be merged with itself")]
+    SameDevice,
+    #[error(
+        "split needs some of the device's identifiers, not none and not all: the device has {0}"
+    )]
+    BadSplit(String),
+    #[error("no history event {0}")]
+    NoEvent(u64),
+    #[error("event {0} was already undone")]
+    AlreadyUndone(u64),
+}
+
+/// An operator edit's outcome, or why it was refused.
+pub type EditResult<E> = Result<Result<Event, EditError>, E>;
+
+fn keys_of<G: Graph>(g: &mut G, id: &str) -> Result<Option<Vec<String>>, G::Error> {
+    Ok(g.device(id)?.map(|d| d.keys))
+}
+
+/// Removes any cut between the two key sets.
+fn uncut<G: Graph>(g: &mut G, a: &[String], b: &[String]) -> Result<(), G::Error> {
+    for (side, other) in [(a, b), (b, a)] {
+        for k in side {
+            if let Some(mut rec) = g.key(k)? {
+                let before = rec.cut_from.len();
+                rec.cut_from.retain(|c| !other.contains(c));
+                if rec.cut_from.len() != before {
+                    g.put_key(k, &rec)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Cuts the two key sets apart, for good (until undone).
+fn cut<G: Graph>(g: &mut G, a: &[String], b: &[String]) -> Result<(), G::Error> {
+    for (side, other) in [(a, b), (b, a)] {
+        for k in side {
+            if let Some(mut rec) = g.key(k)? {
+                for o in other {
+                    if rec.cut_from.len() < MAX_CUTS {
+                        rec.cut_from.insert(o.clone());
+                    }
+                }
+                g.put_key(k, &rec)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Merges device `b` into device `a` by hand.
+pub fn merge<G: Graph>(
+    g: &mut G,
+    client: &str,
+    a: &str,
+    b: &str,
+    reason: &str,
+    at_ms: u64,
+) -> EditResult<G::Error> {
+    if a == b {
+        return Ok(Err(EditError::SameDevice));
+    }
+    let Some(ka) = keys_of(g, a)? else {
+        return Ok(Err(EditError::NoDevice(a.to_owned())));
+    };
+    let Some(kb) = keys_of(g, b)? else {
+        return Ok(Err(EditError::NoDevice(b.to_owned())));
+    };
+    uncut(g, &ka, &kb)?;
+    let all: Vec<String> = ka.iter().chain(&kb).cloned().collect();
+    let dev = settle(g, client, &all, &[a.to_owned(), b.to_owned()])?;
+    let mut event = Event {
+        seq: 0,
+        at_ms,
+        kind: EventKind::ManualMerge,
+        reason: reason.to_owned(),
+        before: vec![(a.to_owned(), ka), (b.to_owned(), kb)],
+        after: vec![(dev.id.clone(), dev.keys.clone())],
+        undone_by: None,
+        undoes: None,
+    };
+    g.put_event(&mut event)?;
+    Ok(Ok(event))
+}
+
+/// Splits the keys `part` out of device `id` into a device of their own, by hand. The split
+/// holds: observations never join the two parts again.
+pub fn split<G: Graph>(
+    g: &mut G,
+    client: &str,
+    id: &str,
+    part: &[String],
+    reason: &str,
+    at_ms: u64,
+) -> EditResult<G::Error> {
+    let Some(keys) = keys_of(g, id)? else {
+        return Ok(Err(EditError::NoDevice(id.to_owned())));
+    };
+    let part: Vec<String> = keys.iter().filter(|k| part.contains(k)).cloned().collect();
+    let rest: Vec<String> = keys.iter().filter(|k| !part.contains(k)).cloned().collect();
+    if part.is_empty() || rest.is_empty() {
+        return Ok(Err(EditError::BadSplit(keys.join(", "))));
+    }
+    cut(g, &part, &rest)?;
+    g.delete_device(id)?;
+    let a = settle(g, client, &part, &[])?;
+    let b = settle(g, client, &rest, &[])?;
+    let mut event = Event {
+        seq: 0,
+        at_ms,
+        kind: EventKind::Split,
+        reason: reason.to_owned(),
+        before: vec![(id.to_owned(), keys)],
+        after: vec![
+            (a.id.clone(), a.keys.clone()),
+            (b.id.clone(), b.keys.clone()),
+        ],
+        undone_by: None,
+        undoes: None,
+    };
+    g.put_event(&mut event)?;
+    Ok(Ok(event))
+}
+
+/// Undoes a merge (splitting the devices back as they were) or a split (merging them back).
+pub fn undo<G: Graph>(g: &mut G, client: &str, seq: u64, at_ms: u64) -> EditResult<G::Error> {
+    let Some(mut original) = g.event(seq)? else {
+        return Ok(Err(EditError::NoEvent(seq)));
+    };
+    if original.undone_by.is_some() {
+        return Ok(Err(EditError::AlreadyUndone(seq)));
+    }
+    // Where the keys are now: the devices holding the "after" keys.
+    let after_keys: Vec<String> = original
+        .after
+        .iter()
+        .flat_map(|(_, k)| k.iter().cloned())
+        .collect();
+    let mut now_ids = BTreeSet::new();
+    for k in &after_keys {
+        if let Some(r) = g.key(k)? {
+            now_ids.insert(r.device);
+        }
+    }
+    let mut current: Vec<String> = Vec::new();
+    for id in &now_ids {
+        if let Some(keys) = keys_of(g, id)? {
+            current.extend(keys);
+        }
+    }
+    for id in &now_ids {
+        g.delete_device(id)?;
+    }
+    let before_keys: Vec<String> = original
+        .before
+        .iter()
+        .flat_map(|(_, k)| k.iter().cloned())
+        .collect();
+    // Keys that joined since the event stay with the first part.
+    let extra: Vec<String> = current
+        .iter()
+        .filter(|k| !before_keys.contains(k))
+        .cloned()
+        .collect();
+    let mut parts: Vec<Vec<String>> = original.before.iter().map(|(_, k)| k.clone()).collect();
+    if let Some(first) = parts.first_mut() {
+        first.extend(extra);
+    }
+    match original.kind {
+        EventKind::Merge | EventKind::ManualMerge => {
+            for (i, a) in parts.iter().enumerate() {
+                for b in parts.iter().skip(i + 1) {
+                    cut(g, a, b)?;
+                }
+            }
+        }
+        EventKind::Split => {
+            for (i, a) in parts.iter().enumerate() {
+                for b in original.after.iter().skip(i + 1) {
+                    uncut(g, a, &b.1)?;
+                }
+            }
+            let after: Vec<Vec<String>> = original.after.iter().map(|(_, k)| k.clone()).collect();
+            for (i, a) in after.iter().enumerate() {
+                for b in after.iter().skip(i + 1) {
+                    uncut(g, a, b)?;
+                }
+            }
+        }
+    }
+    let mut after = Vec::new();
+    for p in &parts {
+        let d = settle(g, client, p, &[])?;
+        after.push((d.id.clone(), d.keys.clone()));
+    }
+    let mut event = Event {
+        seq: 0,
+        at_ms,
+        kind: match original.kind {
+            EventKind::Split => EventKind::ManualMerge,
+            EventKind::Merge | EventKind::ManualMerge => EventKind::Split,
+        },
+        reason: format!("undo of event {seq}"),
+        before: now_ids.iter().map(|id| (id.clone(), Vec::new())).collect(),
+        after,
+        undone_by: None,
+        undoes: Some(seq),
+    };
+    g.put_event(&mut event)?;
+    original.undone_by = Some(event.seq);
+    g.put_event(&mut original)?;
+    Ok(Ok(event))
+}
+
+// === presentation ===
+
+/// Marks which of a device's addresses are current (it answered on them most recently).
+pub fn mark_current(dev: &mut DeviceRecord, owners: &BTreeMap<(String, IpAddr), AddressOwner>) {
+    for a in &mut dev.addresses {
+        a.current = !a.answered
+            || owners
+                .get(&(a.site.clone(), a.ip))
+                .is_none_or(|o| dev.keys.contains(&o.key));
+    }
+}
+
+// === impl MemGraph ===
+
+/// The graph in memory: the in-memory store's, and the tests'.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemGraph {
+    pub keys: BTreeMap<String, KeyRecord>,
+    pub devices: BTreeMap<String, DeviceRecord>,
+    pub owners: BTreeMap<(String, IpAddr), AddressOwner>,
+    pub virtual_macs: BTreeMap<MacAddr, VirtualMacRecord>,
+    pub events: BTreeMap<u64, Event>,
+}
+
+impl Graph for MemGraph {
+    type Error = std::convert::Infallible;
+
+    fn key(&mut self, key: &str) -> Result<Option<KeyRecord>, Self::Error> {
+        Ok(self.keys.get(key).cloned())
+    }
+    fn put_key(&mut self, key: &str, record: &KeyRecord) -> Result<(), Self::Error> {
+        self.keys.insert(key.to_owned(), record.clone());
+        Ok(())
+    }
+    fn device(&mut self, id: &str) -> Result<Option<DeviceRecord>, Self::Error> {
+        Ok(self.devices.get(id).cloned())
+    }
+    fn put_device(&mut self, device: &DeviceRecord) -> Result<(), Self::Error> {
+        self.devices.insert(device.id.clone(), device.clone());
+        Ok(())
+    }
+    fn delete_device(&mut self, id: &str) -> Result<(), Self::Error> {
+        self.devices.remove(id);
+        Ok(())
+    }
+    fn address_owner(
+        &mut self,
+        site: &str,
+        ip: IpAddr,
+    ) -> Result<Option<AddressOwner>, Self::Error> {
+        Ok(self.owners.get(&(site.to_owned(), ip)).cloned())
+    }
+    fn put_address_owner(
+        &mut self,
+        site: &str,
+        ip: IpAddr,
+        owner: &AddressOwner,
+    ) -> Result<(), Self::Error> {
+        self.owners.insert((site.to_owned(), ip), owner.clone());
+        Ok(())
+    }
+    fn virtual_mac(&mut self, mac: MacAddr) -> Result<Option<VirtualMacRecord>, Self::Error> {
+        Ok(self.virtual_macs.get(&mac).cloned())
+    }
+    fn put_virtual_mac(
+        &mut self,
+        mac: MacAddr,
+        record: &VirtualMacRecord,
+    ) -> Result<(), Self::Error> {
+        self.virtual_macs.insert(mac, record.clone());
+        Ok(())
+    }
+    fn event(&mut self, seq: u64) -> Result<Option<Event>, Self::Error> {
+        Ok(self.events.get(&seq).cloned())
+    }
+    fn put_event(&mut self, event: &mut Event) -> Result<(), Self::Error> {
+        if event.seq == 0 {
+            event.seq = self.events.keys().next_back().copied().unwrap_or(0) + 1;
+        }
+        self.events.insert(event.seq, event.clone());
+        Ok(())
+    }
+}
+
+/// Used by the tests of this module and of the stores.
+#[cfg(test)]
+pub(crate) mod tests;
