@@ -19,7 +19,7 @@
 //!
 //! Layout:
 //! - `lab.rs` (this file): [`Lab`], sites, agents, hosts and routers, address checks, `exec` and
-//!   `spawn` in a namespace, teardown on drop.
+//!   `spawn` in one of the lab's own namespaces, teardown on drop.
 //! - `lab/responders.rs`: `snmpd` and the mDNS responder (`lab/mdns_responder.py`).
 //! - `lab/cmd.rs`: running `ip` and friends under a deadline, in batches, a few at a time.
 //! - `lab/cleanup.rs`: removing namespaces and the processes inside them.
@@ -28,7 +28,8 @@
 //! checked to lie in 198.18.0.0/15 and anything else is an error; nothing is created in the
 //! machine's own namespace (a veth is created inside one lab namespace with its peer placed
 //! directly into another); IPv6 address generation is off on every lab interface, so the only
-//! addresses on the lab's wires are the ones the lab assigned.
+//! addresses on the lab's wires are the ones the lab assigned; and [`Lab::exec`], [`Lab::spawn`],
+//! [`Lab::command`] and [`Lab::spawn_command`] refuse any namespace but the lab's own.
 
 mod cleanup;
 mod cmd;
@@ -48,7 +49,7 @@ use tempfile::TempDir;
 
 pub use cleanup::namespaces_with_prefix;
 pub use ipnet::Ipv4Net;
-pub use responders::{MdnsService, MdnsSpec, SnmpV3User, SnmpdSpec};
+pub use responders::{MdnsService, MdnsSpec, SnmpAuth, SnmpPriv, SnmpV3User, SnmpdSpec};
 
 use cmd::{IP_TIMEOUT, ip_batch_command, netns_exec, run_bounded, run_many, run_ok};
 
@@ -70,6 +71,10 @@ const PARALLEL_IP: usize = 8;
 
 /// Default timeout for [`Lab::exec`].
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The start of the program path of a command [`Lab::command`] refused: no such directory
+/// exists, so the command cannot start; the rest of the path is the reason.
+const REFUSED: &str = "/nonexistent/census-lab-refused/";
 
 /// Distinguishes the labs of one process in their names.
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
@@ -323,12 +328,20 @@ impl Lab {
 
     /// `ip netns exec NS program`, for the caller to add arguments, environment and stdio, then
     /// to start with [`Lab::spawn_command`] (or run itself: then it is not tracked).
+    ///
+    /// `ns` must be one of this lab's namespaces. For any other the command is refused, and
+    /// since callers expect a `Command` rather than a `Result`, the refusal is built into it:
+    /// its program is a path that cannot exist and names the namespace, so it fails to start,
+    /// and [`Lab::spawn_command`] rejects it with the reason.
     pub fn command(&self, ns: &str, program: impl AsRef<OsStr>) -> Command {
-        netns_exec(&self.ip, ns, program)
+        match self.check_own_ns(ns) {
+            Ok(()) => netns_exec(&self.ip, ns, program),
+            Err(e) => Command::new(format!("{REFUSED}{e}")),
+        }
     }
 
-    /// Runs `args` in namespace `ns` to completion (killed after 60 s) and returns its output,
-    /// whatever the exit status.
+    /// Runs `args` in namespace `ns` (one of this lab's, or an error) to completion (killed
+    /// after 60 s) and returns its output, whatever the exit status.
     pub fn exec<I, S>(&self, ns: &str, args: I) -> Result<Output>
     where
         I: IntoIterator<Item = S>,
@@ -356,8 +369,9 @@ impl Lab {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
-    /// Starts `args` in `ns` in the background, stdout and stderr to a log file in the lab's dir
-    /// ([`Proc::log`]). It is killed when the lab is dropped, or earlier by [`Proc::kill`].
+    /// Starts `args` in `ns` (one of this lab's, or an error) in the background, stdout and
+    /// stderr to a log file in the lab's dir ([`Proc::log`]). It is killed when the lab is
+    /// dropped, or earlier by [`Proc::kill`].
     pub fn spawn<I, S>(&self, ns: &str, args: I) -> Result<Proc>
     where
         I: IntoIterator<Item = S>,
@@ -378,8 +392,34 @@ impl Lab {
         self.track(cmd, Some(log))
     }
 
-    /// Starts `cmd` as given (usually from [`Lab::command`]) and tracks it for teardown.
+    /// Starts `cmd`, which must come from [`Lab::command`] for one of this lab's namespaces (so
+    /// nothing runs in the machine's own namespace or another lab's), and tracks it for
+    /// teardown.
     pub fn spawn_command(&self, cmd: Command) -> Result<Proc> {
+        let args: Vec<&OsStr> = cmd.get_args().take(3).collect();
+        let ns = match args.as_slice() {
+            [netns, exec, ns]
+                if cmd.get_program() == self.ip && *netns == "netns" && *exec == "exec" =>
+            {
+                ns.to_str()
+            }
+            _ => None,
+        };
+        let Some(ns) = ns else {
+            let refused = cmd
+                .get_program()
+                .to_str()
+                .and_then(|p| p.strip_prefix(REFUSED));
+            match refused {
+                Some(reason) => bail!("{reason}"),
+                None => bail!(
+                    "lab {}: spawn_command takes a command from Lab::command, not `{}`",
+                    self.prefix,
+                    cmd::describe(&cmd)
+                ),
+            }
+        };
+        self.check_own_ns(ns)?;
         self.track(cmd, None)
     }
 
@@ -389,11 +429,24 @@ impl Lab {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Refuses a namespace this lab did not create: a typo, another lab's, or the name of one
+    /// that is not a lab's at all must never get commands run in it.
+    fn check_own_ns(&self, ns: &str) -> Result<()> {
+        if !self.state().namespaces.iter().any(|own| own == ns) {
+            bail!(
+                "refusing to run in namespace {ns:?}: it is not one of lab {}'s namespaces",
+                self.prefix
+            );
+        }
+        Ok(())
+    }
+
     fn ns_command<I, S>(&self, ns: &str, args: I) -> Result<Command>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        self.check_own_ns(ns)?;
         let mut args = args.into_iter();
         let Some(program) = args.next() else {
             bail!("nothing to run in namespace {ns}")

@@ -1,6 +1,8 @@
-//! Responders that run inside lab namespaces: Debian's net-snmp `snmpd` (v2c communities and a
-//! v3 authPriv user) and an mDNS/DNS-SD responder on python3-zeroconf. Each is a [`Proc`] the
-//! lab tracks, and each is started only once it answers, so tests never race its start-up.
+//! Responders that run inside lab namespaces: Debian's net-snmp `snmpd` (v2c communities, a v3
+//! user with a choice of authentication and privacy protocols, an ENTITY-MIB chassis entry with
+//! a serial number and model) and an mDNS/DNS-SD responder on python3-zeroconf. Each is a
+//! [`Proc`] the lab tracks, and each is started only once it answers, so tests never race its
+//! start-up.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -22,8 +24,20 @@ const MDNS_READY: Duration = Duration::from_secs(30);
 /// sysName.0: the object the readiness poll asks for.
 const SYS_NAME_OID: &str = "1.3.6.1.2.1.1.5.0";
 
-/// What an `snmpd` answers. The system group is all the lab sets; the IF-MIB, IP-MIB and ARP
-/// cache tables are the namespace's real ones.
+/// ENTITY-MIB entPhysicalClass, entPhysicalSerialNum and entPhysicalModelName of entry 1, the
+/// chassis the lab describes.
+const ENT_PHYSICAL_CLASS_1: &str = "1.3.6.1.2.1.47.1.1.1.1.5.1";
+const ENT_PHYSICAL_SERIAL_1: &str = "1.3.6.1.2.1.47.1.1.1.1.11.1";
+const ENT_PHYSICAL_MODEL_1: &str = "1.3.6.1.2.1.47.1.1.1.1.13.1";
+/// entPhysicalClass chassis(3).
+const CHASSIS: u32 = 3;
+/// entPhysicalSerialNum is an SnmpAdminString (SIZE (0..32)), entPhysicalModelName one of up
+/// to 255 bytes.
+const MAX_SERIAL_LEN: usize = 32;
+const MAX_MODEL_LEN: usize = 255;
+
+/// What an `snmpd` answers. The lab sets the system group and, with `serial` or `model`, one
+/// ENTITY-MIB entry; the IF-MIB, IP-MIB and ARP cache tables are the namespace's real ones.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SnmpdSpec {
     /// v2c (and v1) read-only communities; may be empty when `v3_user` is set.
@@ -39,8 +53,12 @@ pub struct SnmpdSpec {
     /// that the collector uses the engine ID as a strong identifier.
     pub engine_id: Option<Vec<u8>>,
     pub v3_user: Option<SnmpV3User>,
-    /// A device serial number. Not served yet (it would need an ENTITY-MIB agent).
+    /// The chassis serial number: entPhysicalSerialNum.1, with entPhysicalClass.1 chassis(3).
+    /// Printable ASCII without `"` or `\`, 1 to 32 characters.
     pub serial: Option<String>,
+    /// The chassis model: entPhysicalModelName.1, with entPhysicalClass.1 chassis(3). Printable
+    /// ASCII without `"` or `\`, 1 to 255 characters.
+    pub model: Option<String>,
 }
 
 impl SnmpdSpec {
@@ -87,11 +105,23 @@ impl SnmpdSpec {
         }
         if let Some(user) = &self.v3_user {
             check_word(&user.name, "v3 user name")?;
-            for (what, pass) in [("auth", &user.auth_pass), ("priv", &user.priv_pass)] {
+            let mut passes = vec![("auth", &user.auth_pass)];
+            if user.privacy != SnmpPriv::None {
+                passes.push(("priv", &user.priv_pass));
+            }
+            for (what, pass) in passes {
                 check_word(pass, "v3 pass phrase")?;
                 if pass.len() < 8 || pass.contains('"') {
                     bail!("the v3 {what} pass phrase needs 8 or more characters and no quotes");
                 }
+            }
+        }
+        for (what, value, max) in [
+            ("serial", &self.serial, MAX_SERIAL_LEN),
+            ("model", &self.model, MAX_MODEL_LEN),
+        ] {
+            if let Some(value) = value {
+                check_admin_string(value, what, max)?;
             }
         }
         Ok(())
@@ -119,14 +149,46 @@ impl SnmpdSpec {
             line("exactEngineID", &format!("0x{hex}"));
         }
         if let Some(user) = &self.v3_user {
+            let auth = user.auth.net_snmp_name();
+            match user.privacy.net_snmp_name() {
+                Some(privacy) => {
+                    line(
+                        "createUser",
+                        &format!(
+                            "{} {auth} \"{}\" {privacy} \"{}\"",
+                            user.name, user.auth_pass, user.priv_pass
+                        ),
+                    );
+                    line("rouser", &format!("{} priv", user.name));
+                }
+                None => {
+                    line(
+                        "createUser",
+                        &format!("{} {auth} \"{}\"", user.name, user.auth_pass),
+                    );
+                    line("rouser", &format!("{} auth", user.name));
+                }
+            }
+        }
+        // `override` serves a fixed value at an OID no MIB module of Debian's snmpd implements,
+        // GET, GETNEXT and GETBULK alike (tried on net-snmp 5.9.3), with no helper process.
+        if self.serial.is_some() || self.model.is_some() {
             line(
-                "createUser",
-                &format!(
-                    "{} SHA \"{}\" AES \"{}\"",
-                    user.name, user.auth_pass, user.priv_pass
-                ),
+                "override",
+                &format!("{ENT_PHYSICAL_CLASS_1} integer {CHASSIS}"),
             );
-            line("rouser", &format!("{} priv", user.name));
+        }
+        if let Some(serial) = &self.serial {
+            line(
+                "override",
+                &format!("{ENT_PHYSICAL_SERIAL_1} octet_str \"{serial}\""),
+            );
+        }
+        if let Some(model) = &self.model {
+            line(
+                "override",
+                &format!("{ENT_PHYSICAL_MODEL_1} octet_str \"{model}\""),
+            );
         }
         line("dontLogTCPWrappersConnects", "yes");
         conf
@@ -142,35 +204,135 @@ impl SnmpdSpec {
     }
 }
 
-/// An SNMPv3 user at security level authPriv with SHA(-1) and AES(-128), the pairing every
-/// net-snmp build supports.
+/// An SNMPv3 user: authPriv with SHA(-1) and AES(-128) unless `auth` and `privacy` say
+/// otherwise. Debian 12's net-snmp (5.9.3, OpenSSL) serves every combination of [`SnmpAuth`]
+/// and [`SnmpPriv`], MD5 and DES included.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnmpV3User {
     pub name: String,
     pub auth_pass: String,
+    /// Unused with [`SnmpPriv::None`].
     pub priv_pass: String,
+    pub auth: SnmpAuth,
+    pub privacy: SnmpPriv,
 }
 
 impl SnmpV3User {
+    /// A SHA/AES authPriv user.
+    pub fn new(
+        name: impl Into<String>,
+        auth_pass: impl Into<String>,
+        priv_pass: impl Into<String>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            auth_pass: auth_pass.into(),
+            priv_pass: priv_pass.into(),
+            auth: SnmpAuth::default(),
+            privacy: SnmpPriv::default(),
+        }
+    }
+
+    /// The same user with other protocols; [`SnmpPriv::None`] makes it authNoPriv.
+    pub fn with_protocols(self, auth: SnmpAuth, privacy: SnmpPriv) -> Self {
+        Self {
+            auth,
+            privacy,
+            ..self
+        }
+    }
+
     /// `snmpget`/`snmpwalk` arguments that authenticate as this user.
     pub fn snmpget_args(&self) -> Vec<String> {
-        [
+        let mut args = vec![
             "-v3",
             "-l",
-            "authPriv",
+            "authNoPriv",
             "-u",
             &self.name,
             "-a",
-            "SHA",
+            self.auth.net_snmp_name(),
             "-A",
             &self.auth_pass,
-            "-x",
-            "AES",
-            "-X",
-            &self.priv_pass,
-        ]
-        .map(String::from)
-        .to_vec()
+        ];
+        if let Some(privacy) = self.privacy.net_snmp_name() {
+            args[2] = "authPriv";
+            args.extend(["-x", privacy, "-X", &self.priv_pass]);
+        }
+        args.into_iter().map(String::from).collect()
+    }
+}
+
+/// An SNMPv3 authentication protocol (USM, RFC 3414 and RFC 7860).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum SnmpAuth {
+    Md5,
+    /// SHA-1.
+    #[default]
+    Sha,
+    Sha224,
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+impl SnmpAuth {
+    pub const ALL: [SnmpAuth; 6] = [
+        SnmpAuth::Md5,
+        SnmpAuth::Sha,
+        SnmpAuth::Sha224,
+        SnmpAuth::Sha256,
+        SnmpAuth::Sha384,
+        SnmpAuth::Sha512,
+    ];
+
+    /// The name net-snmp uses in `createUser` and `snmpget -a`.
+    pub fn net_snmp_name(self) -> &'static str {
+        match self {
+            SnmpAuth::Md5 => "MD5",
+            SnmpAuth::Sha => "SHA",
+            SnmpAuth::Sha224 => "SHA-224",
+            SnmpAuth::Sha256 => "SHA-256",
+            SnmpAuth::Sha384 => "SHA-384",
+            SnmpAuth::Sha512 => "SHA-512",
+        }
+    }
+}
+
+/// An SNMPv3 privacy protocol, or none (security level authNoPriv).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum SnmpPriv {
+    /// authNoPriv: authenticated, not encrypted.
+    None,
+    /// DES-CBC.
+    Des,
+    /// AES-128-CFB.
+    #[default]
+    Aes,
+    /// AES-192 with net-snmp's key extension (Blumenthal's draft), as `AES-192` in net-snmp.
+    Aes192,
+    /// AES-256 with net-snmp's key extension (Blumenthal's draft), as `AES-256` in net-snmp.
+    Aes256,
+}
+
+impl SnmpPriv {
+    pub const ALL: [SnmpPriv; 5] = [
+        SnmpPriv::None,
+        SnmpPriv::Des,
+        SnmpPriv::Aes,
+        SnmpPriv::Aes192,
+        SnmpPriv::Aes256,
+    ];
+
+    /// The name net-snmp uses in `createUser` and `snmpget -x`; `None` for no privacy.
+    pub fn net_snmp_name(self) -> Option<&'static str> {
+        match self {
+            SnmpPriv::None => None,
+            SnmpPriv::Des => Some("DES"),
+            SnmpPriv::Aes => Some("AES"),
+            SnmpPriv::Aes192 => Some("AES-192"),
+            SnmpPriv::Aes256 => Some("AES-256"),
+        }
     }
 }
 
@@ -356,6 +518,23 @@ impl Lab {
     }
 }
 
+/// What `override ... octet_str "VALUE"` carries through snmpd's config parser unchanged: one
+/// line of printable ASCII, no quote or backslash (the parser's escapes).
+fn check_admin_string(value: &str, what: &str, max: usize) -> Result<()> {
+    if value.is_empty()
+        || value.len() > max
+        || !value
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        bail!(
+            "snmpd {what} {value:?} must be 1 to {max} printable ASCII characters without \
+             quotes or backslashes"
+        );
+    }
+    Ok(())
+}
+
 fn check_word(value: &str, what: &str) -> Result<()> {
     if value.is_empty() || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
         bail!("snmpd {what} {value:?} must be one non-empty word");
@@ -371,11 +550,7 @@ mod tests {
     fn config_has_one_directive_per_line() {
         let mut spec = SnmpdSpec::v2c("public", "sw-1");
         spec.engine_id = Some(vec![0x80, 0, 0x1f, 0x88, 4, 1]);
-        spec.v3_user = Some(SnmpV3User {
-            name: "census".into(),
-            auth_pass: "authpass1".into(),
-            priv_pass: "privpass1".into(),
-        });
+        spec.v3_user = Some(SnmpV3User::new("census", "authpass1", "privpass1"));
         assert!(spec.validate().is_ok());
         let conf = spec.config();
         assert!(conf.contains("rocommunity public default\n"));
@@ -383,6 +558,90 @@ mod tests {
         assert!(conf.contains("exactEngineID 0x80001f880401\n"));
         assert!(conf.contains("createUser census SHA \"authpass1\" AES \"privpass1\"\n"));
         assert!(conf.contains("rouser census priv\n"));
+        assert!(!conf.contains("override"), "no ENTITY-MIB entry unasked");
+    }
+
+    #[test]
+    fn v3_protocols_reach_the_config_and_the_client_arguments() {
+        let user = SnmpV3User::new("census", "authpass1", "privpass1")
+            .with_protocols(SnmpAuth::Sha256, SnmpPriv::Aes256);
+        let spec = SnmpdSpec {
+            communities: Vec::new(),
+            v3_user: Some(user.clone()),
+            ..SnmpdSpec::v2c("unused", "sw-1")
+        };
+        assert!(spec.validate().is_ok());
+        let conf = spec.config();
+        assert!(
+            conf.contains("createUser census SHA-256 \"authpass1\" AES-256 \"privpass1\"\n"),
+            "{conf}"
+        );
+        assert!(!conf.contains("rocommunity"), "{conf}");
+        assert_eq!(
+            user.snmpget_args().join(" "),
+            "-v3 -l authPriv -u census -a SHA-256 -A authpass1 -x AES-256 -X privpass1"
+        );
+        assert_eq!(spec.probe_args(), user.snmpget_args());
+
+        // authNoPriv: no privacy in the user, `auth` in its access, no priv pass needed.
+        let user =
+            SnmpV3User::new("old", "authpass1", "").with_protocols(SnmpAuth::Md5, SnmpPriv::None);
+        let spec = SnmpdSpec {
+            v3_user: Some(user.clone()),
+            ..SnmpdSpec::v2c("public", "sw-1")
+        };
+        assert!(spec.validate().is_ok());
+        let conf = spec.config();
+        assert!(
+            conf.contains("createUser old MD5 \"authpass1\"\n"),
+            "{conf}"
+        );
+        assert!(conf.contains("rouser old auth\n"), "{conf}");
+        assert_eq!(
+            user.snmpget_args().join(" "),
+            "-v3 -l authNoPriv -u old -a MD5 -A authpass1"
+        );
+        assert_eq!(
+            SnmpAuth::ALL.map(SnmpAuth::net_snmp_name),
+            ["MD5", "SHA", "SHA-224", "SHA-256", "SHA-384", "SHA-512"]
+        );
+        assert_eq!(
+            SnmpPriv::ALL.map(SnmpPriv::net_snmp_name),
+            [
+                None,
+                Some("DES"),
+                Some("AES"),
+                Some("AES-192"),
+                Some("AES-256")
+            ]
+        );
+    }
+
+    #[test]
+    fn serial_and_model_make_a_chassis_entry() {
+        let spec = SnmpdSpec {
+            serial: Some("FOC1234X0AB".into()),
+            model: Some("WS-C2960X-24TS-L".into()),
+            ..SnmpdSpec::v2c("public", "sw-1")
+        };
+        assert!(spec.validate().is_ok());
+        let conf = spec.config();
+        for line in [
+            "override 1.3.6.1.2.1.47.1.1.1.1.5.1 integer 3\n",
+            "override 1.3.6.1.2.1.47.1.1.1.1.11.1 octet_str \"FOC1234X0AB\"\n",
+            "override 1.3.6.1.2.1.47.1.1.1.1.13.1 octet_str \"WS-C2960X-24TS-L\"\n",
+        ] {
+            assert!(conf.contains(line), "{line} not in {conf}");
+        }
+        let model_only = SnmpdSpec {
+            model: Some("Lab Model 1".into()),
+            ..SnmpdSpec::v2c("public", "sw-1")
+        };
+        let conf = model_only.config();
+        assert!(
+            conf.contains(".5.1 integer 3\n") && !conf.contains(".11.1"),
+            "{conf}"
+        );
     }
 
     #[test]
@@ -393,13 +652,36 @@ mod tests {
         assert!(SnmpdSpec::v2c("two words", "x").validate().is_err());
         assert!(SnmpdSpec::default().validate().is_err());
         let short = SnmpdSpec {
-            v3_user: Some(SnmpV3User {
-                name: "u".into(),
-                auth_pass: "short".into(),
-                priv_pass: "privpass1".into(),
-            }),
+            v3_user: Some(SnmpV3User::new("u", "short", "privpass1")),
             ..SnmpdSpec::default()
         };
         assert!(short.validate().is_err());
+        let no_priv_pass = SnmpdSpec {
+            v3_user: Some(SnmpV3User::new("u", "authpass1", "")),
+            ..SnmpdSpec::default()
+        };
+        assert!(
+            no_priv_pass.validate().is_err(),
+            "authPriv needs a priv pass"
+        );
+        for serial in [
+            "",
+            "a\"b",
+            "a\\b",
+            "line\nbreak",
+            "é",
+            "0123456789012345678901234567890123",
+        ] {
+            let spec = SnmpdSpec {
+                serial: Some(serial.into()),
+                ..SnmpdSpec::v2c("public", "sw-1")
+            };
+            assert!(spec.validate().is_err(), "serial {serial:?} accepted");
+        }
+        let spec = SnmpdSpec {
+            model: Some("x".repeat(256)),
+            ..SnmpdSpec::v2c("public", "sw-1")
+        };
+        assert!(spec.validate().is_err(), "a 256-byte model accepted");
     }
 }

@@ -88,7 +88,11 @@ fn a_site_with_every_kind_of_device_is_found_completely() -> Result<()> {
     ])?;
     // snmpd on two different communities, and one that speaks only v3 authPriv.
     let alpha = site.add_host(HostSpec::new(ip("198.18.0.20")))?;
-    alpha.run_snmpd(&SnmpdSpec::v2c("census-a", "alpha"))?;
+    alpha.run_snmpd(&SnmpdSpec {
+        serial: Some("LAB-ALPHA-0001".into()),
+        model: Some("Census Lab Switch 24".into()),
+        ..SnmpdSpec::v2c("census-a", "alpha")
+    })?;
     let bravo = site.add_host(HostSpec::new(ip("198.18.0.21")))?;
     bravo.run_snmpd(&SnmpdSpec::v2c("census-b", "bravo"))?;
     let charlie = site.add_host(HostSpec::new(ip("198.18.0.22")))?;
@@ -98,11 +102,11 @@ fn a_site_with_every_kind_of_device_is_found_completely() -> Result<()> {
     charlie.run_snmpd(&SnmpdSpec {
         communities: vec![],
         engine_id: Some(engine_id.clone()),
-        v3_user: Some(SnmpV3User {
-            name: "censusv3".into(),
-            auth_pass: "auth-secret-1".into(),
-            priv_pass: "priv-secret-1".into(),
-        }),
+        v3_user: Some(SnmpV3User::new(
+            "censusv3",
+            "auth-secret-1",
+            "priv-secret-1",
+        )),
         ..SnmpdSpec::v2c("unused", "charlie")
     })?;
     // mDNS responders with several service types.
@@ -238,6 +242,15 @@ window_ms = 3000
         );
         assert_eq!(strs(&d["methods"]), ["arp", "snmp"]);
     }
+    let alpha_dev = at(&devices, "198.18.0.20")?;
+    assert_eq!(
+        alpha_dev["snmp"]["serial_number"], "LAB-ALPHA-0001",
+        "{alpha_dev}"
+    );
+    assert_eq!(
+        alpha_dev["snmp"]["model"], "Census Lab Switch 24",
+        "{alpha_dev}"
+    );
     let charlie_dev = at(&devices, "198.18.0.22")?;
     assert_eq!(
         charlie_dev["snmp"]["engine_id"],
@@ -321,10 +334,21 @@ fn an_interface_can_name_the_scope() -> Result<()> {
         return Ok(());
     }
     let lab = Lab::new()?;
-    let site = lab.add_site(SiteSpec::new("by-interface", "198.18.4.0/24".parse()?, ip("198.18.4.2")))?;
+    let site = lab.add_site(SiteSpec::new(
+        "by-interface",
+        "198.18.4.0/24".parse()?,
+        ip("198.18.4.2"),
+    ))?;
     let hosts = site.add_hosts(HostSpec::range(ip("198.18.4.50"), 3))?;
-    let devices = support::scan(&lab, site.agent().ns(), ["--scope-interface", "eth0", "--disable", "snmp,mdns"])?;
-    let mut got: Vec<String> = devices.iter().filter_map(|d| d["addresses"][0]["address"].as_str().map(str::to_owned)).collect();
+    let devices = support::scan(
+        &lab,
+        site.agent().ns(),
+        ["--scope-interface", "eth0", "--disable", "snmp,mdns"],
+    )?;
+    let mut got: Vec<String> = devices
+        .iter()
+        .filter_map(|d| d["addresses"][0]["address"].as_str().map(str::to_owned))
+        .collect();
     got.sort();
     let want: Vec<String> = hosts.iter().map(|h| h.ip().to_string()).collect();
     assert_eq!(got, want, "exactly eth0's subnet, not the uplink's");

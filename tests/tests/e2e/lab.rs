@@ -1,6 +1,8 @@
 //! Self-tests of the lab: overlapping sites stay apart, ICMP-silent hosts still answer ARP,
-//! snmpd answers v2c and v3 (and not a wrong community), routers route, mDNS is browsable,
-//! only 198.18.0.0/15 is accepted, and nothing is left behind after a drop or a panic.
+//! snmpd answers v2c and v3 (and not a wrong community), serves a chassis serial and model, and
+//! authenticates v3 users of every protocol net-snmp has, routers route, mDNS is browsable,
+//! only 198.18.0.0/15 is accepted, commands run only in the lab's own namespaces, and nothing
+//! is left behind after a drop or a panic.
 
 use std::net::Ipv4Addr;
 use std::panic::AssertUnwindSafe;
@@ -9,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use census_tests::lab::{
-    HostSpec, Ipv4Net, Lab, MdnsService, MdnsSpec, RouterSpec, SiteSpec, SnmpV3User, SnmpdSpec,
-    mac_string, namespaces_with_prefix,
+    HostSpec, Ipv4Net, Lab, MdnsService, MdnsSpec, RouterSpec, SiteSpec, SnmpAuth, SnmpPriv,
+    SnmpV3User, SnmpdSpec, mac_string, namespaces_with_prefix,
 };
 
 fn ip(s: &str) -> Ipv4Addr {
@@ -34,25 +36,29 @@ fn neighbour(lab: &Lab, ns: &str, of: Ipv4Addr) -> Result<String> {
 
 /// sysName.0 of `target` as seen from `ns`, or `None` when there is no answer.
 fn sys_name(lab: &Lab, ns: &str, auth: &[String], target: Ipv4Addr) -> Result<Option<String>> {
-    let mut args: Vec<String> = vec!["snmpget".into(), "-Oqv".into()];
+    snmp(lab, ns, "snmpget", auth, target, "1.3.6.1.2.1.1.5.0")
+}
+
+/// `tool` (`snmpget`, `snmpbulkwalk`, ...) of `oid` at `target` from `ns`, values only, one
+/// per line and unquoted; `None` when there is no answer.
+fn snmp(
+    lab: &Lab,
+    ns: &str,
+    tool: &str,
+    auth: &[String],
+    target: Ipv4Addr,
+    oid: &str,
+) -> Result<Option<String>> {
+    let mut args: Vec<String> = vec![tool.into(), "-Oqv".into()];
     args.extend(auth.iter().cloned());
-    args.extend(
-        [
-            "-r",
-            "0",
-            "-t",
-            "1",
-            &target.to_string(),
-            "1.3.6.1.2.1.1.5.0",
-        ]
-        .map(String::from),
-    );
+    args.extend(["-r", "0", "-t", "1", &target.to_string(), oid].map(String::from));
     let out = lab.exec(ns, &args)?;
     Ok(out.status.success().then(|| {
         String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .trim_matches('"')
-            .to_string()
+            .lines()
+            .map(|l| l.trim().trim_matches('"'))
+            .collect::<Vec<_>>()
+            .join("\n")
     }))
 }
 
@@ -141,11 +147,7 @@ fn snmpd_answers_v2c_and_v3() -> Result<()> {
         ip("198.18.8.2"),
     ))?;
     let host = site.add_host(HostSpec::new(ip("198.18.8.30")))?;
-    let user = SnmpV3User {
-        name: "census".into(),
-        auth_pass: "auth-secret-1".into(),
-        priv_pass: "priv-secret-1".into(),
-    };
+    let user = SnmpV3User::new("census", "auth-secret-1", "priv-secret-1");
     let spec = SnmpdSpec {
         engine_id: Some(vec![0x80, 0x00, 0x1f, 0x88, 0x04, 0x63, 0x65, 0x6e]),
         v3_user: Some(user.clone()),
@@ -191,6 +193,236 @@ fn snmpd_answers_v2c_and_v3() -> Result<()> {
     ensure!(!snmpd.is_running(), "snmpd still running after kill");
     let gone = sys_name(&lab, agent, &v2c("lab-public"), host.ip())?;
     ensure!(gone.is_none(), "a killed snmpd answered: {gone:?}");
+    Ok(())
+}
+
+/// The chassis entry of ENTITY-MIB (class, serial, model at index 1) over v2c and v1, by GET and
+/// by a GETBULK walk of the table, as the probe walks it; and none without a serial or model.
+#[test]
+fn snmpd_serves_serial_and_model() -> Result<()> {
+    if census_tests::lab::lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let site = lab.add_site(SiteSpec::new(
+        "entity",
+        net("198.18.36.0/24"),
+        ip("198.18.36.2"),
+    ))?;
+    let host = site.add_host(HostSpec::new(ip("198.18.36.10")))?;
+    let plain = site.add_host(HostSpec::new(ip("198.18.36.11")))?;
+    let snmpd = host.run_snmpd(&SnmpdSpec {
+        serial: Some("FOC1234X0AB".into()),
+        model: Some("Lab Switch 24".into()),
+        ..SnmpdSpec::v2c("lab-public", "switch-10")
+    })?;
+    plain.run_snmpd(&SnmpdSpec::v2c("lab-public", "plain-11"))?;
+    let agent = site.agent().ns();
+    let v1 = vec!["-v1".to_string(), "-c".into(), "lab-public".into()];
+    for auth in [v2c("lab-public"), v1] {
+        let serial = snmp(
+            &lab,
+            agent,
+            "snmpget",
+            &auth,
+            host.ip(),
+            "1.3.6.1.2.1.47.1.1.1.1.11.1",
+        )?;
+        ensure!(
+            serial.as_deref() == Some("FOC1234X0AB"),
+            "serial over {auth:?}: {serial:?}\n{}",
+            snmpd.log()
+        );
+        let model = snmp(
+            &lab,
+            agent,
+            "snmpget",
+            &auth,
+            host.ip(),
+            "1.3.6.1.2.1.47.1.1.1.1.13.1",
+        )?;
+        ensure!(
+            model.as_deref() == Some("Lab Switch 24"),
+            "model over {auth:?}: {model:?}"
+        );
+    }
+    // GETBULK walk of entPhysicalEntry: class chassis(3), serial, model, in column order.
+    let entry = snmp(
+        &lab,
+        agent,
+        "snmpbulkwalk",
+        &v2c("lab-public"),
+        host.ip(),
+        "1.3.6.1.2.1.47.1.1.1.1",
+    )?;
+    ensure!(
+        entry.as_deref() == Some("3\nFOC1234X0AB\nLab Switch 24"),
+        "entPhysicalEntry: {entry:?}"
+    );
+    // GETNEXT walk of one column, the way a v1 device is walked.
+    let column = snmp(
+        &lab,
+        agent,
+        "snmpwalk",
+        &["-v1".to_string(), "-c".into(), "lab-public".into()],
+        host.ip(),
+        "1.3.6.1.2.1.47.1.1.1.1.11",
+    )?;
+    ensure!(
+        column.as_deref() == Some("FOC1234X0AB"),
+        "entPhysicalSerialNum: {column:?}"
+    );
+    let none = snmp(
+        &lab,
+        agent,
+        "snmpbulkwalk",
+        &v2c("lab-public"),
+        plain.ip(),
+        "1.3.6.1.2.1.47",
+    )?;
+    ensure!(
+        none.as_deref().is_some_and(|v| !v.contains("FOC")),
+        "an snmpd without a serial: {none:?}"
+    );
+    Ok(())
+}
+
+/// A v3 user of each pairing that matters (SHA-2 with AES-256 and AES-128, the legacy MD5 with
+/// DES, SHA-1 with AES-192 and its key extension, authNoPriv), each on an snmpd of its own, is
+/// answered with its own protocols and pass phrases and refused with another protocol.
+#[test]
+fn snmpd_answers_v3_users_of_every_protocol() -> Result<()> {
+    if census_tests::lab::lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let site = lab.add_site(SiteSpec::new(
+        "snmpv3",
+        net("198.18.38.0/24"),
+        ip("198.18.38.2"),
+    ))?;
+    let pairs = [
+        (SnmpAuth::Sha256, SnmpPriv::Aes256),
+        (SnmpAuth::Sha512, SnmpPriv::Aes),
+        (SnmpAuth::Md5, SnmpPriv::Des),
+        (SnmpAuth::Sha, SnmpPriv::Aes192),
+        (SnmpAuth::Sha384, SnmpPriv::None),
+        (SnmpAuth::Sha224, SnmpPriv::Aes),
+    ];
+    let hosts = site.add_hosts(
+        (0u8..)
+            .zip(pairs)
+            .map(|(i, _)| HostSpec::new(Ipv4Addr::new(198, 18, 38, 10 + i))),
+    )?;
+    let agent = site.agent().ns();
+    for (host, (auth, privacy)) in hosts.iter().zip(pairs) {
+        let user = SnmpV3User::new("census", "auth-secret-1", "priv-secret-1")
+            .with_protocols(auth, privacy);
+        let sys = format!("v3-{}", host.ip().octets()[3]);
+        let snmpd = host.run_snmpd(&SnmpdSpec {
+            communities: Vec::new(),
+            v3_user: Some(user.clone()),
+            ..SnmpdSpec::v2c("unused", &sys)
+        })?;
+        let name = sys_name(&lab, agent, &user.snmpget_args(), host.ip())?;
+        ensure!(
+            name.as_deref() == Some(sys.as_str()),
+            "{auth:?}/{privacy:?}: sysName {name:?}\n{}",
+            snmpd.log()
+        );
+        let other_auth = if auth == SnmpAuth::Md5 {
+            SnmpAuth::Sha
+        } else {
+            SnmpAuth::Md5
+        };
+        let wrong = user.clone().with_protocols(other_auth, privacy);
+        let refused = sys_name(&lab, agent, &wrong.snmpget_args(), host.ip())?;
+        ensure!(
+            refused.is_none(),
+            "{auth:?}/{privacy:?} answered {other_auth:?}: {refused:?}"
+        );
+        let bad_pass = SnmpV3User {
+            auth_pass: "wrong-secret-1".into(),
+            ..user.clone()
+        };
+        let refused = sys_name(&lab, agent, &bad_pass.snmpget_args(), host.ip())?;
+        ensure!(
+            refused.is_none(),
+            "{auth:?}/{privacy:?} answered a wrong pass phrase: {refused:?}"
+        );
+        let v2 = sys_name(&lab, agent, &v2c("unused"), host.ip())?;
+        ensure!(v2.is_none(), "a v3-only snmpd answered v2c: {v2:?}");
+    }
+    Ok(())
+}
+
+/// `exec`, `spawn`, `command` and `spawn_command` run only in this lab's own namespaces: not in
+/// another lab's, not in one that does not exist, and `spawn_command` nothing not made by
+/// `command`.
+#[test]
+fn commands_run_only_in_the_labs_own_namespaces() -> Result<()> {
+    if census_tests::lab::lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let other = Lab::new()?;
+    let site = lab.add_site(SiteSpec::new(
+        "own",
+        net("198.18.46.0/24"),
+        ip("198.18.46.2"),
+    ))?;
+    let agent = site.agent().ns();
+    ensure!(lab.exec_ok(agent, ["true"]).is_ok(), "its own namespace");
+    let foreign = [other.core_ns(), "cz1x1-core", "", "default"];
+    for ns in foreign {
+        let message = lab
+            .exec(ns, ["true"])
+            .err()
+            .map(|e| format!("{e:#}"))
+            .with_context(|| format!("exec in {ns:?} was accepted"))?;
+        ensure!(
+            message.contains("not one of lab") && !message.contains('\n'),
+            "unclear refusal: {message}"
+        );
+        ensure!(lab.exec_ok(ns, ["true"]).is_err(), "exec_ok in {ns:?}");
+        ensure!(
+            lab.exec_timeout(ns, ["true"], Duration::from_secs(5))
+                .is_err(),
+            "exec_timeout in {ns:?}"
+        );
+        ensure!(lab.spawn(ns, ["sleep", "60"]).is_err(), "spawn in {ns:?}");
+        let refused = lab
+            .spawn_command(lab.command(ns, "sleep"))
+            .err()
+            .map(|e| format!("{e:#}"))
+            .with_context(|| format!("command in {ns:?} was spawned"))?;
+        ensure!(refused.contains("not one of lab"), "{refused}");
+        // Run directly, a refused command cannot start.
+        ensure!(
+            lab.command(ns, "true").status().is_err(),
+            "a refused command started"
+        );
+    }
+    let root = lab
+        .spawn_command(std::process::Command::new("true"))
+        .err()
+        .context("a command in the machine's namespace was spawned")?;
+    ensure!(
+        format!("{root:#}").contains("Lab::command"),
+        "unclear refusal: {root:#}"
+    );
+    ensure!(
+        lab.spawn_command(other.command(other.core_ns(), "sleep"))
+            .is_err(),
+        "another lab's command was spawned"
+    );
+    let mut own = lab.command(agent, "sleep");
+    own.arg("60");
+    let proc = lab.spawn_command(own)?;
+    ensure!(proc.is_running(), "its own command did not start");
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! Tests of the ARP sweep: the loop's logic over a fake link (no privileges needed), and a
-//! real sweep in a lab of network namespaces that the test builds and removes itself.
+//! real sweep in the shared lab (`census_tests::lab`), run from the site's agent namespace by
+//! re-running this test binary there (`crate::testing`).
 
 use std::net::Ipv4Addr;
 use std::sync::mpsc;
@@ -7,6 +8,10 @@ use std::time::{Duration, Instant};
 
 use super::packet::{self, ArpOp, ArpPacket};
 use super::*;
+use crate::testing::{
+    self, Lab,
+    lab::{HostSpec, SiteSpec, mac_string},
+};
 
 const OUR_MAC: [u8; 6] = [0x02, 0xc3, 0x07, 0, 0, 0x01];
 const OUR_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 1);
@@ -459,298 +464,151 @@ fn a_failing_link_is_an_error_not_a_hang() {
     assert!(took < Duration::from_millis(500), "took {took:?}");
 }
 
-// === the real thing, in network namespaces ===
+// === the real thing, in the lab ===
 
-/// Environment for the child: the interface to sweep, and the comma-separated targets.
-const CHILD_IFACE: &str = "CENSUS_ARP_CHILD_IFACE";
-const CHILD_TARGETS: &str = "CENSUS_ARP_CHILD_TARGETS";
-/// The parent's own network namespace (`net:[inode]`), which the child must not be in.
-const CHILD_PARENT_NS: &str = "CENSUS_ARP_CHILD_PARENT_NS";
+/// What the parent asks the child to sweep.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct LabInput {
+    interface: String,
+    targets: Vec<Ipv4Addr>,
+}
 
-/// Not a test on its own: the lab test re-executes this test binary inside the agent's
-/// namespace (`ip netns exec`) to run just this function, because entering a namespace
-/// from inside the process (setns) would need unsafe code. Without its environment it
-/// returns at once.
+/// What the child saw.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct LabOutput {
+    /// `ip mac solicited|unsolicited`, sorted.
+    replies: Vec<String>,
+    probed: usize,
+    requests_sent: u64,
+    elapsed_ms: u64,
+}
+
+/// Not a test on its own: the lab test re-runs this test binary inside the agent's namespace
+/// with this test selected, and it sweeps from there.
 #[test]
 fn child_sweep() {
-    let (Ok(name), Ok(list)) = (std::env::var(CHILD_IFACE), std::env::var(CHILD_TARGETS)) else {
+    let Some(input) = testing::child_input::<LabInput>() else {
         return;
     };
-    // Belt and braces for the network safety rule: never in the namespace the parent test
-    // runs in (the host's), and only 198.18.0.0/15.
-    let own = std::fs::read_link("/proc/self/ns/net").expect("own netns");
-    let parent = std::env::var(CHILD_PARENT_NS).expect("the parent names its namespace");
-    assert_ne!(
-        own.to_string_lossy(),
-        parent,
-        "refusing to sweep from the parent's network namespace"
-    );
+    // Belt and braces for the network safety rule (the lab checks its own addresses).
     let bench: ipnet::Ipv4Net = "198.18.0.0/15".parse().expect("literal");
-    let targets: Vec<Ipv4Addr> = list
-        .split(',')
-        .map(|s| s.parse().expect("target list holds IPv4 addresses"))
-        .collect();
     assert!(
-        targets.iter().all(|t| bench.contains(t)),
+        input.targets.iter().all(|t| bench.contains(t)),
         "targets outside 198.18.0.0/15"
     );
-
     let iface = crate::iface::list()
         .expect("interfaces")
         .into_iter()
-        .find(|i| i.name == name)
+        .find(|i| i.name == input.interface)
         .expect("the lab interface exists in this namespace");
     let t = Instant::now();
     let r = sweep(
         &iface,
-        &targets,
+        &input.targets,
         &ArpConfig::default(),
         &CancellationToken::new(),
     )
     .expect("sweep in the lab");
-    let took = t.elapsed();
-    for a in &r.replies {
-        let m = a.mac.map(|b| format!("{b:02x}")).join(":");
-        println!(
-            "REPLY {} {m} {}",
-            a.ip,
-            if a.solicited {
+    let elapsed_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let mut replies: Vec<String> = r
+        .replies
+        .iter()
+        .map(|a| {
+            let how = if a.solicited {
                 "solicited"
             } else {
                 "unsolicited"
-            }
-        );
-    }
-    println!(
-        "SWEEP probed={} sent={} ms={}",
-        r.probed,
-        r.requests_sent,
-        took.as_millis()
-    );
+            };
+            format!("{} {} {how}", a.ip, mac_string(a.mac))
+        })
+        .collect();
+    replies.sort();
+    testing::child_output(&LabOutput {
+        replies,
+        probed: r.probed,
+        requests_sent: r.requests_sent,
+        elapsed_ms,
+    });
 }
 
-/// Namespaces created for one lab, deleted on drop (also when an assertion fails).
-struct Lab {
-    namespaces: Vec<String>,
+fn sweep_in(lab: &Lab, ns: &str, input: &LabInput) -> anyhow::Result<LabOutput> {
+    let mut out: Vec<LabOutput> = testing::run_child(
+        lab,
+        ns,
+        "probe::arp::tests::child_sweep",
+        input,
+        Duration::from_secs(60),
+    )?;
+    anyhow::ensure!(out.len() == 1, "expected one result, got {out:?}");
+    out.pop().ok_or_else(|| anyhow::anyhow!("no result"))
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in &self.namespaces {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", ns])
-                .status();
-        }
-    }
-}
-
-impl Lab {
-    fn add_namespace(&mut self, name: String) -> String {
-        run_ip(&["netns", "add", &name]);
-        self.namespaces.push(name.clone());
-        name
-    }
-}
-
-fn run_ip(args: &[&str]) -> String {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .expect("run ip(8)");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn lab_skip_reason() -> Option<String> {
-    if std::env::var("CENSUS_SKIP_LAB").is_ok_and(|v| v == "1") {
-        return Some("CENSUS_SKIP_LAB=1".into());
-    }
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned));
-    if euid.as_deref() != Some("0") {
-        return Some("not root (network namespaces and raw sockets need it)".into());
-    }
-    None
-}
-
-fn fmt_mac(m: [u8; 6]) -> String {
-    m.map(|b| format!("{b:02x}")).join(":")
-}
-
-/// Waits until every `(namespace, interface)` reports operstate UP.
-fn wait_up(links: &[(&str, &str)]) {
+/// Waits until `eth0` of every namespace in `namespaces` reports operstate UP, so the first
+/// round of requests is not lost to a link still coming up.
+fn wait_up(lab: &Lab, namespaces: &[&str]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    for (ns, dev) in links {
-        while !run_ip(&["-n", ns, "-o", "link", "show", "dev", dev]).contains("state UP") {
-            assert!(Instant::now() < deadline, "{dev} in {ns} never came up");
+    for ns in namespaces {
+        while !lab
+            .exec_ok(ns, ["ip", "-o", "link", "show", "dev", "eth0"])?
+            .contains("state UP")
+        {
+            anyhow::ensure!(Instant::now() < deadline, "eth0 in {ns} never came up");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    Ok(())
 }
 
-/// The rest of `line` after `marker`. Markers are searched for, not expected at the start:
-/// libtest prints `test name ... ` on the same line just before the test's own output.
-fn after_marker<'l>(line: &'l str, marker: &str) -> Option<&'l str> {
-    line.find(marker).map(|at| &line[at + marker.len()..])
-}
-
-/// Runs `child_sweep` inside `ns` and returns its REPLY lines and SWEEP summary.
-fn sweep_in(ns: &str, dev: &str, targets: &[Ipv4Addr]) -> (Vec<String>, String) {
-    let exe = std::env::current_exe().expect("test binary path");
-    let list: Vec<String> = targets.iter().map(ToString::to_string).collect();
-    let parent_ns = std::fs::read_link("/proc/self/ns/net").expect("own netns");
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(exe)
-        .args([
-            "--exact",
-            "probe::arp::tests::child_sweep",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_IFACE, dev)
-        .env(CHILD_TARGETS, list.join(","))
-        .env(CHILD_PARENT_NS, parent_ns.to_string_lossy().as_ref())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn the child sweep");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().expect("child status").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the child sweep did not finish within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("child output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "child sweep failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut replies: Vec<String> = stdout
-        .lines()
-        .filter_map(|l| after_marker(l, "REPLY "))
-        .map(str::to_owned)
-        .collect();
-    replies.sort();
-    let summary = stdout
-        .lines()
-        .find_map(|l| after_marker(l, "SWEEP "))
-        .expect("the child printed its summary")
-        .to_owned();
-    (replies, summary)
-}
-
-/// A site of three hosts on a bridge, swept from a fourth namespace with a real raw socket;
-/// the hosts' kernels answer. Two silent targets, then the whole /24.
+/// A site of three hosts on the lab's LAN, swept from the agent's namespace with a real raw
+/// socket; the hosts' kernels answer. Two silent targets, then the whole /24.
 #[test]
-fn lab_sweep_finds_exactly_the_live_hosts() {
-    if let Some(why) = lab_skip_reason() {
-        eprintln!("skipping the ARP lab test: {why}");
-        return;
+fn lab_sweep_finds_exactly_the_live_hosts() -> anyhow::Result<()> {
+    if testing::skip_lab() {
+        return Ok(());
     }
-    static LABS: AtomicU64 = AtomicU64::new(0);
-    let prefix = format!(
-        "czarp{}n{}",
-        std::process::id(),
-        LABS.fetch_add(1, Ordering::Relaxed)
-    );
-    let mut lab = Lab { namespaces: vec![] };
-    let agent = lab.add_namespace(format!("{prefix}a"));
-    let switch = lab.add_namespace(format!("{prefix}s"));
-    run_ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"]);
-    run_ip(&["-n", &switch, "link", "set", "br0", "up"]);
-    // Veths are created inside the namespaces and their peers moved straight into the
-    // switch: nothing ever exists in, or sends from, the root namespace.
-    run_ip(&[
-        "-n",
-        &agent,
-        "link",
-        "add",
-        "eth0",
-        "address",
-        &fmt_mac(OUR_MAC),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "p0",
-        "netns",
-        &switch,
-    ]);
-    run_ip(&["-n", &agent, "addr", "add", "198.18.7.1/24", "dev", "eth0"]);
-    run_ip(&["-n", &agent, "link", "set", "eth0", "up"]);
-    run_ip(&["-n", &switch, "link", "set", "p0", "master", "br0", "up"]);
-    let mut links = vec![
-        (agent.clone(), "eth0".to_owned()),
-        (switch.clone(), "p0".to_owned()),
-    ];
+    let lab = Lab::new()?;
+    let prefix = lab.prefix().to_owned();
+    let site = lab.add_site(SiteSpec {
+        agent_mac: Some(OUR_MAC),
+        ..SiteSpec::new("arp", "198.18.7.0/24".parse()?, OUR_IP)
+    })?;
     let live = [11u8, 12, 13];
-    for (n, last) in live.iter().enumerate() {
-        let h = lab.add_namespace(format!("{prefix}h{n}"));
-        let port = format!("p{}", n + 1);
-        run_ip(&[
-            "-n",
-            &h,
-            "link",
-            "add",
-            "eth0",
-            "address",
-            &fmt_mac(mac(*last)),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            &switch,
-        ]);
-        run_ip(&[
-            "-n",
-            &h,
-            "addr",
-            "add",
-            &format!("{}/24", ip(*last)),
-            "dev",
-            "eth0",
-        ]);
-        run_ip(&["-n", &h, "link", "set", "eth0", "up"]);
-        run_ip(&["-n", &switch, "link", "set", &port, "master", "br0", "up"]);
-        links.push((h, "eth0".to_owned()));
-        links.push((switch.clone(), port));
-    }
-    let link_refs: Vec<(&str, &str)> = links
-        .iter()
-        .map(|(a, b)| (a.as_str(), b.as_str()))
-        .collect();
-    wait_up(&link_refs);
+    let hosts = site.add_hosts(live.map(|last| HostSpec::new(ip(last)).with_mac(mac(last))))?;
+    let agent = site.agent().ns().to_owned();
+    let mut namespaces = vec![agent.as_str()];
+    namespaces.extend(hosts.iter().map(|h| h.ns()));
+    wait_up(&lab, &namespaces)?;
 
     let expected: Vec<String> = live
         .iter()
-        .map(|l| format!("{} {} solicited", ip(*l), fmt_mac(mac(*l))))
+        .map(|l| format!("{} {} solicited", ip(*l), mac_string(mac(*l))))
         .collect();
 
     // Three live hosts and two silent addresses.
-    let few = [ip(11), ip(12), ip(13), ip(50), ip(51)];
-    let (replies, summary) = sweep_in(&agent, "eth0", &few);
-    assert_eq!(replies, expected, "summary: {summary}");
-    assert!(summary.starts_with("probed=5 sent=9 "), "{summary}");
+    let few = LabInput {
+        interface: "eth0".into(),
+        targets: vec![ip(11), ip(12), ip(13), ip(50), ip(51)],
+    };
+    let out = sweep_in(&lab, &agent, &few)?;
+    assert_eq!(out.replies, expected, "{out:?}");
+    assert_eq!((out.probed, out.requests_sent), (5, 9), "{out:?}");
 
     // The whole /24 but our own address.
-    let all: Vec<Ipv4Addr> = (2..=254).map(ip).collect();
-    let (replies, summary) = sweep_in(&agent, "eth0", &all);
-    assert_eq!(replies, expected, "summary: {summary}");
-    assert!(summary.starts_with("probed=253 sent=753 "), "{summary}");
-    eprintln!("ARP lab /24 sweep (3 live, default config): {summary}");
+    let all = LabInput {
+        interface: "eth0".into(),
+        targets: (2..=254).map(ip).collect(),
+    };
+    let out = sweep_in(&lab, &agent, &all)?;
+    assert_eq!(out.replies, expected, "{out:?}");
+    assert_eq!((out.probed, out.requests_sent), (253, 753), "{out:?}");
+    eprintln!(
+        "ARP lab /24 sweep (3 live, default config): {} ms",
+        out.elapsed_ms
+    );
+
+    drop((hosts, site));
+    drop(lab);
+    let left = census_tests::lab::namespaces_with_prefix(&prefix);
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    Ok(())
 }

@@ -17,7 +17,10 @@ use crate::{
     config::SnmpV3User,
     testing::{
         self, Lab,
-        lab::{HostSpec, RouterSpec, SiteSpec, SnmpV3User as LabUser, SnmpdSpec, mac_string},
+        lab::{
+            HostSpec, RouterSpec, SiteSpec, SnmpAuth, SnmpPriv, SnmpV3User as LabUser, SnmpdSpec,
+            mac_string,
+        },
     },
 };
 
@@ -26,12 +29,22 @@ use crate::{
 struct Input {
     targets: Vec<Ipv4Addr>,
     communities: Vec<String>,
-    /// (name, auth protocol, auth pass, priv protocol, priv pass).
-    users: Vec<(String, String, String, String, String)>,
+    users: Vec<UserInput>,
     timeout_ms: u64,
     retries: u32,
     /// Cancel the sweep this long after it starts.
     cancel_after_ms: Option<u64>,
+}
+
+/// A v3 user as the probe's configuration names it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct UserInput {
+    name: String,
+    auth: String,
+    auth_pass: String,
+    /// `None` for authNoPriv.
+    privacy: Option<String>,
+    priv_pass: Option<String>,
 }
 
 /// What the child saw.
@@ -51,6 +64,7 @@ struct Device {
     sys_object_id: String,
     uptime: u64,
     serial: String,
+    model: String,
     version: String,
     credential: String,
     engine_id: Vec<u8>,
@@ -87,12 +101,12 @@ fn child() {
         v3_users: input
             .users
             .iter()
-            .map(|(name, auth, auth_pass, privacy, priv_pass)| SnmpV3User {
-                name: name.clone(),
-                auth_protocol: Some(auth.clone()),
-                auth_password: Some(auth_pass.clone()),
-                priv_protocol: Some(privacy.clone()),
-                priv_password: Some(priv_pass.clone()),
+            .map(|u| SnmpV3User {
+                name: u.name.clone(),
+                auth_protocol: Some(u.auth.clone()),
+                auth_password: Some(u.auth_pass.clone()),
+                priv_protocol: u.privacy.clone(),
+                priv_password: u.priv_pass.clone(),
             })
             .collect(),
     };
@@ -133,6 +147,7 @@ fn child() {
                 sys_object_id: d.identity.sys_object_id.clone(),
                 uptime: d.identity.sys_uptime_centis,
                 serial: d.identity.serial_number.clone(),
+                model: d.identity.model.clone(),
                 version: d.identity.version.clone(),
                 credential: d.identity.credential.clone(),
                 engine_id: d.identity.engine_id.clone(),
@@ -184,23 +199,35 @@ fn a(s: &str) -> Ipv4Addr {
     s.parse().expect("literal address")
 }
 
+/// A SHA/AES authPriv user of the lab.
 fn lab_user(name: &str) -> LabUser {
-    LabUser {
-        name: name.into(),
-        auth_pass: "census-auth-1".into(),
-        priv_pass: "census-priv-1".into(),
-    }
+    LabUser::new(name, "census-auth-1", "census-priv-1")
 }
 
-/// The user as the probe is configured with it (the lab's users are SHA/AES).
-fn user_input(user: &LabUser) -> (String, String, String, String, String) {
-    (
-        user.name.clone(),
-        "sha".into(),
-        user.auth_pass.clone(),
-        "aes".into(),
-        user.priv_pass.clone(),
-    )
+/// The lab's user as the probe is configured with it.
+fn user_input(user: &LabUser) -> UserInput {
+    let auth = match user.auth {
+        SnmpAuth::Md5 => "md5",
+        SnmpAuth::Sha => "sha",
+        SnmpAuth::Sha224 => "sha224",
+        SnmpAuth::Sha256 => "sha256",
+        SnmpAuth::Sha384 => "sha384",
+        SnmpAuth::Sha512 => "sha512",
+    };
+    let privacy = match user.privacy {
+        SnmpPriv::None => None,
+        SnmpPriv::Des => Some("des"),
+        SnmpPriv::Aes => Some("aes"),
+        SnmpPriv::Aes192 => Some("aes192"),
+        SnmpPriv::Aes256 => Some("aes256"),
+    };
+    UserInput {
+        name: user.name.clone(),
+        auth: auth.into(),
+        auth_pass: user.auth_pass.clone(),
+        privacy: privacy.map(Into::into),
+        priv_pass: privacy.map(|_| user.priv_pass.clone()),
+    }
 }
 
 /// A site where every kind of SNMP device is present: two hosts on different v2c communities
@@ -351,6 +378,108 @@ fn lab_sweep_reads_every_kind_of_device() -> Result<()> {
 
     delta_snmpd.kill()?;
     drop((alpha, beta, gamma, silent, delta, routed, router, site));
+    drop(lab);
+    let left = census_tests::lab::namespaces_with_prefix(&prefix);
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    Ok(())
+}
+
+/// ENTITY-MIB and SNMPv3 protocols against real snmpd: the chassis serial and model of a v2c
+/// device and of a v3 one; v3 users of SHA-256/AES-256, of the legacy MD5/DES (after a user of
+/// the same name with the wrong protocols), of SHA-1 with AES-256 (net-snmp's key extension),
+/// and of SHA-384 authNoPriv, each on a device of its own, each found with its own user.
+#[test]
+fn lab_sweep_reads_serial_model_and_every_v3_protocol() -> Result<()> {
+    if testing::skip_lab() {
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let prefix = lab.prefix().to_owned();
+    let site = lab.add_site(SiteSpec::new(
+        "snmp-entity",
+        "198.18.44.0/24".parse()?,
+        a("198.18.44.2"),
+    ))?;
+    let chassis = site.add_host(HostSpec::new(a("198.18.44.10")))?;
+    chassis.run_snmpd(&SnmpdSpec {
+        serial: Some("FOC1234X0AB".into()),
+        model: Some("Lab Switch 24".into()),
+        ..SnmpdSpec::v2c("entity-ro", "chassis")
+    })?;
+    let user = |name: &str, auth, privacy| lab_user(name).with_protocols(auth, privacy);
+    let modern = user("modern", SnmpAuth::Sha256, SnmpPriv::Aes256);
+    let legacy = user("legacy", SnmpAuth::Md5, SnmpPriv::Des);
+    let extended = user("extended", SnmpAuth::Sha, SnmpPriv::Aes256);
+    let signed = user("signed", SnmpAuth::Sha384, SnmpPriv::None);
+    let mut v3 = Vec::new();
+    for (last, user) in (11..).zip([&modern, &legacy, &extended, &signed]) {
+        let host = site.add_host(HostSpec::new(Ipv4Addr::new(198, 18, 44, last)))?;
+        host.run_snmpd(&SnmpdSpec {
+            communities: Vec::new(),
+            v3_user: Some(user.clone()),
+            // A serial without a model: the model is then empty.
+            serial: (user == &modern).then(|| "SN-MODERN-1".into()),
+            ..SnmpdSpec::v2c("unused", &format!("v3-{}", user.name))
+        })?;
+        v3.push((host, user));
+    }
+
+    let legacy_as_sha = legacy.clone().with_protocols(SnmpAuth::Sha, SnmpPriv::Aes);
+    let mut targets = vec![chassis.ip()];
+    targets.extend(v3.iter().map(|(h, _)| h.ip()));
+    let input = Input {
+        targets,
+        communities: vec!["entity-ro".into()],
+        users: [&legacy_as_sha, &modern, &legacy, &extended, &signed]
+            .map(user_input)
+            .to_vec(),
+        timeout_ms: 500,
+        retries: 1,
+        cancel_after_ms: None,
+    };
+    let out = run_child(&lab, site.agent().ns(), &input)?;
+    eprintln!("SNMP lab sweep of ENTITY-MIB and v3 protocols: {out:#?}");
+    assert_eq!(out.probed, 5);
+    assert_eq!(out.silent, 0, "{out:#?}");
+
+    let d = out.device(chassis.ip());
+    assert_eq!(
+        (
+            d.sys_name.as_str(),
+            d.version.as_str(),
+            d.serial.as_str(),
+            d.model.as_str()
+        ),
+        ("chassis", "2c", "FOC1234X0AB", "Lab Switch 24"),
+        "{d:?}"
+    );
+    for (host, user) in &v3 {
+        let d = out.device(host.ip());
+        assert_eq!(
+            (
+                d.sys_name.as_str(),
+                d.version.as_str(),
+                d.credential.as_str()
+            ),
+            (
+                format!("v3-{}", user.name).as_str(),
+                "3",
+                user.name.as_str()
+            ),
+            "{:?}/{:?}: {d:?}",
+            user.auth,
+            user.privacy
+        );
+        assert!(!d.engine_id.is_empty(), "{d:?}");
+        assert!(d.macs.contains(&mac_string(host.mac())), "{d:?}");
+    }
+    let d = out.device(v3[0].0.ip());
+    assert_eq!((d.serial.as_str(), d.model.as_str()), ("SN-MODERN-1", ""));
+    for d in &out.devices {
+        assert!(d.errors.is_empty(), "{d:?}");
+    }
+
+    drop((chassis, v3, site));
     drop(lab);
     let left = census_tests::lab::namespaces_with_prefix(&prefix);
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
