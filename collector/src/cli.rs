@@ -1,5 +1,6 @@
-//! The `census` command-line client: enrollment tokens, clients, counts and devices, over the
-//! collector's admin and query services. Output is a table for people or `--json` for scripts.
+//! The `census` command-line client: enrollment tokens, clients, counts and devices, counting
+//! policies and billing snapshots, over the collector's admin and query services. Output is a
+//! table for people or `--json` for scripts.
 //!
 //! Every failure ends in one line on stderr and an exit code: 64 for a usage error, 69 when the
 //! collector cannot be reached, 77 when a credential is refused, 1 otherwise.
@@ -15,6 +16,11 @@ use census_proto::{
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use tonic::{Code, Request, Status, transport::Channel};
+
+use crate::{
+    policy::{self, RandomizedRule},
+    snapshot::Period,
+};
 
 pub const EX_USAGE: u8 = 64;
 pub const EX_UNAVAILABLE: u8 = 69;
@@ -130,7 +136,112 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A client's device counting policy (versioned; the default is device-v1).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Billing snapshots: a client's counted devices for a month, frozen.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
 }
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// The client's current policy (or one version of it).
+    Show {
+        #[arg(long)]
+        client: String,
+        /// A version to show, e.g. one a snapshot names (acme-2, device-v1).
+        #[arg(long)]
+        version: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Save a new version of the client's policy: the options given replace those of the
+    /// current policy, the others are kept.
+    Set {
+        #[arg(long)]
+        client: String,
+        /// A device counts if seen within this many days (1 to 3650).
+        #[arg(long)]
+        window_days: Option<u32>,
+        /// The categories that count, comma-separated (network, printer, computer,
+        /// phone-tablet, media-iot, unknown), or "all".
+        #[arg(long, value_delimiter = ',')]
+        categories: Option<Vec<String>>,
+        /// How devices without a strong identifier (randomized MACs) count: count, exclude, or
+        /// count-if-named (only with an mDNS or other name).
+        #[arg(long, value_parser = parse_randomized)]
+        randomized: Option<RandomizedRule>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Freeze the client's counted devices for a billing period. A period's snapshot is never
+    /// changed: creating it again is refused.
+    Create {
+        #[arg(long)]
+        client: String,
+        /// The billing month, YYYY-MM.
+        #[arg(long, value_parser = parse_period)]
+        period: String,
+    },
+    /// The client's snapshots, oldest first.
+    List {
+        #[arg(long)]
+        client: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One snapshot with its counted devices (--json: the whole snapshot).
+    Show {
+        #[arg(long)]
+        client: String,
+        #[arg(long, value_parser = parse_period)]
+        period: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// What changed since the previous period that has a snapshot: devices added, removed,
+    /// recategorized, and the count deltas.
+    Diff {
+        #[arg(long)]
+        client: String,
+        #[arg(long, value_parser = parse_period)]
+        period: String,
+        /// Compare with this period instead of the previous one.
+        #[arg(long, value_parser = parse_period)]
+        against: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export a snapshot for a PSA: CSV (one row per counted device) or JSON (the whole
+    /// snapshot), to stdout or a file.
+    Export {
+        #[arg(long)]
+        client: String,
+        #[arg(long, value_parser = parse_period)]
+        period: String,
+        #[arg(long, value_parser = ["csv", "json"])]
+        format: String,
+        /// Write to this file instead of stdout.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+}
+
+fn parse_period(s: &str) -> Result<String, String> {
+    Period::parse(s)
+        .map(|p| p.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn parse_randomized(s: &str) -> Result<RandomizedRule, String> {
+    RandomizedRule::parse(s).ok_or_else(|| "expected count, exclude or count-if-named".to_owned())
+}
+
+/// How large a snapshot the CLI accepts in one message (the collector sends up to 64 MiB).
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
@@ -209,8 +320,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             .insert(census_proto::AUTHORIZATION, value);
         Ok(req)
     };
-    let mut query = QueryServiceClient::with_interceptor(channel.clone(), auth.clone());
-    let mut admin = AdminServiceClient::with_interceptor(channel, auth);
+    let mut query = QueryServiceClient::with_interceptor(channel.clone(), auth.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let mut admin = AdminServiceClient::with_interceptor(channel, auth)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let url = cli.collector.as_str();
     match cli.command {
         Command::Token(TokenCommand::Create { client, site }) => {
@@ -417,6 +530,8 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
+        Command::Policy(cmd) => policy_command(cmd, &mut query, &mut admin, url).await?,
+        Command::Snapshot(cmd) => snapshot_command(cmd, &mut query, &mut admin, url).await?,
         Command::Devices {
             client,
             site,
@@ -575,7 +690,7 @@ fn status_failure(status: Status, url: &str) -> Failure {
             ),
         ),
         Code::InvalidArgument => Failure::new(EX_USAGE, msg),
-        Code::NotFound => Failure::new(1, msg),
+        Code::NotFound | Code::FailedPrecondition => Failure::new(1, msg),
         code => Failure::new(1, format!("collector error ({code:?}): {msg}")),
     }
 }
@@ -781,4 +896,462 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
     for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
+}
+
+// === policy and snapshots ===
+
+type Authed<F> = tonic::service::interceptor::InterceptedService<Channel, F>;
+
+async fn policy_command<F: tonic::service::Interceptor>(
+    cmd: PolicyCommand,
+    query: &mut QueryServiceClient<Authed<F>>,
+    admin: &mut AdminServiceClient<Authed<F>>,
+    url: &str,
+) -> Result<(), Failure> {
+    match cmd {
+        PolicyCommand::Show {
+            client,
+            version,
+            json,
+        } => {
+            let p = query
+                .get_policy(v1::GetPolicyRequest {
+                    client: client.clone(),
+                    version: version.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&policy_json(&client, &p)).unwrap_or_default()
+                );
+            } else {
+                print_policy(&client, &p);
+            }
+        }
+        PolicyCommand::Set {
+            client,
+            window_days,
+            categories,
+            randomized,
+        } => {
+            if window_days.is_none() && categories.is_none() && randomized.is_none() {
+                return Err(Failure::new(
+                    EX_USAGE,
+                    "nothing to set: pass --window-days, --categories or --randomized",
+                ));
+            }
+            // The options given replace those of the current policy; the rest are kept.
+            let mut p = query
+                .get_policy(v1::GetPolicyRequest {
+                    client: client.clone(),
+                    version: String::new(),
+                })
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            if let Some(days) = window_days {
+                p.window_days = days;
+            }
+            if let Some(list) = categories {
+                p.categories = if list.iter().any(|c| c.trim().eq_ignore_ascii_case("all")) {
+                    Vec::new()
+                } else {
+                    list
+                };
+            }
+            if let Some(rule) = randomized {
+                p.randomized = match rule {
+                    RandomizedRule::Count => v1::RandomizedRule::Count,
+                    RandomizedRule::Exclude => v1::RandomizedRule::Exclude,
+                    RandomizedRule::CountIfNamed => v1::RandomizedRule::CountIfNamed,
+                } as i32;
+            }
+            let saved = admin
+                .set_policy(v1::SetPolicyRequest {
+                    client: client.clone(),
+                    policy: Some(p),
+                })
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            eprintln!(
+                "saved policy {} for client {client}; counts follow it from now on",
+                saved.version
+            );
+            print_policy(&client, &saved);
+        }
+    }
+    Ok(())
+}
+
+fn randomized_label(r: i32) -> &'static str {
+    match v1::RandomizedRule::try_from(r) {
+        Ok(v1::RandomizedRule::Exclude) => RandomizedRule::Exclude.label(),
+        Ok(v1::RandomizedRule::CountIfNamed) => RandomizedRule::CountIfNamed.label(),
+        _ => RandomizedRule::Count.label(),
+    }
+}
+
+/// The categories a policy counts: every one when it lists none.
+fn policy_categories(p: &v1::CountingPolicy) -> Vec<String> {
+    if p.categories.is_empty() {
+        policy::CATEGORIES.iter().map(|c| (*c).to_owned()).collect()
+    } else {
+        p.categories.clone()
+    }
+}
+
+fn policy_json(client: &str, p: &v1::CountingPolicy) -> serde_json::Value {
+    json!({
+        "client": client,
+        "version": p.version,
+        "default": p.is_default,
+        "window_days": p.window_days,
+        "categories": policy_categories(p),
+        "randomized": randomized_label(p.randomized),
+        "saved_at": p.saved_at.as_ref().map(|t| time(Some(t))),
+    })
+}
+
+fn print_policy(client: &str, p: &v1::CountingPolicy) {
+    println!("client      {client}");
+    if p.is_default {
+        println!("version     {} (built-in default)", p.version);
+    } else {
+        println!(
+            "version     {} (saved {})",
+            p.version,
+            time(p.saved_at.as_ref())
+        );
+    }
+    println!("window      {} days", p.window_days);
+    println!(
+        "categories  {}",
+        if p.categories.is_empty() {
+            "all".to_owned()
+        } else {
+            p.categories.join(", ")
+        }
+    );
+    println!("randomized  {}", randomized_label(p.randomized));
+}
+
+fn by_category(counts: &[v1::CategoryCount]) -> String {
+    counts
+        .iter()
+        .map(|k| format!("{}={}", k.category, k.count))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// "12 devices (computer=10 printer=2)", without the parentheses when there are none.
+fn devices_text(devices: u64, counts: &[v1::CategoryCount]) -> String {
+    if counts.is_empty() {
+        format!("{devices} devices")
+    } else {
+        format!("{devices} devices ({})", by_category(counts))
+    }
+}
+
+fn summary_json(s: &v1::SnapshotSummary) -> serde_json::Value {
+    let by: serde_json::Map<String, serde_json::Value> = s
+        .devices_by_category
+        .iter()
+        .map(|k| (k.category.clone(), json!(k.count)))
+        .collect();
+    json!({
+        "client": s.client,
+        "period": s.period,
+        "as_of": time(s.as_of.as_ref()),
+        "policy_version": s.policy_version,
+        "devices": s.devices,
+        "devices_by_category": by,
+        "users": s.users,
+    })
+}
+
+fn identifiers_text(ids: &[v1::Identifier]) -> String {
+    ids.iter()
+        .map(|i| format!("{}={}", i.kind, i.value))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+fn snapshot_device_json(d: &v1::SnapshotDevice) -> serde_json::Value {
+    json!({
+        "device_id": d.id,
+        "category": d.category,
+        "identifiers": d.identifiers.iter().map(|i| json!({"kind": i.kind, "value": i.value, "strong": i.strong, "key": i.key})).collect::<Vec<_>>(),
+        "sites": d.sites,
+        "first_seen": time(d.first_seen.as_ref()),
+        "last_seen": time(d.last_seen.as_ref()),
+        "counted_by": d.counted_by,
+    })
+}
+
+fn change_json(c: Option<&v1::CountChange>) -> serde_json::Value {
+    c.map_or(
+        serde_json::Value::Null,
+        |c| json!({"before": c.before, "after": c.after, "delta": c.delta}),
+    )
+}
+
+fn change_text(c: Option<&v1::CountChange>) -> String {
+    c.map_or_else(String::new, |c| {
+        format!("{} -> {} ({:+})", c.before, c.after, c.delta)
+    })
+}
+
+async fn snapshot_command<F: tonic::service::Interceptor>(
+    cmd: SnapshotCommand,
+    query: &mut QueryServiceClient<Authed<F>>,
+    admin: &mut AdminServiceClient<Authed<F>>,
+    url: &str,
+) -> Result<(), Failure> {
+    match cmd {
+        SnapshotCommand::Create { client, period } => {
+            let s = admin
+                .create_snapshot(v1::CreateSnapshotRequest { client, period })
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            println!(
+                "snapshot {} {} created: {}, {} users, policy {}, as of {}",
+                s.client,
+                s.period,
+                devices_text(s.devices, &s.devices_by_category),
+                s.users,
+                s.policy_version,
+                time(s.as_of.as_ref())
+            );
+        }
+        SnapshotCommand::List { client, json } => {
+            let r = query
+                .list_snapshots(v1::ListSnapshotsRequest { client })
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            if json {
+                let rows: Vec<_> = r.snapshots.iter().map(summary_json).collect();
+                print_json(&rows);
+            } else {
+                let rows = r
+                    .snapshots
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.period.clone(),
+                            s.devices.to_string(),
+                            s.users.to_string(),
+                            by_category(&s.devices_by_category),
+                            s.policy_version.clone(),
+                            time(s.as_of.as_ref()),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "PERIOD",
+                        "DEVICES",
+                        "USERS",
+                        "BY CATEGORY",
+                        "POLICY",
+                        "AS OF",
+                    ],
+                    rows,
+                );
+            }
+        }
+        SnapshotCommand::Show {
+            client,
+            period,
+            json,
+        } => {
+            if json {
+                // The whole snapshot, exactly as `snapshot export --format json` writes it.
+                let bytes = export(query, client, period, v1::ExportFormat::Json, url).await?;
+                print_bytes(&bytes)?;
+                return Ok(());
+            }
+            let snap = query
+                .get_snapshot(v1::GetSnapshotRequest { client, period })
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            let s = snap.summary.unwrap_or_default();
+            println!("snapshot    {} {}", s.client, s.period);
+            println!("as of       {}", time(s.as_of.as_ref()));
+            println!("policy      {}", s.policy_version);
+            println!(
+                "devices     {}",
+                devices_text(s.devices, &s.devices_by_category)
+            );
+            println!("users       {}", s.users);
+            println!();
+            let rows = snap
+                .devices
+                .iter()
+                .map(|d| {
+                    vec![
+                        d.id.clone(),
+                        d.category.clone(),
+                        identifiers_text(&d.identifiers),
+                        d.sites.join(","),
+                        time(d.first_seen.as_ref()),
+                        time(d.last_seen.as_ref()),
+                        d.counted_by.clone(),
+                    ]
+                })
+                .collect();
+            print_table(
+                &[
+                    "DEVICE",
+                    "CATEGORY",
+                    "IDENTIFIERS",
+                    "SITES",
+                    "FIRST SEEN",
+                    "LAST SEEN",
+                    "COUNTED BY",
+                ],
+                rows,
+            );
+        }
+        SnapshotCommand::Diff {
+            client,
+            period,
+            against,
+            json,
+        } => {
+            let d = query
+                .diff_snapshot(v1::DiffSnapshotRequest {
+                    client,
+                    period,
+                    against: against.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            if json {
+                let by: serde_json::Map<String, serde_json::Value> = d
+                    .devices_by_category
+                    .iter()
+                    .map(|c| (c.category.clone(), change_json(Some(c))))
+                    .collect();
+                let value = json!({
+                    "client": d.client,
+                    "period": d.period,
+                    "previous_period": (!d.previous_period.is_empty()).then_some(&d.previous_period),
+                    "devices": change_json(d.devices.as_ref()),
+                    "devices_by_category": by,
+                    "users": change_json(d.users.as_ref()),
+                    "added": d.added.iter().map(snapshot_device_json).collect::<Vec<_>>(),
+                    "removed": d.removed.iter().map(snapshot_device_json).collect::<Vec<_>>(),
+                    "category_changed": d.category_changed.iter().map(|c| json!({"device_id": c.id, "from": c.from, "to": c.to})).collect::<Vec<_>>(),
+                    "reidentified": d.reidentified.iter().map(|r| json!({"previous_id": r.previous_id, "device_id": r.id, "shared_key": r.shared_key})).collect::<Vec<_>>(),
+                });
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&value).unwrap_or_default()
+                );
+            } else {
+                if d.previous_period.is_empty() {
+                    println!(
+                        "{} {}: no earlier snapshot, every device is added",
+                        d.client, d.period
+                    );
+                } else {
+                    println!("{} {} against {}", d.client, d.period, d.previous_period);
+                }
+                println!("devices   {}", change_text(d.devices.as_ref()));
+                for c in &d.devices_by_category {
+                    println!("  {:<14}{}", c.category, change_text(Some(c)));
+                }
+                println!("users     {}", change_text(d.users.as_ref()));
+                for x in &d.added {
+                    println!(
+                        "added     {} {} {}",
+                        x.id,
+                        x.category,
+                        identifiers_text(&x.identifiers)
+                    );
+                }
+                for x in &d.removed {
+                    println!(
+                        "removed   {} {} {} (last seen {})",
+                        x.id,
+                        x.category,
+                        identifiers_text(&x.identifiers),
+                        time(x.last_seen.as_ref())
+                    );
+                }
+                for c in &d.category_changed {
+                    println!("category  {} {} -> {}", c.id, c.from, c.to);
+                }
+                for r in &d.reidentified {
+                    println!(
+                        "same      {} is now {} (shares {})",
+                        r.previous_id, r.id, r.shared_key
+                    );
+                }
+            }
+        }
+        SnapshotCommand::Export {
+            client,
+            period,
+            format,
+            output,
+        } => {
+            let format = if format == "json" {
+                v1::ExportFormat::Json
+            } else {
+                v1::ExportFormat::Csv
+            };
+            let bytes = export(query, client, period, format, url).await?;
+            match output {
+                Some(path) => {
+                    std::fs::write(&path, &bytes).map_err(|e| {
+                        Failure::new(1, format!("cannot write {}: {e}", path.display()))
+                    })?;
+                    eprintln!("wrote {} ({} bytes)", path.display(), bytes.len());
+                }
+                None => print_bytes(&bytes)?,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fetches an export whole (it arrives in chunks).
+async fn export<F: tonic::service::Interceptor>(
+    query: &mut QueryServiceClient<Authed<F>>,
+    client: String,
+    period: String,
+    format: v1::ExportFormat,
+    url: &str,
+) -> Result<Vec<u8>, Failure> {
+    let mut stream = query
+        .export_snapshot(v1::ExportSnapshotRequest {
+            client,
+            period,
+            format: format as i32,
+        })
+        .await
+        .map_err(|s| status_failure(s, url))?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.message().await.map_err(|s| status_failure(s, url))? {
+        out.extend_from_slice(&chunk.data);
+    }
+    Ok(out)
+}
+
+fn print_bytes(bytes: &[u8]) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .map_err(|e| Failure::new(1, format!("cannot write to stdout: {e}")))
 }

@@ -4,8 +4,10 @@
 //!
 //! Layout:
 //! - [`config`]: the daemon's `Config` (TOML, environment, flags) and its validation.
-//! - [`model`]: records, validation of observations, and counting.
+//! - [`model`]: records and validation of observations.
 //! - [`identity`]: the I/O-free rules that decide which observations are one device.
+//! - [`policy`]: the versioned counting policy per client, and why each device counts or not.
+//! - [`snapshot`]: billing snapshots per period, their diff and their CSV/JSON export.
 //! - [`store`]: the [`store::Store`] trait, the sled store and the in-memory store.
 //! - [`auth`]: enrollment tokens and the operator token.
 //! - [`service`]: the `census.v1` gRPC services (ingest, query, admin).
@@ -20,8 +22,10 @@ pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod model;
+pub mod policy;
 pub mod server;
 pub mod service;
 pub mod signal;
+pub mod snapshot;
 pub mod store;
 pub mod telemetry;

@@ -1,13 +1,14 @@
-//! The collector's records and the I/O-free rules that turn observations into devices.
+//! The collector's records and the I/O-free validation of what agents send.
 //!
 //! Nothing here touches disk, the network or the clock: every function takes the time it needs
 //! as an argument, so ingest and counting are deterministic to test. The stores persist these
 //! records; the services translate them to and from `census.v1`.
 //!
-//! Which observations are one device is [`crate::identity`]'s job; every record is scoped by
-//! client, so two clients' overlapping subnets never meet.
+//! Which observations are one device is [`crate::identity`]'s job, and which devices count is
+//! [`crate::policy`]'s; every record is scoped by client, so two clients' overlapping subnets
+//! never meet.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::net::IpAddr;
 
 use census_proto::{
     convert::{self, MacAddr},
@@ -26,10 +27,6 @@ pub const MAX_EVIDENCE: usize = 64;
 /// How many addresses and names a device keeps; the least recently seen go first.
 pub const MAX_DEVICE_ADDRESSES: usize = 64;
 
-/// Version of the counting rules in [`counts_device`].
-pub const DEVICE_POLICY_VERSION: &str = "device-v1";
-/// Devices seen within this window count.
-pub const DEFAULT_WINDOW_MS: u64 = 30 * 24 * 60 * 60 * 1000;
 /// Observations stamped further than this in the future are clamped to the receive time.
 const MAX_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
 
@@ -321,18 +318,7 @@ fn clean_text(s: &str, max: usize) -> String {
     out.trim().to_owned()
 }
 
-// === counting ===
-
-/// Whether a device counts at `now_ms` under policy `device-v1`, and the rule that decided.
-pub fn counts_device(dev: &DeviceRecord, now_ms: u64) -> (bool, String) {
-    let age_ms = now_ms.saturating_sub(dev.last_seen_ms);
-    let days = DEFAULT_WINDOW_MS / (24 * 60 * 60 * 1000);
-    if age_ms <= DEFAULT_WINDOW_MS {
-        (true, format!("seen within the last {days} days"))
-    } else {
-        (false, format!("not seen for more than {days} days"))
-    }
-}
+// === categories ===
 
 /// Category of a device: the agents' latest decision, "unknown" without one.
 pub fn category(dev: &DeviceRecord) -> &str {
@@ -340,25 +326,6 @@ pub fn category(dev: &DeviceRecord) -> &str {
         "unknown"
     } else {
         &dev.category
-    }
-}
-
-/// Per-client totals under the default policy.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Tally {
-    pub devices: u64,
-    pub by_category: BTreeMap<String, u64>,
-}
-
-impl Tally {
-    pub fn add(&mut self, dev: &DeviceRecord, now_ms: u64) {
-        if counts_device(dev, now_ms).0 {
-            self.devices += 1;
-            *self
-                .by_category
-                .entry(category(dev).to_owned())
-                .or_default() += 1;
-        }
     }
 }
 
@@ -479,8 +446,13 @@ mod tests {
         let mut g = crate::identity::MemGraph::default();
         crate::identity::apply(&mut g, &scope("acme"), "agent", &obs).expect("infallible");
         let dev = g.devices.values().next().expect("a device");
-        assert!(counts_device(dev, 1_000 + DEFAULT_WINDOW_MS).0);
-        assert!(!counts_device(dev, 1_001 + DEFAULT_WINDOW_MS).0);
+        let policy = crate::policy::Policy::default();
+        let window_ms = 30 * 24 * 60 * 60 * 1000;
+        assert!(crate::policy::evaluate(&policy, dev, 1_000 + window_ms).counted);
+        let stale = crate::policy::evaluate(&policy, dev, 1_001 + window_ms);
+        assert!(!stale.counted, "{stale:?}");
+        // Out of the window, but still there: history is kept.
+        assert_eq!(g.devices.len(), 1);
     }
 
     #[test]

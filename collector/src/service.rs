@@ -2,6 +2,8 @@
 //!
 //! Handlers authenticate, validate, and hand the work to the [`Store`] on a blocking thread;
 //! they never trust a client or site named by an agent: an agent's scope comes from its token.
+//! Every count and every device's `counted`/`reason` follows the client's counting policy
+//! ([`crate::policy`]); billing snapshots ([`crate::snapshot`]) freeze them per period.
 
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
@@ -21,7 +23,9 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use crate::{
     auth::{self, AuthError, OperatorToken},
     identity::{self, EditError, Event, EventKind},
-    model::{self, DeviceRecord, Scope, Tally},
+    model::{self, DeviceRecord, Scope},
+    policy::{self, Policy, PolicyRules, RandomizedRule, Tally},
+    snapshot::{self, Period, Snapshot},
     store::{BatchId, BatchOutcome, Edit, Store, StoreError},
 };
 
@@ -274,8 +278,11 @@ fn batch_digest(batch: &v1::ObservationBatch) -> [u8; 32] {
 
 // === impl QueryService ===
 
-fn device_to_wire(dev: &DeviceRecord, now: u64) -> v1::Device {
-    let (counted, reason) = model::counts_device(dev, now);
+fn device_to_wire(dev: &DeviceRecord, policy: &Policy, now: u64) -> v1::Device {
+    let policy::Decision {
+        counted,
+        rule: reason,
+    } = policy::evaluate(policy, dev, now);
     v1::Device {
         id: dev.id.clone(),
         client: dev.client.clone(),
@@ -376,9 +383,10 @@ impl QueryService for Collector {
                 names
                     .into_iter()
                     .map(|client| {
+                        let policy = s.policy(&client)?;
                         let mut tally = Tally::default();
                         for dev in s.devices(&client, None)? {
-                            tally.add(&dev, now);
+                            tally.add(&dev, &policy::evaluate(&policy, &dev, now));
                         }
                         Ok(v1::ClientCounts {
                             client,
@@ -386,7 +394,7 @@ impl QueryService for Collector {
                             users: 0,
                             devices_by_category: category_counts(tally.by_category),
                             as_of: Some(convert::timestamp_from_millis(now)),
-                            policy_version: model::DEVICE_POLICY_VERSION.to_owned(),
+                            policy_version: policy.version,
                         })
                     })
                     .collect::<Result<Vec<_>, StoreError>>()
@@ -410,9 +418,10 @@ impl QueryService for Collector {
         let devices = self
             .blocking(move |s| {
                 let site = (!req.site.is_empty()).then_some(req.site.as_str());
+                let policy = s.policy(&req.client)?;
                 Ok(s.devices(&req.client, site)?
                     .iter()
-                    .map(|d| device_to_wire(d, now))
+                    .map(|d| device_to_wire(d, &policy, now))
                     .filter(|d| req.category.is_empty() || d.category == req.category)
                     .filter(|d| match counted {
                         v1::CountedFilter::Any => true,
@@ -434,9 +443,11 @@ impl QueryService for Collector {
         self.require_client(&req.client).await?;
         let now = now_ms();
         let (client, id) = (req.client.clone(), req.id.clone());
-        let device = self.blocking(move |s| s.device(&client, &id)).await?;
+        let (device, policy) = self
+            .blocking(move |s| Ok((s.device(&client, &id)?, s.policy(&client)?)))
+            .await?;
         device
-            .map(|d| Response::new(device_to_wire(&d, now)))
+            .map(|d| Response::new(device_to_wire(&d, &policy, now)))
             .ok_or_else(|| {
                 Status::not_found(format!("no device {:?} in client {:?}", req.id, req.client))
             })
@@ -453,6 +464,300 @@ impl QueryService for Collector {
         Ok(Response::new(v1::ListHistoryResponse {
             events: events.iter().map(event_to_wire).collect(),
         }))
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<v1::GetPolicyRequest>,
+    ) -> Result<Response<v1::CountingPolicy>, Status> {
+        let req = request.into_inner();
+        model::validate_name("client", &req.client).map_err(name_status)?;
+        self.require_client(&req.client).await?;
+        let (client, version) = (req.client.clone(), req.version.clone());
+        let found = self
+            .blocking(move |s| {
+                Ok(if version.is_empty() {
+                    Some(s.policy(&client)?)
+                } else if version == policy::DEFAULT_VERSION {
+                    Some(Policy::default())
+                } else {
+                    s.policies(&client)?
+                        .into_iter()
+                        .find(|p| p.version == version)
+                })
+            })
+            .await?;
+        found
+            .map(|p| Response::new(policy_to_wire(&p)))
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "client {:?} has no policy version {:?}",
+                    req.client, req.version
+                ))
+            })
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<v1::ListSnapshotsRequest>,
+    ) -> Result<Response<v1::ListSnapshotsResponse>, Status> {
+        let client = request.into_inner().client;
+        model::validate_name("client", &client).map_err(name_status)?;
+        self.require_client(&client).await?;
+        let snapshots = self.blocking(move |s| s.snapshots(&client)).await?;
+        Ok(Response::new(v1::ListSnapshotsResponse {
+            snapshots: snapshots.iter().map(snapshot_summary).collect(),
+        }))
+    }
+
+    async fn get_snapshot(
+        &self,
+        request: Request<v1::GetSnapshotRequest>,
+    ) -> Result<Response<v1::Snapshot>, Status> {
+        let req = request.into_inner();
+        let snap = self.stored_snapshot(&req.client, &req.period).await?;
+        Ok(Response::new(snapshot_to_wire(&snap)))
+    }
+
+    async fn diff_snapshot(
+        &self,
+        request: Request<v1::DiffSnapshotRequest>,
+    ) -> Result<Response<v1::SnapshotDiff>, Status> {
+        let req = request.into_inner();
+        let current = self.stored_snapshot(&req.client, &req.period).await?;
+        let previous = if req.against.is_empty() {
+            let client = req.client.clone();
+            let period = current.period.clone();
+            // The latest earlier period that has a snapshot ("YYYY-MM" sorts by time).
+            self.blocking(move |s| {
+                Ok(s.snapshots(&client)?
+                    .into_iter()
+                    .rfind(|p| p.period < period))
+            })
+            .await?
+        } else {
+            Some(self.stored_snapshot(&req.client, &req.against).await?)
+        };
+        let d = snapshot::diff(previous.as_ref(), &current);
+        Ok(Response::new(diff_to_wire(&current.client, &d)))
+    }
+
+    type ExportSnapshotStream =
+        tokio_stream::Iter<std::vec::IntoIter<Result<v1::ExportChunk, Status>>>;
+
+    async fn export_snapshot(
+        &self,
+        request: Request<v1::ExportSnapshotRequest>,
+    ) -> Result<Response<Self::ExportSnapshotStream>, Status> {
+        let req = request.into_inner();
+        let format = v1::ExportFormat::try_from(req.format).unwrap_or_default();
+        let (ext, content_type) = match format {
+            v1::ExportFormat::Csv => ("csv", "text/csv"),
+            v1::ExportFormat::Json => ("json", "application/json"),
+            v1::ExportFormat::Unspecified => {
+                return Err(Status::invalid_argument(
+                    "export format must be CSV or JSON",
+                ));
+            }
+        };
+        let snap = self.stored_snapshot(&req.client, &req.period).await?;
+        let content = match format {
+            v1::ExportFormat::Json => {
+                let mut text = serde_json::to_string_pretty(&snapshot::to_json(&snap))
+                    .map_err(|e| Status::internal(format!("cannot render the snapshot: {e}")))?;
+                text.push('\n');
+                text
+            }
+            _ => snapshot::to_csv(&snap),
+        };
+        // Chunks well under gRPC's default 4 MiB message limit, so any client can read them.
+        let mut chunks: Vec<Result<v1::ExportChunk, Status>> = content
+            .as_bytes()
+            .chunks(EXPORT_CHUNK_BYTES)
+            .map(|c| {
+                Ok(v1::ExportChunk {
+                    data: c.to_vec(),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        if chunks.is_empty() {
+            chunks.push(Ok(v1::ExportChunk::default()));
+        }
+        if let Some(Ok(first)) = chunks.first_mut() {
+            first.content_type = content_type.to_owned();
+            first.file_name = format!("census-{}-{}.{ext}", snap.client, snap.period);
+        }
+        Ok(Response::new(tokio_stream::iter(chunks)))
+    }
+}
+
+/// The size of one exported chunk.
+const EXPORT_CHUNK_BYTES: usize = 1024 * 1024;
+
+impl Collector {
+    /// The snapshot of a client and period, or the status that says why there is none.
+    async fn stored_snapshot(&self, client: &str, period: &str) -> Result<Snapshot, Status> {
+        model::validate_name("client", client).map_err(name_status)?;
+        let period = Period::parse(period)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
+            .to_string();
+        self.require_client(client).await?;
+        let (c, p) = (client.to_owned(), period.clone());
+        self.blocking(move |s| s.snapshot(&c, &p))
+            .await?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no snapshot of client {client} for {period}: see `census snapshot list --client {client}`"
+                ))
+            })
+    }
+}
+
+// === policy and snapshot messages ===
+
+fn randomized_to_wire(r: RandomizedRule) -> v1::RandomizedRule {
+    match r {
+        RandomizedRule::Count => v1::RandomizedRule::Count,
+        RandomizedRule::Exclude => v1::RandomizedRule::Exclude,
+        RandomizedRule::CountIfNamed => v1::RandomizedRule::CountIfNamed,
+    }
+}
+
+fn policy_to_wire(p: &Policy) -> v1::CountingPolicy {
+    v1::CountingPolicy {
+        version: p.version.clone(),
+        client: p.client.clone(),
+        window_days: p.rules.window_days,
+        categories: p.rules.categories.clone(),
+        randomized: randomized_to_wire(p.rules.randomized) as i32,
+        saved_at: (p.saved_ms != 0).then(|| convert::timestamp_from_millis(p.saved_ms)),
+        is_default: p.is_default(),
+    }
+}
+
+/// The rules of a policy an operator sent, checked.
+fn policy_from_wire(p: &v1::CountingPolicy) -> Result<PolicyRules, Status> {
+    let randomized = match v1::RandomizedRule::try_from(p.randomized) {
+        Ok(v1::RandomizedRule::Count) => RandomizedRule::Count,
+        Ok(v1::RandomizedRule::Exclude) => RandomizedRule::Exclude,
+        Ok(v1::RandomizedRule::CountIfNamed) => RandomizedRule::CountIfNamed,
+        _ => {
+            return Err(Status::invalid_argument(
+                policy::PolicyError::Randomized.to_string(),
+            ));
+        }
+    };
+    PolicyRules {
+        window_days: p.window_days,
+        categories: p.categories.clone(),
+        randomized,
+    }
+    .validated()
+    .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn snapshot_summary(s: &Snapshot) -> v1::SnapshotSummary {
+    v1::SnapshotSummary {
+        client: s.client.clone(),
+        period: s.period.clone(),
+        as_of: Some(convert::timestamp_from_millis(s.as_of_ms)),
+        policy_version: s.policy.version.clone(),
+        devices: s.device_count(),
+        devices_by_category: category_counts(s.by_category.clone()),
+        users: s.users.count,
+        users_policy_version: s.users.policy_version.clone(),
+    }
+}
+
+fn snapshot_device_to_wire(d: &snapshot::SnapshotDevice) -> v1::SnapshotDevice {
+    v1::SnapshotDevice {
+        id: d.id.clone(),
+        category: d.category.clone(),
+        category_reason: d.category_reason.clone(),
+        identifiers: d
+            .identifiers
+            .iter()
+            .map(|i| v1::Identifier {
+                kind: i.kind.clone(),
+                value: i.value.clone(),
+                strong: i.strong,
+                key: i.key.clone(),
+            })
+            .collect(),
+        names: d.names.clone(),
+        addresses: d.addresses.clone(),
+        sites: d.sites.clone(),
+        first_seen: Some(convert::timestamp_from_millis(d.first_seen_ms)),
+        last_seen: Some(convert::timestamp_from_millis(d.last_seen_ms)),
+        counted_by: d.counted_by.clone(),
+        evidence: d
+            .evidence
+            .iter()
+            .map(|e| v1::Evidence {
+                agent_id: e.agent_id.clone(),
+                method: [
+                    v1::Method::Arp,
+                    v1::Method::Icmp,
+                    v1::Method::Snmp,
+                    v1::Method::Mdns,
+                ]
+                .into_iter()
+                .find(|m| m.label() == e.method)
+                .unwrap_or(v1::Method::Unspecified) as i32,
+                first_seen: Some(convert::timestamp_from_millis(e.first_seen_ms)),
+                last_seen: Some(convert::timestamp_from_millis(e.last_seen_ms)),
+                observations: e.observations,
+            })
+            .collect(),
+    }
+}
+
+fn snapshot_to_wire(s: &Snapshot) -> v1::Snapshot {
+    v1::Snapshot {
+        summary: Some(snapshot_summary(s)),
+        policy: Some(policy_to_wire(&s.policy)),
+        devices: s.devices.iter().map(snapshot_device_to_wire).collect(),
+    }
+}
+
+fn count_change(c: &snapshot::CountDelta) -> v1::CountChange {
+    v1::CountChange {
+        category: c.category.clone(),
+        before: c.before,
+        after: c.after,
+        delta: c.delta(),
+    }
+}
+
+fn diff_to_wire(client: &str, d: &snapshot::Diff) -> v1::SnapshotDiff {
+    v1::SnapshotDiff {
+        client: client.to_owned(),
+        period: d.period.clone(),
+        previous_period: d.previous_period.clone().unwrap_or_default(),
+        added: d.added.iter().map(snapshot_device_to_wire).collect(),
+        removed: d.removed.iter().map(snapshot_device_to_wire).collect(),
+        category_changed: d
+            .category_changed
+            .iter()
+            .map(|c| v1::CategoryChange {
+                id: c.id.clone(),
+                from: c.from.clone(),
+                to: c.to.clone(),
+            })
+            .collect(),
+        reidentified: d
+            .reidentified
+            .iter()
+            .map(|r| v1::ReidentifiedDevice {
+                previous_id: r.previous_id.clone(),
+                id: r.id.clone(),
+                shared_key: r.shared_key.clone(),
+            })
+            .collect(),
+        devices: Some(count_change(&d.devices)),
+        devices_by_category: d.by_category.iter().map(count_change).collect(),
+        users: Some(count_change(&d.users)),
     }
 }
 
@@ -675,5 +980,62 @@ impl AdminService for Collector {
     ) -> Result<Response<v1::HistoryEvent>, Status> {
         let r = request.into_inner();
         self.edit(r.client, Edit::Undo { seq: r.seq }).await
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<v1::SetPolicyRequest>,
+    ) -> Result<Response<v1::CountingPolicy>, Status> {
+        let req = request.into_inner();
+        model::validate_name("client", &req.client).map_err(name_status)?;
+        let wire = req
+            .policy
+            .ok_or_else(|| Status::invalid_argument("SetPolicy needs a policy"))?;
+        let rules = policy_from_wire(&wire)?;
+        self.require_client(&req.client).await?;
+        let now = now_ms();
+        let client = req.client.clone();
+        let saved = self
+            .blocking(move |s| s.put_policy(&client, &rules, now))
+            .await?;
+        info!(client = %req.client, version = %saved.version, rules = %saved.summary(), "counting policy saved");
+        Ok(Response::new(policy_to_wire(&saved)))
+    }
+
+    async fn create_snapshot(
+        &self,
+        request: Request<v1::CreateSnapshotRequest>,
+    ) -> Result<Response<v1::SnapshotSummary>, Status> {
+        let req = request.into_inner();
+        model::validate_name("client", &req.client).map_err(name_status)?;
+        let period =
+            Period::parse(&req.period).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let now = now_ms();
+        if period.start_ms() > now {
+            return Err(Status::invalid_argument(format!(
+                "period {period} has not started yet: a snapshot freezes a period that has begun"
+            )));
+        }
+        self.require_client(&req.client).await?;
+        let client = req.client.clone();
+        let created = self
+            .blocking(move |s| {
+                if s.snapshot(&client, &period.to_string())?.is_some() {
+                    return Ok(None);
+                }
+                let policy = s.policy(&client)?;
+                let devices = s.devices(&client, None)?;
+                let snap = snapshot::build(&client, period, &policy, &devices, now);
+                Ok(s.create_snapshot(&snap)?.then_some(snap))
+            })
+            .await?;
+        let Some(snap) = created else {
+            return Err(Status::failed_precondition(format!(
+                "snapshot {} {period} exists; snapshots are immutable",
+                req.client
+            )));
+        };
+        info!(client = %snap.client, period = %snap.period, devices = snap.device_count(), policy = %snap.policy.version, "billing snapshot created");
+        Ok(Response::new(snapshot_summary(&snap)))
     }
 }

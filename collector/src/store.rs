@@ -7,6 +7,10 @@
 //! across clients. [`Store::apply_batch`] is atomic and durable: when it returns `Ok`, the batch
 //! and its effect on devices are on disk together, and the batch is marked applied so a replay
 //! changes nothing.
+//!
+//! Counting policies and billing snapshots are stored here too: a saved policy gets the next
+//! version of its client and is never changed afterwards; a snapshot is written once per
+//! (client, period) and a second write is refused, never applied.
 
 pub mod memory;
 pub mod sled;
@@ -20,6 +24,8 @@ use crate::{
     model::{
         AddressRecord, CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord,
     },
+    policy::{Policy, PolicyRules},
+    snapshot::Snapshot,
 };
 
 /// What happened to a batch.
@@ -100,6 +106,33 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// The client's merges and splits, oldest first.
     fn history(&self, client: &str) -> Result<Vec<Event>, StoreError>;
+
+    /// Saves `rules` as the client's counting policy under its next version (`<client>-<n>`),
+    /// durably, and returns it. Earlier versions stay stored.
+    fn put_policy(
+        &self,
+        client: &str,
+        rules: &PolicyRules,
+        at_ms: u64,
+    ) -> Result<Policy, StoreError>;
+
+    /// Every policy saved for the client, oldest first.
+    fn policies(&self, client: &str) -> Result<Vec<Policy>, StoreError>;
+
+    /// The client's current policy: the last one saved, or the default.
+    fn policy(&self, client: &str) -> Result<Policy, StoreError> {
+        Ok(self.policies(client)?.pop().unwrap_or_default())
+    }
+
+    /// Stores a billing snapshot, durably, unless its client and period already have one.
+    /// Returns `false` (and writes nothing) when one exists: snapshots are immutable.
+    fn create_snapshot(&self, snapshot: &Snapshot) -> Result<bool, StoreError>;
+
+    /// The client's snapshot for `period` (`YYYY-MM`).
+    fn snapshot(&self, client: &str, period: &str) -> Result<Option<Snapshot>, StoreError>;
+
+    /// The client's snapshots, oldest period first.
+    fn snapshots(&self, client: &str) -> Result<Vec<Snapshot>, StoreError>;
 }
 
 /// An operator's edit of a client's devices.
@@ -276,5 +309,82 @@ pub(crate) mod contract {
         assert_eq!(store.token("t1").expect("token"), Some(token));
         assert_eq!(store.token("t2").expect("token"), None);
         assert_eq!(store.tokens().expect("tokens").len(), 1);
+
+        policies(store);
+        snapshots(store);
+    }
+
+    fn policies(store: &dyn Store) {
+        use crate::policy::{DEFAULT_VERSION, PolicyRules, RandomizedRule};
+
+        // No policy saved: the default.
+        assert_eq!(
+            store.policy("acme").expect("policy").version,
+            DEFAULT_VERSION
+        );
+        assert!(store.policies("acme").expect("policies").is_empty());
+        let strict = PolicyRules {
+            window_days: 7,
+            categories: vec!["computer".into()],
+            randomized: RandomizedRule::Exclude,
+        };
+        let p1 = store.put_policy("acme", &strict, 10).expect("put");
+        assert_eq!(p1.version, "acme-1");
+        assert_eq!((p1.client.as_str(), p1.saved_ms), ("acme", 10));
+        let p2 = store
+            .put_policy("acme", &PolicyRules::default(), 20)
+            .expect("put");
+        assert_eq!(p2.version, "acme-2");
+        assert_eq!(store.policy("acme").expect("policy"), p2);
+        // Old versions stay, in order; other clients (and prefixes) are untouched.
+        assert_eq!(store.policies("acme").expect("policies"), [p1.clone(), p2]);
+        assert_eq!(
+            store.policy("acm").expect("policy").version,
+            DEFAULT_VERSION
+        );
+        assert_eq!(
+            store.policy("globex").expect("policy").version,
+            DEFAULT_VERSION
+        );
+        assert_eq!(
+            store
+                .put_policy("globex", &strict, 30)
+                .expect("put")
+                .version,
+            "globex-1"
+        );
+        assert_eq!(p1.rules, strict);
+    }
+
+    fn snapshots(store: &dyn Store) {
+        use crate::{
+            policy::Policy,
+            snapshot::{self, Period},
+        };
+
+        let devices = store.devices("acme", None).expect("devices");
+        let period = |p: &str| Period::parse(p).expect("period");
+        let nov = snapshot::build("acme", period("2026-11"), &Policy::default(), &devices, 200);
+        assert_eq!(nov.devices.len(), 2);
+        assert!(store.create_snapshot(&nov).expect("create"));
+        // A second write of the same period is refused and changes nothing.
+        let other = snapshot::build("acme", period("2026-11"), &Policy::default(), &[], 300);
+        assert!(!store.create_snapshot(&other).expect("create"));
+        assert_eq!(
+            store.snapshot("acme", "2026-11").expect("get"),
+            Some(nov.clone())
+        );
+        let oct = snapshot::build("acme", period("2026-10"), &Policy::default(), &[], 100);
+        assert!(store.create_snapshot(&oct).expect("create"));
+        let globex = snapshot::build("globex", period("2026-11"), &Policy::default(), &[], 1);
+        assert!(store.create_snapshot(&globex).expect("create"));
+        let list = store.snapshots("acme").expect("list");
+        assert_eq!(
+            list.iter().map(|s| s.period.as_str()).collect::<Vec<_>>(),
+            ["2026-10", "2026-11"]
+        );
+        assert_eq!(store.snapshot("acme", "2026-12").expect("get"), None);
+        assert!(store.snapshots("acm").expect("list").is_empty());
+        assert_eq!(store.snapshots("globex").expect("list").len(), 1);
     }
 }

@@ -8,6 +8,8 @@ use std::{
 use super::{BatchId, BatchOutcome, Edit, Store, StoreError, present, run_edit};
 use crate::identity::{self, Event, MemGraph};
 use crate::model::{CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord};
+use crate::policy::{Policy, PolicyRules};
+use crate::snapshot::Snapshot;
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -22,6 +24,10 @@ struct Inner {
     /// Per client.
     graphs: BTreeMap<String, MemGraph>,
     batches: BTreeMap<(String, String, String, u64), [u8; 32]>,
+    /// Per client, oldest first.
+    policies: BTreeMap<String, Vec<Policy>>,
+    /// Per (client, period).
+    snapshots: BTreeMap<(String, String), Snapshot>,
 }
 
 impl MemoryStore {
@@ -172,6 +178,61 @@ impl Store for MemoryStore {
             .get(client)
             .map(|g| g.events.values().cloned().collect())
             .unwrap_or_default())
+    }
+
+    fn put_policy(
+        &self,
+        client: &str,
+        rules: &PolicyRules,
+        at_ms: u64,
+    ) -> Result<Policy, StoreError> {
+        let mut inner = self.lock();
+        let list = inner.policies.entry(client.to_owned()).or_default();
+        let policy = Policy {
+            version: Policy::version_for(client, list.len() as u64 + 1),
+            client: client.to_owned(),
+            saved_ms: at_ms,
+            rules: rules.clone(),
+        };
+        list.push(policy.clone());
+        Ok(policy)
+    }
+
+    fn policies(&self, client: &str) -> Result<Vec<Policy>, StoreError> {
+        Ok(self
+            .lock()
+            .policies
+            .get(client)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    fn create_snapshot(&self, snapshot: &Snapshot) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let k = (snapshot.client.clone(), snapshot.period.clone());
+        if inner.snapshots.contains_key(&k) {
+            return Ok(false);
+        }
+        inner.snapshots.insert(k, snapshot.clone());
+        Ok(true)
+    }
+
+    fn snapshot(&self, client: &str, period: &str) -> Result<Option<Snapshot>, StoreError> {
+        Ok(self
+            .lock()
+            .snapshots
+            .get(&(client.to_owned(), period.to_owned()))
+            .cloned())
+    }
+
+    fn snapshots(&self, client: &str) -> Result<Vec<Snapshot>, StoreError> {
+        Ok(self
+            .lock()
+            .snapshots
+            .values()
+            .filter(|s| s.client == client)
+            .cloned()
+            .collect())
     }
 }
 

@@ -11,9 +11,14 @@
 //! - `events`: `client\0sequence (u64 BE)` -> [`Event`] (merges and splits)
 //! - `batches`: `client\0site\0agent id\0sequence (u64 BE)` -> applied-at millis (u64 BE)
 //!   and the SHA-256 of the batch's content
+//! - `policies`: `client\0n (u64 BE)` -> [`Policy`] version `<client>-<n>`, never rewritten
+//! - `snapshots`: `client\0period` -> [`Snapshot`], written once, never overwritten
 //!
-//! Values are one format byte followed by postcard. Every write that is acknowledged to anyone
-//! is flushed first: sled's background flush alone can lose the last half second.
+//! Values are one format byte followed by postcard, or (policies and snapshots) by JSON: those
+//! are kept for years and read rarely, so they are stored in a self-describing form that later
+//! fields (`#[serde(default)]`) can be added to without rewriting them. Every write that is
+//! acknowledged to anyone is flushed first: sled's background flush alone can lose the last half
+//! second.
 
 use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
@@ -29,10 +34,14 @@ use super::{BatchId, BatchOutcome, Edit, Store, StoreError, present, run_edit};
 use crate::{
     identity::{self, AddressOwner, EditError, Event, Graph, KeyRecord, VirtualMacRecord},
     model::{CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord},
+    policy::{Policy, PolicyRules},
+    snapshot::Snapshot,
 };
 
-/// Format byte in front of every stored value.
+/// Format byte in front of every stored value: postcard.
 const FORMAT_V1: u8 = 1;
+/// Format byte for values stored as JSON.
+const FORMAT_JSON: u8 = 2;
 
 /// The sled-backed store. Cheap to clone handles are inside; share it behind an `Arc`.
 #[derive(Debug, Clone)]
@@ -47,6 +56,8 @@ pub struct SledStore {
     vmacs: sled::Tree,
     events: sled::Tree,
     batches: sled::Tree,
+    policies: sled::Tree,
+    snapshots: sled::Tree,
 }
 
 impl SledStore {
@@ -85,6 +96,8 @@ impl SledStore {
             vmacs: tree("vmacs")?,
             events: tree("events")?,
             batches: tree("batches")?,
+            policies: tree("policies")?,
+            snapshots: tree("snapshots")?,
             db,
         })
     }
@@ -121,6 +134,12 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     Ok(out)
 }
 
+fn encode_json<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    let mut out = vec![FORMAT_JSON];
+    serde_json::to_writer(&mut out, value).map_err(|e| StoreError::Engine(e.to_string()))?;
+    Ok(out)
+}
+
 fn decode<T: DeserializeOwned>(k: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt {
         key: String::from_utf8_lossy(k).replace('\0', "/"),
@@ -128,6 +147,9 @@ fn decode<T: DeserializeOwned>(k: &[u8], bytes: &[u8]) -> Result<T, StoreError> 
     };
     match bytes.split_first() {
         Some((&FORMAT_V1, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt(e.to_string())),
+        Some((&FORMAT_JSON, rest)) => {
+            serde_json::from_slice(rest).map_err(|e| corrupt(e.to_string()))
+        }
         Some((v, _)) => Err(corrupt(format!("unknown format {v}"))),
         None => Err(corrupt("empty value".into())),
     }
@@ -382,6 +404,105 @@ impl Store for SledStore {
     fn history(&self, client: &str) -> Result<Vec<Event>, StoreError> {
         scan(&self.events, &prefix(&[client.as_bytes()]))
     }
+
+    fn put_policy(
+        &self,
+        client: &str,
+        rules: &PolicyRules,
+        at_ms: u64,
+    ) -> Result<Policy, StoreError> {
+        let p = prefix(&[client.as_bytes()]);
+        // The next number after the client's last; compare-and-swap into an empty key, so two
+        // operators saving at once get two versions, never one overwritten.
+        loop {
+            let last = match self.policies.scan_prefix(&p).next_back() {
+                Some(kv) => {
+                    let (k, _) = kv.map_err(engine)?;
+                    k.get(p.len()..)
+                        .and_then(|n| <[u8; 8]>::try_from(n).ok())
+                        .map(u64::from_be_bytes)
+                        .ok_or_else(|| StoreError::Corrupt {
+                            key: String::from_utf8_lossy(&k).replace('\0', "/"),
+                            reason: "policy key has no version number".into(),
+                        })?
+                }
+                None => 0,
+            };
+            let n = last + 1;
+            let policy = Policy {
+                version: Policy::version_for(client, n),
+                client: client.to_owned(),
+                saved_ms: at_ms,
+                rules: rules.clone(),
+            };
+            let swapped = self
+                .policies
+                .compare_and_swap(
+                    key(&[client.as_bytes(), &n.to_be_bytes()]),
+                    None as Option<&[u8]>,
+                    Some(encode_json(&policy)?),
+                )
+                .map_err(engine)?;
+            if swapped.is_ok() {
+                self.flush()?;
+                return Ok(policy);
+            }
+        }
+    }
+
+    fn policies(&self, client: &str) -> Result<Vec<Policy>, StoreError> {
+        scan(&self.policies, &prefix(&[client.as_bytes()]))
+    }
+
+    fn policy(&self, client: &str) -> Result<Policy, StoreError> {
+        match self
+            .policies
+            .scan_prefix(prefix(&[client.as_bytes()]))
+            .next_back()
+        {
+            Some(kv) => {
+                let (k, v) = kv.map_err(engine)?;
+                decode(&k, &v)
+            }
+            None => Ok(Policy::default()),
+        }
+    }
+
+    fn create_snapshot(&self, snapshot: &Snapshot) -> Result<bool, StoreError> {
+        let k = key(&[snapshot.client.as_bytes(), snapshot.period.as_bytes()]);
+        let value = encode_json(snapshot)?;
+        // One transaction that refuses to overwrite: a snapshot is written once, whole.
+        let created = self
+            .snapshots
+            .transaction(|t| {
+                if t.get(&k)?.is_some() {
+                    return Ok(false);
+                }
+                t.insert(k.as_slice(), value.as_slice())?;
+                Ok(true)
+            })
+            .map_err(|e: TransactionError<()>| match e {
+                TransactionError::Storage(e) => engine(e),
+                TransactionError::Abort(()) => StoreError::Engine("snapshot write aborted".into()),
+            })?;
+        if created {
+            self.flush()?;
+        }
+        Ok(created)
+    }
+
+    fn snapshot(&self, client: &str, period: &str) -> Result<Option<Snapshot>, StoreError> {
+        let k = key(&[client.as_bytes(), period.as_bytes()]);
+        self.snapshots
+            .get(&k)
+            .map_err(engine)?
+            .map(|v| decode(&k, &v))
+            .transpose()
+    }
+
+    fn snapshots(&self, client: &str) -> Result<Vec<Snapshot>, StoreError> {
+        scan(&self.snapshots, &prefix(&[client.as_bytes()]))
+    }
 }
 
 /// Why an edit's transaction was aborted.
@@ -535,6 +656,46 @@ mod tests {
         }
         let store = SledStore::open(dir.path()).expect("reopen");
         assert_eq!(store.sites("acme").expect("sites").len(), 1);
+    }
+
+    #[test]
+    fn policies_and_snapshots_survive_reopen() {
+        use crate::{
+            policy::{PolicyRules, RandomizedRule},
+            snapshot::{self, Period},
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rules = PolicyRules {
+            randomized: RandomizedRule::CountIfNamed,
+            ..PolicyRules::default()
+        };
+        let period = Period::parse("2026-11").expect("period");
+        let snap = {
+            let store = SledStore::open(dir.path()).expect("open");
+            let policy = store.put_policy("acme", &rules, 5).expect("put");
+            let snap = snapshot::build("acme", period, &policy, &[], 6);
+            assert!(store.create_snapshot(&snap).expect("create"));
+            snap
+        };
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.policy("acme").expect("policy").version, "acme-1");
+        assert_eq!(store.policy("acme").expect("policy").rules, rules);
+        assert_eq!(store.snapshot("acme", "2026-11").expect("get"), Some(snap));
+        assert!(
+            !store
+                .create_snapshot(&snapshot::build(
+                    "acme",
+                    period,
+                    &Default::default(),
+                    &[],
+                    7
+                ))
+                .expect("create")
+        );
+        assert_eq!(
+            store.put_policy("acme", &rules, 8).expect("put").version,
+            "acme-2"
+        );
     }
 
     #[test]
