@@ -13,12 +13,16 @@
 //! - [`run`]: the agent's main loop, driven by a shutdown token.
 //! - [`signal`]: the shutdown trigger (Unix signals, Windows console events).
 //! - [`telemetry`]: tracing set-up.
+//! - `fuzzing` (hidden): thin wrappers the cargo-fuzz targets in `agent/fuzz/` and the corpus
+//!   replay test (`tests/fuzz_corpus.rs`) call.
 
 #![forbid(unsafe_code)]
 
 pub mod classify;
 pub mod config;
 pub mod discovery;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod iface;
 pub mod probe;
 pub mod report;

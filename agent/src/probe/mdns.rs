@@ -29,22 +29,22 @@ use tracing::{debug, instrument, warn};
 const META_QUERY: &str = "_services._dns-sd._udp.local.";
 
 /// Most hosts one sweep reports.
-const MAX_HOSTS: usize = 4096;
+pub(crate) const MAX_HOSTS: usize = 4096;
 /// Most service types one sweep browses.
-const MAX_SERVICE_TYPES: usize = 256;
+pub(crate) const MAX_SERVICE_TYPES: usize = 256;
 /// Most service instances one host may hold.
-const MAX_SERVICES_PER_HOST: usize = 32;
+pub(crate) const MAX_SERVICES_PER_HOST: usize = 32;
 /// Most service instances one sweep holds across all hosts. With the other caps this bounds
 /// what a hostile link can make a sweep hold to a few MiB.
-const MAX_SERVICES_TOTAL: usize = 4096;
+pub(crate) const MAX_SERVICES_TOTAL: usize = 4096;
 /// Most TXT records kept per service.
-const MAX_TXT_PER_SERVICE: usize = 32;
+pub(crate) const MAX_TXT_PER_SERVICE: usize = 32;
 /// Most bytes of TXT keys and values kept per service.
-const MAX_TXT_BYTES_PER_SERVICE: usize = 1024;
+pub(crate) const MAX_TXT_BYTES_PER_SERVICE: usize = 1024;
 /// Most IPv4 addresses kept per service and per host.
-const MAX_ADDRESSES: usize = 16;
+pub(crate) const MAX_ADDRESSES: usize = 16;
 /// Longest string kept (a DNS name's limit), in bytes.
-const MAX_STRING_BYTES: usize = 255;
+pub(crate) const MAX_STRING_BYTES: usize = 255;
 /// How long the daemon may take to confirm its shutdown after the window.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// How often a browse refused by a full daemon command queue is retried.
@@ -339,23 +339,23 @@ impl Drop for Daemon {
 /// One resolved instance as mdns-sd reports it, before any checks: the seam between the
 /// daemon and [`Collector`], so the grouping logic is tested without a network.
 #[derive(Debug, Clone, Default, PartialEq)]
-struct Resolved {
+pub(crate) struct Resolved {
     /// Full instance name, `Office Printer._ipp._tcp.local.`.
-    fullname: String,
+    pub(crate) fullname: String,
     /// `_ipp._tcp.local.`.
-    service_type: String,
+    pub(crate) service_type: String,
     /// The SRV target, `printer-1.local.`.
-    host: String,
-    port: u16,
-    addresses: Vec<IpAddr>,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) addresses: Vec<IpAddr>,
     /// Keys with their raw values (`None`: a boolean key); values need not be UTF-8.
-    txt: Vec<(String, Option<Vec<u8>>)>,
+    pub(crate) txt: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl Resolved {
     /// Copies what the collector can use: strings cut to their caps (the collector cleans
     /// again, which changes nothing), tables cut near theirs, IPv6 addresses left out.
-    fn from_service(service: &ResolvedService) -> Resolved {
+    pub(crate) fn from_service(service: &ResolvedService) -> Resolved {
         Resolved {
             fullname: clean(&service.fullname),
             service_type: clean(&service.ty_domain),
@@ -423,7 +423,7 @@ struct ServiceEntry {
 
 /// Gathers one browse's answers into hosts, bounded whatever the link sends. No I/O.
 #[derive(Debug)]
-struct Collector {
+pub(crate) struct Collector {
     scopes: Vec<Ipv4Net>,
     /// Lowercase service types seen on the meta-query.
     types: BTreeSet<String>,
@@ -435,7 +435,7 @@ struct Collector {
 }
 
 impl Collector {
-    fn new(scopes: Vec<Ipv4Net>) -> Collector {
+    pub(crate) fn new(scopes: Vec<Ipv4Net>) -> Collector {
         Collector {
             scopes,
             types: BTreeSet::new(),
@@ -447,7 +447,7 @@ impl Collector {
 
     /// Records a type named by the meta-query. Returns its canonical form when it is a new,
     /// browsable type within the cap (the caller browses it), `None` otherwise.
-    fn add_type(&mut self, name: &str) -> Option<String> {
+    pub(crate) fn add_type(&mut self, name: &str) -> Option<String> {
         let Some(ty) = service_type_name(name) else {
             self.dropped.bad_types += 1;
             return None;
@@ -466,7 +466,7 @@ impl Collector {
     /// Files one resolved instance under its host. A later resolution of the same instance
     /// replaces the earlier one (a changed TXT, port or host), so repeats never grow the
     /// result.
-    fn add_resolved(&mut self, resolved: Resolved) {
+    pub(crate) fn add_resolved(&mut self, resolved: Resolved) {
         let mut addresses: Vec<Ipv4Addr> = resolved
             .addresses
             .iter()
@@ -578,7 +578,7 @@ impl Collector {
 
     /// The result: hosts by name, each with its services by type then instance, and the
     /// union of their addresses.
-    fn finish(self) -> MdnsSweepResult {
+    pub(crate) fn finish(self) -> MdnsSweepResult {
         let hosts = self
             .hosts
             .into_values()

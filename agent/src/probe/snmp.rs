@@ -22,14 +22,14 @@
 //! does not increase, and after 30 s; a device's tables get 2 minutes together. Strings are
 //! capped at 255 bytes and tables at `max_rows`. Cancellation drops every query at once.
 
-mod ber;
+pub(crate) mod ber;
 mod credential;
 mod device;
 #[cfg(all(test, unix))]
 mod lab_tests;
-mod session;
-mod tables;
-mod usm;
+pub(crate) mod session;
+pub(crate) mod tables;
+pub(crate) mod usm;
 
 use std::{
     collections::BTreeSet,

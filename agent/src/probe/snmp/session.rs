@@ -306,7 +306,7 @@ fn is_unreadable(e: &snmp2::Error) -> bool {
 }
 
 /// Takes one response's varbinds into a walk; true when the walk is over.
-fn step(
+pub(crate) fn step(
     walk: &mut Walk,
     root: &[u32],
     cursor: &mut Vec<u32>,
