@@ -20,6 +20,8 @@
 //! Layout:
 //! - `lab.rs` (this file): [`Lab`], sites, agents, hosts and routers, address checks, `exec` and
 //!   `spawn` in one of the lab's own namespaces, teardown on drop.
+//! - `lab/identity.rs`: what identity resolution is tested against: multi-homed hosts, hosts
+//!   that change address or MAC, randomized MACs, VRRP virtual addresses and proxy ARP.
 //! - `lab/responders.rs`: `snmpd` and the mDNS responder (`lab/mdns_responder.py`).
 //! - `lab/cmd.rs`: running `ip` and friends under a deadline, in batches, a few at a time.
 //! - `lab/cleanup.rs`: removing namespaces and the processes inside them.
@@ -33,6 +35,7 @@
 
 mod cleanup;
 mod cmd;
+mod identity;
 mod responders;
 
 use std::ffi::OsStr;
@@ -48,6 +51,7 @@ use anyhow::{Context, Result, bail};
 use tempfile::TempDir;
 
 pub use cleanup::namespaces_with_prefix;
+pub use identity::{HostInterface, is_locally_administered, vrrp_mac};
 pub use ipnet::Ipv4Net;
 pub use responders::{MdnsService, MdnsSpec, SnmpAuth, SnmpPriv, SnmpV3User, SnmpdSpec};
 
@@ -168,7 +172,8 @@ impl HostSpec {
 pub struct RouterSpec {
     /// The router's address on the site LAN (the agents' next hop to `routed_subnet`).
     pub lan_ip: Ipv4Addr,
-    /// The subnet behind the router: its own bridge in its own switch namespace.
+    /// The subnet behind the router: its own bridge in its own switch namespace. Strictly
+    /// inside the site LAN, it is carved out of the LAN (see [`Site::add_router`]).
     pub routed_subnet: Ipv4Net,
     /// The router's address on `routed_subnet`, the default gateway of hosts there.
     pub routed_ip: Ipv4Addr,
@@ -204,6 +209,8 @@ struct State {
     /// Last octet of the next agent uplink address on the core network.
     next_uplink: u8,
     next_file: u32,
+    /// Counter behind [`Lab::randomized_mac`].
+    next_local_mac: u32,
 }
 
 /// One bridge (a LAN) in its switch namespace.
@@ -220,8 +227,12 @@ struct Segment {
 struct SiteState {
     lan: usize,
     agents: Vec<String>,
+    /// The agents' LAN addresses, which a carved routed subnet must not contain.
+    agent_ips: Vec<Ipv4Addr>,
     /// (routed subnet, router's LAN address) for every router of the site.
     routes: Vec<(Ipv4Net, Ipv4Addr)>,
+    /// Routed subnets carved out of the LAN (see [`Site::add_router`]): agents get no route.
+    carved: Vec<Ipv4Net>,
 }
 
 impl fmt::Debug for Lab {
@@ -309,7 +320,9 @@ impl Lab {
             st.sites.push(SiteState {
                 lan,
                 agents: Vec::new(),
+                agent_ips: Vec::new(),
                 routes: Vec::new(),
+                carved: Vec::new(),
             });
             st.sites.len() - 1
         };
@@ -544,6 +557,9 @@ impl Lab {
         let (ns, switch_ns, port, lan_mac, up_mac, uplink, subnet, routes) = {
             let mut st = self.state();
             let site_state = st.sites.get(site).context("no such site")?;
+            if let Some(net) = site_state.carved.iter().find(|n| n.contains(&ip)) {
+                bail!("agent address {ip} is inside {net}, which a router holds behind proxy ARP");
+            }
             let (lan, routes) = (site_state.lan, site_state.routes.clone());
             let octet = st.next_uplink;
             if octet == 255 {
@@ -584,6 +600,7 @@ impl Lab {
         self.ip_batch(Some(&ns), &lines)?;
         if let Some(site_state) = self.state().sites.get_mut(site) {
             site_state.agents.push(ns.clone());
+            site_state.agent_ips.push(ip);
         }
         Ok(Agent {
             ns,
@@ -647,9 +664,14 @@ impl Lab {
             .map(|(ns, _, mac, spec)| Host {
                 lab: self,
                 ns,
-                ip: spec.ip,
-                prefix_len: subnet.prefix_len(),
-                mac,
+                segment,
+                eth0: HostInterface {
+                    name: "eth0".into(),
+                    ip: spec.ip,
+                    prefix_len: subnet.prefix_len(),
+                    mac,
+                },
+                eth1: None,
             })
             .collect())
     }
@@ -665,18 +687,43 @@ impl Lab {
             check_mac(mac)?;
         }
         let _topology = self.topology.lock().unwrap_or_else(PoisonError::into_inner);
-        let (lan, agents) = {
+        let (lan, lan_subnet, agents, carved) = {
             let st = self.state();
             let site_state = st.sites.get(site).context("no such site")?;
             let lan = st.segments.get(site_state.lan).context("no such segment")?;
             check_host_addr(spec.lan_ip, lan.subnet, "router address on the site LAN")?;
-            let taken = std::iter::once(lan.subnet).chain(site_state.routes.iter().map(|r| r.0));
+            // A routed subnet strictly inside the LAN is carved out of it: the agents keep
+            // taking its addresses for on-link ones (so no route is added), and reach them only
+            // if the router answers ARP for them (Router::enable_proxy_arp).
+            let carved =
+                lan.subnet.contains(&routed) && routed.prefix_len() > lan.subnet.prefix_len();
+            if carved {
+                if routed.contains(&spec.lan_ip) {
+                    bail!(
+                        "the router's LAN address {} is inside {routed}",
+                        spec.lan_ip
+                    );
+                }
+                if let Some(ip) = site_state.agent_ips.iter().find(|ip| routed.contains(*ip)) {
+                    bail!("routed subnet {routed} holds agent address {ip}");
+                }
+            }
+            let lan_net = (!carved).then_some(lan.subnet);
+            let taken = lan_net
+                .into_iter()
+                .chain(site_state.routes.iter().map(|r| r.0))
+                .chain(site_state.carved.iter().copied());
             for net in taken {
                 if overlaps(net, routed) {
                     bail!("routed subnet {routed} overlaps {net}, already part of this site");
                 }
             }
-            (site_state.lan, site_state.agents.clone())
+            (
+                site_state.lan,
+                lan.subnet,
+                site_state.agents.clone(),
+                carved,
+            )
         };
         let (segment, routed_switch) = self.add_segment(routed, Some(spec.routed_ip), "rs")?;
         let (ns, lan_switch, lan_port, lan_mac, routed_port, routed_mac, lan_prefix) = {
@@ -725,12 +772,18 @@ impl Lab {
             None,
             IP_TIMEOUT,
         )?;
-        let route = route_line(routed, spec.lan_ip)?;
-        for agent in &agents {
-            self.ip_batch(Some(agent), std::slice::from_ref(&route))?;
-        }
-        if let Some(site_state) = self.state().sites.get_mut(site) {
-            site_state.routes.push((routed, spec.lan_ip));
+        if carved {
+            if let Some(site_state) = self.state().sites.get_mut(site) {
+                site_state.carved.push(routed);
+            }
+        } else {
+            let route = route_line(routed, spec.lan_ip)?;
+            for agent in &agents {
+                self.ip_batch(Some(agent), std::slice::from_ref(&route))?;
+            }
+            if let Some(site_state) = self.state().sites.get_mut(site) {
+                site_state.routes.push((routed, spec.lan_ip));
+            }
         }
         Ok(Router {
             lab: self,
@@ -738,6 +791,7 @@ impl Lab {
             segment,
             switch_ns: routed_switch,
             lan_ip: spec.lan_ip,
+            lan_subnet,
             lan_mac,
             routed_subnet: routed,
             routed_ip: spec.routed_ip,
@@ -834,6 +888,11 @@ impl<'lab> Site<'lab> {
     }
 
     /// A router on this LAN to a new subnet; every agent of the site routes that subnet via it.
+    ///
+    /// A routed subnet strictly inside the site LAN is *carved out* of it instead: the agents'
+    /// own prefix already covers it, so they take its addresses for on-link ones and ARP for
+    /// them, and no route is added. They then reach hosts behind the router only once the
+    /// router answers ARP for them: [`Router::enable_proxy_arp`].
     pub fn add_router(&self, spec: RouterSpec) -> Result<Router<'lab>> {
         self.lab.add_router_to(self.index, spec)
     }
@@ -884,22 +943,24 @@ impl Agent {
     }
 }
 
-/// A device on a LAN: its own namespace with `eth0`.
+/// A device on a LAN: its own namespace with `eth0` (and `eth1` when multi-homed, see
+/// [`Site::add_multihomed_host`]).
 #[derive(Clone)]
 pub struct Host<'lab> {
     lab: &'lab Lab,
     ns: String,
-    ip: Ipv4Addr,
-    prefix_len: u8,
-    mac: [u8; 6],
+    /// The LAN it is plugged into, whose subnet [`Host::set_ip`] keeps to.
+    segment: usize,
+    eth0: HostInterface,
+    eth1: Option<HostInterface>,
 }
 
 impl fmt::Debug for Host<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Host")
             .field("ns", &self.ns)
-            .field("ip", &self.ip)
-            .field("mac", &mac_string(self.mac))
+            .field("eth0", &self.eth0)
+            .field("eth1", &self.eth1)
             .finish_non_exhaustive()
     }
 }
@@ -909,26 +970,39 @@ impl Host<'_> {
         &self.ns
     }
 
+    /// The address of `eth0`.
     pub fn ip(&self) -> Ipv4Addr {
-        self.ip
+        self.eth0.ip
     }
 
     pub fn prefix_len(&self) -> u8 {
-        self.prefix_len
+        self.eth0.prefix_len
     }
 
+    /// The MAC of `eth0`.
     pub fn mac(&self) -> [u8; 6] {
-        self.mac
+        self.eth0.mac
     }
 
-    /// Runs net-snmp `snmpd` on the host's address; returns once it answers.
+    /// Every interface on the LAN, `eth0` first.
+    pub fn interfaces(&self) -> Vec<HostInterface> {
+        std::iter::once(&self.eth0)
+            .chain(&self.eth1)
+            .cloned()
+            .collect()
+    }
+
+    /// Runs net-snmp `snmpd` on every address of the host (one process, so its IF-MIB lists
+    /// every interface); returns once it answers.
     pub fn run_snmpd(&self, spec: &SnmpdSpec) -> Result<Proc> {
-        self.lab.start_snmpd(&self.ns, self.ip, spec)
+        let ips: Vec<Ipv4Addr> = self.interfaces().iter().map(|i| i.ip).collect();
+        self.lab.start_snmpd(&self.ns, &ips, spec)
     }
 
-    /// Runs an mDNS responder for the host's services; returns once they are registered.
+    /// Runs an mDNS responder for the host's services on `eth0`'s address; returns once they
+    /// are registered.
     pub fn run_mdns(&self, spec: &MdnsSpec) -> Result<Proc> {
-        self.lab.start_mdns(&self.ns, self.ip, spec)
+        self.lab.start_mdns(&self.ns, self.ip(), spec)
     }
 }
 
@@ -940,6 +1014,8 @@ pub struct Router<'lab> {
     segment: usize,
     switch_ns: String,
     lan_ip: Ipv4Addr,
+    /// The site LAN, for the prefix length of virtual addresses.
+    lan_subnet: Ipv4Net,
     lan_mac: [u8; 6],
     routed_subnet: Ipv4Net,
     routed_ip: Ipv4Addr,
@@ -994,9 +1070,10 @@ impl<'lab> Router<'lab> {
             .add_hosts_on(self.segment, specs.into_iter().collect())
     }
 
-    /// Runs `snmpd` on the router's LAN address (it sees both legs and the router's ARP cache).
+    /// Runs `snmpd` on the router's LAN address (it sees both legs and the router's ARP cache,
+    /// and any virtual address's macvlan).
     pub fn run_snmpd(&self, spec: &SnmpdSpec) -> Result<Proc> {
-        self.lab.start_snmpd(&self.ns, self.lan_ip, spec)
+        self.lab.start_snmpd(&self.ns, &[self.lan_ip], spec)
     }
 }
 

@@ -15,6 +15,14 @@ use serde::Deserialize;
 
 use crate::lab::{Lab, Proc};
 
+/// A fixed port for [`Collector::start_at`]. Every lab has its own core namespace, so labs
+/// running in parallel never compete for it; it lies outside Linux's ephemeral port range, so
+/// no outgoing connection in the core namespace can hold it while a collector restarts.
+pub const COLLECTOR_PORT: u16 = 7400;
+
+/// How long a restarted collector may keep failing to bind its old address.
+const REBIND: Duration = Duration::from_secs(10);
+
 /// Where the workspace's binaries are: `CENSUS_BIN_DIR`, or the directory of the running
 /// executable (`target/<profile>/deps` for tests, `target/<profile>` for the demo).
 pub fn bin_dir() -> Result<PathBuf> {
@@ -60,21 +68,74 @@ pub struct Device {
     pub id: String,
     pub client: String,
     pub site: String,
+    /// Every site the device was seen at.
+    pub sites: Vec<String>,
     pub macs: Vec<String>,
     pub addresses: Vec<DeviceAddress>,
+    pub identifiers: Vec<Identifier>,
     pub names: Vec<String>,
     pub category: String,
     pub category_reason: String,
     pub first_seen: String,
     pub last_seen: String,
     pub counted: bool,
+    /// No strong identifier: it is one device through randomized MACs or names only.
+    pub weak_only: bool,
+    pub anomalies: Vec<String>,
     pub evidence: Vec<Evidence>,
+}
+
+impl Device {
+    /// Its addresses, sorted, as text.
+    pub fn address_list(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.addresses.iter().map(|a| a.address.clone()).collect();
+        out.sort();
+        out
+    }
+
+    /// The address record of `ip`, if the device has one.
+    pub fn address(&self, ip: &str) -> Option<&DeviceAddress> {
+        self.addresses.iter().find(|a| a.address == ip)
+    }
+
+    /// The values of its identifiers of `kind` (`mac`, `randomized-mac`, `mdns-name`, ...),
+    /// sorted.
+    pub fn identifiers_of(&self, kind: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .identifiers
+            .iter()
+            .filter(|i| i.kind == kind)
+            .map(|i| i.value.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The distinct agents in its evidence, sorted.
+    pub fn agents(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.evidence.iter().map(|e| e.agent_id.clone()).collect();
+        out.sort();
+        out.dedup();
+        out
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct DeviceAddress {
     pub address: String,
+    pub site: String,
     pub answered: bool,
+    /// False once another device answered on this address more recently.
+    pub current: bool,
+}
+
+/// One identifier of a device.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Identifier {
+    pub kind: String,
+    pub value: String,
+    pub strong: bool,
+    pub key: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -97,41 +158,85 @@ impl<'lab> Collector<'lab> {
     /// Starts a collector on `data_dir` (created if missing), on an ephemeral port of the core
     /// bridge, and waits until it listens.
     pub fn start(lab: &'lab Lab, data_dir: &Path) -> Result<Self> {
+        Self::launch(
+            lab,
+            data_dir,
+            SocketAddr::from((lab.collector_ip(), 0)),
+            None,
+        )
+    }
+
+    /// Starts a collector on `data_dir` at a fixed `port` of the core bridge (e.g.
+    /// [`COLLECTOR_PORT`]), as a deployment does: agents keep one URL across restarts.
+    pub fn start_at(lab: &'lab Lab, data_dir: &Path, port: u16) -> Result<Self> {
+        Self::launch(
+            lab,
+            data_dir,
+            SocketAddr::from((lab.collector_ip(), port)),
+            None,
+        )
+    }
+
+    /// Starts the collector binary listening on `listen` and waits until it says where it
+    /// listens; a failure to bind is retried until `rebind_until`, if given.
+    fn launch(
+        lab: &'lab Lab,
+        data_dir: &Path,
+        listen: SocketAddr,
+        rebind_until: Option<Instant>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
-        let listen = format!("{}:0", lab.collector_ip());
+        let listen_arg = listen.to_string();
         let bin = bin("census-collector")?;
-        let proc = lab.spawn(
-            lab.core_ns(),
-            [
-                bin.as_os_str(),
-                OsStr::new("serve"),
-                OsStr::new("--data-dir"),
-                data_dir.as_os_str(),
-                OsStr::new("--listen"),
-                OsStr::new(&listen),
-            ],
-        )?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = loop {
-            let log = proc.log();
-            if let Some(addr) = log.lines().find_map(|l| l.strip_prefix("listening on ")) {
-                break addr
-                    .trim()
-                    .parse()
-                    .context("parsing the collector's address")?;
+        loop {
+            let proc = lab.spawn(
+                lab.core_ns(),
+                [
+                    bin.as_os_str(),
+                    OsStr::new("serve"),
+                    OsStr::new("--data-dir"),
+                    data_dir.as_os_str(),
+                    OsStr::new("--listen"),
+                    OsStr::new(&listen_arg),
+                ],
+            )?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let addr = loop {
+                let log = proc.log();
+                if let Some(addr) = log.lines().find_map(|l| l.strip_prefix("listening on ")) {
+                    break Some(
+                        addr.trim()
+                            .parse()
+                            .context("parsing the collector's address")?,
+                    );
+                }
+                if !proc.is_running() {
+                    let retry = rebind_until.is_some_and(|t| Instant::now() < t)
+                        && log.contains("cannot listen on");
+                    if retry {
+                        break None;
+                    }
+                    bail!("the collector did not start listening; its log:\n{log}");
+                }
+                if Instant::now() > deadline {
+                    let _ = proc.kill();
+                    bail!("the collector did not start listening; its log:\n{log}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            match addr {
+                Some(addr) => {
+                    return Ok(Collector {
+                        lab,
+                        proc,
+                        data_dir: data_dir.to_owned(),
+                        addr,
+                    });
+                }
+                None => std::thread::sleep(Duration::from_millis(200)),
             }
-            if !proc.is_running() || Instant::now() > deadline {
-                bail!("the collector did not start listening; its log:\n{log}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Ok(Collector {
-            lab,
-            proc,
-            data_dir: data_dir.to_owned(),
-            addr,
-        })
+        }
     }
 
     /// `http://ADDR`, as agents and the CLI use it.
@@ -152,10 +257,16 @@ impl<'lab> Collector<'lab> {
         self.proc.kill()
     }
 
-    /// Kills the collector and starts a new one on the same data directory.
+    /// Kills the collector (if it still runs) and starts a new one on the same data directory
+    /// and the same address, as a restarted service comes back where its agents look for it.
     pub fn restart(self) -> Result<Collector<'lab>> {
         self.kill()?;
-        Collector::start(self.lab, &self.data_dir)
+        Collector::launch(
+            self.lab,
+            &self.data_dir,
+            self.addr,
+            Some(Instant::now() + REBIND),
+        )
     }
 
     /// Runs `census ARGS` against this collector with the operator token; returns its output
@@ -283,4 +394,84 @@ where
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).with_context(|| format!("parsing scan output {l}")))
         .collect()
+}
+
+/// Starts `census-agent run ARGS` (without `--once`: it sweeps every `--interval` until
+/// killed) in namespace `ns`, logging JSON lines to its [`Proc::log`] for [`deliveries`].
+pub fn spawn_agent<I, S>(lab: &Lab, ns: &str, args: I) -> Result<Proc>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut full: Vec<std::ffi::OsString> = vec![
+        bin("census-agent")?.into_os_string(),
+        "--log-format".into(),
+        "json".into(),
+        "run".into(),
+    ];
+    full.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+    lab.spawn(ns, full)
+}
+
+/// One `delivered` line of an agent's JSON log: batches the collector acknowledged in one go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct Delivery {
+    pub batches: u64,
+    /// Batches stored now; `duplicates` were stored before (a resend after a lost ack).
+    pub stored: u64,
+    pub duplicates: u64,
+    /// Observations in the acknowledged batches (stored now or before).
+    pub observations: u64,
+    pub rejected: u64,
+}
+
+/// One line of an agent's JSON log, as far as the tests read it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AgentLogLine {
+    #[serde(default)]
+    pub level: String,
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+impl AgentLogLine {
+    pub fn message(&self) -> &str {
+        self.fields
+            .get("message")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+    }
+
+    /// A numeric field, if present.
+    pub fn number(&self, name: &str) -> Option<u64> {
+        self.fields.get(name).and_then(serde_json::Value::as_u64)
+    }
+}
+
+/// The JSON lines of an agent's log (others, such as a panic message, are skipped).
+pub fn agent_log(log: &str) -> Vec<AgentLogLine> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Every acknowledgement an agent logged, in order.
+pub fn deliveries(log: &str) -> Vec<Delivery> {
+    agent_log(log)
+        .into_iter()
+        .filter(|l| l.message() == "delivered")
+        .filter_map(|l| serde_json::from_value(serde_json::Value::Object(l.fields)).ok())
+        .collect()
+}
+
+/// The agent id in `<state dir>/agent.json`, which agents run with `--state-dir` keep.
+pub fn agent_id(state_dir: &Path) -> Result<String> {
+    let path = state_dir.join("agent.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    v["agent_id"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("no agent_id in {}", path.display()))
 }

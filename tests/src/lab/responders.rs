@@ -358,8 +358,13 @@ pub struct MdnsService {
 // === impl Lab ===
 
 impl Lab {
-    pub(super) fn start_snmpd(&self, ns: &str, ip: Ipv4Addr, spec: &SnmpdSpec) -> Result<Proc> {
+    /// Starts one `snmpd` in `ns` listening on every address of `ips` (the first is polled for
+    /// readiness).
+    pub(super) fn start_snmpd(&self, ns: &str, ips: &[Ipv4Addr], spec: &SnmpdSpec) -> Result<Proc> {
         spec.validate()?;
+        let Some(&ip) = ips.first() else {
+            bail!("snmpd needs an address to listen on");
+        };
         let snmpd = find_tool("/usr/sbin/snmpd", "snmpd")?;
         let snmpget = find_tool("snmpget", "snmp")?;
         let dir = self.new_file(&format!("snmpd-{ip}"))?;
@@ -374,13 +379,14 @@ impl Lab {
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone().context("duplicating a log file handle")?;
         let mut cmd = self.command(ns, &snmpd);
-        // -C: read no system config; -I -smux: no SMUX listener on tcp/199; the address on the
-        // command line is the only one it listens on.
+        // -C: read no system config; -I -smux: no SMUX listener on tcp/199; the addresses on
+        // the command line are the only ones it listens on.
+        let listen: Vec<String> = ips.iter().map(|ip| format!("udp:{ip}:161")).collect();
         cmd.args(["-f", "-Lo", "-C", "-I", "-smux", "-c"])
             .arg(&conf)
             .arg("-p")
             .arg(dir.join("snmpd.pid"))
-            .arg(format!("udp:{ip}:161"))
+            .arg(listen.join(","))
             .env("SNMP_PERSISTENT_DIR", &persist)
             // The MIB files Debian ships without the non-free ones only produce warnings.
             .env("MIBS", "")

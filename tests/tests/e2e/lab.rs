@@ -2,7 +2,10 @@
 //! snmpd answers v2c and v3 (and not a wrong community), serves a chassis serial and model, and
 //! authenticates v3 users of every protocol net-snmp has, routers route, mDNS is browsable,
 //! only 198.18.0.0/15 is accepted, commands run only in the lab's own namespaces, and nothing
-//! is left behind after a drop or a panic.
+//! is left behind after a drop or a panic. The identity features: a multi-homed host answers
+//! each address with its own MAC and one snmpd lists both, hosts change address and MAC,
+//! randomized MACs are locally administered, a VRRP virtual address is answered with the VRRP
+//! MAC only, and a proxy-ARP router answers for the subnet carved out of the LAN.
 
 use std::net::Ipv4Addr;
 use std::panic::AssertUnwindSafe;
@@ -12,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use census_tests::lab::{
     HostSpec, Ipv4Net, Lab, MdnsService, MdnsSpec, RouterSpec, SiteSpec, SnmpAuth, SnmpPriv,
-    SnmpV3User, SnmpdSpec, mac_string, namespaces_with_prefix,
+    SnmpV3User, SnmpdSpec, is_locally_administered, mac_string, namespaces_with_prefix, vrrp_mac,
 };
 
 fn ip(s: &str) -> Ipv4Addr {
@@ -677,6 +680,338 @@ fn panic_still_tears_down() -> Result<()> {
     ensure!(
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "pid {pid} survived"
+    );
+    Ok(())
+}
+
+// === identity features ===
+
+/// Sends one ARP request for `target` out of `iface` (from `src`) and prints every MAC that
+/// answered within a second, one per line: unlike `ip neigh`, which keeps one, it shows whether
+/// two interfaces answer for one address.
+const WHO_HAS: &str = r#"
+import socket, struct, sys, time
+iface, src, target = sys.argv[1], sys.argv[2], sys.argv[3]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+s.bind((iface, 0))
+mac = s.getsockname()[4]
+req = (b"\xff" * 6 + mac + b"\x08\x06" + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1)
+       + mac + socket.inet_aton(src) + b"\x00" * 6 + socket.inet_aton(target))
+s.send(req)
+s.settimeout(0.1)
+seen = set()
+deadline = time.time() + 1.0
+while time.time() < deadline:
+    try:
+        data = s.recv(2048)
+    except socket.timeout:
+        continue
+    if len(data) >= 42 and data[20:22] == b"\x00\x02" and data[28:32] == socket.inet_aton(target):
+        seen.add(data[22:28].hex(":"))
+for m in sorted(seen):
+    print(m)
+"#;
+
+/// The MACs that answer ARP for `target`, asked from `ns`'s `eth0` at `src`, sorted.
+fn who_has(lab: &Lab, ns: &str, src: Ipv4Addr, target: Ipv4Addr) -> Result<Vec<String>> {
+    let out = lab.exec_ok(
+        ns,
+        [
+            "/usr/bin/python3",
+            "-I",
+            "-c",
+            WHO_HAS,
+            "eth0",
+            &src.to_string(),
+            &target.to_string(),
+        ],
+    )?;
+    Ok(out.lines().map(str::to_owned).collect())
+}
+
+/// ifPhysAddress of every interface `target`'s snmpd lists, as `aa:bb:...` (empty ones left out).
+fn if_macs(lab: &Lab, ns: &str, community: &str, target: Ipv4Addr) -> Result<Vec<String>> {
+    let out = lab.exec_ok(
+        ns,
+        [
+            "snmpbulkwalk",
+            "-Oqv",
+            "-Ox",
+            "-v2c",
+            "-c",
+            community,
+            "-r",
+            "1",
+            "-t",
+            "1",
+            &target.to_string(),
+            "1.3.6.1.2.1.2.2.1.6",
+        ],
+    )?;
+    Ok(out
+        .lines()
+        .map(|l| {
+            l.trim_matches(|c: char| c == '"' || c.is_whitespace())
+                .split_whitespace()
+                .map(str::to_ascii_lowercase)
+                .collect::<Vec<_>>()
+                .join(":")
+        })
+        .filter(|m| m.len() == 17)
+        .collect())
+}
+
+#[test]
+fn multihomed_host_answers_each_address_with_its_own_mac() -> Result<()> {
+    if census_tests::lab::lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let site = lab.add_site(SiteSpec::new(
+        "multihomed",
+        net("198.18.40.0/24"),
+        ip("198.18.40.2"),
+    ))?;
+    let (mac_a, mac_b) = (
+        [0x00, 0x16, 0x3e, 0x4a, 0x00, 0x0a],
+        [0x00, 0x16, 0x3e, 0x4b, 0x00, 0x0b],
+    );
+    let host = site.add_multihomed_host(
+        HostSpec::new(ip("198.18.40.10")).with_mac(mac_a),
+        HostSpec::new(ip("198.18.40.11")).with_mac(mac_b),
+    )?;
+    let ifaces = host.interfaces();
+    ensure!(
+        ifaces.len() == 2 && ifaces[0].name == "eth0" && ifaces[1].name == "eth1",
+        "{ifaces:?}"
+    );
+    ensure!(host.ip() == ip("198.18.40.10") && host.mac() == mac_a);
+    let agent = site.agent();
+    for (addr, mac) in [("198.18.40.10", mac_a), ("198.18.40.11", mac_b)] {
+        let answered = who_has(&lab, agent.ns(), agent.ip(), ip(addr))?;
+        ensure!(
+            answered == [mac_string(mac)],
+            "{addr} answered by {answered:?}, not only {}",
+            mac_string(mac)
+        );
+        ensure!(
+            ping(&lab, agent.ns(), ip(addr))?,
+            "{addr} does not answer ping"
+        );
+    }
+    // One snmpd answers on both addresses and lists both NICs.
+    host.run_snmpd(&SnmpdSpec::v2c("lab-public", "dual-nic"))?;
+    for addr in ["198.18.40.10", "198.18.40.11"] {
+        let name = sys_name(&lab, agent.ns(), &v2c("lab-public"), ip(addr))?;
+        ensure!(
+            name.as_deref() == Some("dual-nic"),
+            "sysName at {addr}: {name:?}"
+        );
+        let macs = if_macs(&lab, agent.ns(), "lab-public", ip(addr))?;
+        for mac in [mac_a, mac_b] {
+            ensure!(
+                macs.contains(&mac_string(mac)),
+                "IF-MIB at {addr} lacks {}: {macs:?}",
+                mac_string(mac)
+            );
+        }
+    }
+    // Two NICs need two addresses and two MACs.
+    ensure!(
+        site.add_multihomed_host(
+            HostSpec::new(ip("198.18.40.20")),
+            HostSpec::new(ip("198.18.40.20"))
+        )
+        .is_err(),
+        "one address twice was accepted"
+    );
+    Ok(())
+}
+
+#[test]
+fn hosts_change_address_and_mac() -> Result<()> {
+    if census_tests::lab::lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let site = lab.add_site(SiteSpec::new(
+        "churn",
+        net("198.18.42.0/24"),
+        ip("198.18.42.2"),
+    ))?;
+    let agent = site.agent().clone();
+    let mut host = site.add_host(HostSpec::new(ip("198.18.42.20")))?;
+    let first_mac = host.mac();
+    ensure!(who_has(&lab, agent.ns(), agent.ip(), ip("198.18.42.20"))? == [mac_string(first_mac)]);
+
+    host.set_ip(ip("198.18.42.21"))?;
+    ensure!(host.ip() == ip("198.18.42.21"));
+    let old = who_has(&lab, agent.ns(), agent.ip(), ip("198.18.42.20"))?;
+    ensure!(old.is_empty(), "the old address still answers: {old:?}");
+    let new = who_has(&lab, agent.ns(), agent.ip(), ip("198.18.42.21"))?;
+    ensure!(new == [mac_string(first_mac)], "the new address: {new:?}");
+    ensure!(
+        ping(&lab, agent.ns(), ip("198.18.42.21"))?,
+        "no ping at the new address"
+    );
+    // Off the LAN, or outside the lab's range, is refused.
+    ensure!(
+        host.set_ip(ip("198.18.43.21")).is_err(),
+        "off-LAN address accepted"
+    );
+    ensure!(host.set_ip(ip("10.0.0.21")).is_err(), "10.0.0.21 accepted");
+    ensure!(
+        host.ip() == ip("198.18.42.21"),
+        "a refused move changed the host"
+    );
+
+    // Randomized MACs: locally administered, unicast, never repeated within a lab.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..64 {
+        let mac = lab.randomized_mac()?;
+        ensure!(
+            is_locally_administered(mac) && mac[0] & 1 == 0,
+            "{}",
+            mac_string(mac)
+        );
+        ensure!(seen.insert(mac), "{} handed out twice", mac_string(mac));
+    }
+    let random = lab.randomized_mac()?;
+    host.set_mac(random)?;
+    ensure!(host.mac() == random);
+    let now = who_has(&lab, agent.ns(), agent.ip(), ip("198.18.42.21"))?;
+    ensure!(now == [mac_string(random)], "after set_mac: {now:?}");
+    ensure!(
+        host.set_mac([0x01, 0, 0x5e, 0, 0, 1]).is_err(),
+        "a multicast MAC accepted"
+    );
+    // The mDNS responder starts again on the host's new identity.
+    host.run_mdns(&MdnsSpec {
+        host_name: "phone-21".into(),
+        services: vec![MdnsService {
+            instance: "Phone 21".into(),
+            service_type: "_companion-link._tcp".into(),
+            port: 49152,
+            txt: Vec::new(),
+        }],
+    })?;
+    let found = lab.exec_ok(
+        agent.ns(),
+        [
+            "/usr/bin/python3",
+            "-I",
+            "-c",
+            BROWSE,
+            &agent.ip().to_string(),
+            "_companion-link._tcp.local.",
+        ],
+    )?;
+    ensure!(
+        found.contains("Phone 21._companion-link._tcp.local. 49152 198.18.42.21"),
+        "browse found: {found:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn vrrp_virtual_address_is_answered_with_the_vrrp_mac() -> Result<()> {
+    if census_tests::lab::lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let site = lab.add_site(SiteSpec::new(
+        "vrrp",
+        net("198.18.44.0/24"),
+        ip("198.18.44.2"),
+    ))?;
+    let router = site.add_router(RouterSpec {
+        lan_ip: ip("198.18.44.1"),
+        routed_subnet: net("198.18.45.0/24"),
+        routed_ip: ip("198.18.45.1"),
+        lan_mac: None,
+    })?;
+    let vmac = router.add_virtual_address(ip("198.18.44.254"), 7)?;
+    ensure!(vmac == vrrp_mac(7) && mac_string(vmac) == "00:00:5e:00:01:07");
+    let agent = site.agent();
+    let vip = who_has(&lab, agent.ns(), agent.ip(), ip("198.18.44.254"))?;
+    ensure!(vip == [mac_string(vmac)], "the VIP answered by {vip:?}");
+    let own = who_has(&lab, agent.ns(), agent.ip(), router.lan_ip())?;
+    ensure!(
+        own == [mac_string(router.lan_mac())],
+        "the router's own address answered by {own:?}"
+    );
+    ensure!(
+        ping(&lab, agent.ns(), ip("198.18.44.254"))?,
+        "the VIP does not answer ping"
+    );
+    router.run_snmpd(&SnmpdSpec::v2c("lab-public", "vrrp-master"))?;
+    let macs = if_macs(&lab, agent.ns(), "lab-public", router.lan_ip())?;
+    ensure!(
+        macs.contains(&mac_string(vmac)) && macs.contains(&mac_string(router.lan_mac())),
+        "the router's IF-MIB: {macs:?}"
+    );
+    ensure!(
+        router.add_virtual_address(ip("198.18.45.254"), 8).is_err(),
+        "a VIP off the LAN was accepted"
+    );
+    ensure!(
+        router.add_virtual_address(ip("198.18.44.253"), 0).is_err(),
+        "VRID 0 was accepted"
+    );
+    Ok(())
+}
+
+#[test]
+fn proxy_arp_router_answers_for_its_carved_subnet() -> Result<()> {
+    if census_tests::lab::lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    // The LAN is a /23; the router routes its upper /24 out of eth1.
+    let site = lab.add_site(SiteSpec::new(
+        "proxy",
+        net("198.18.46.0/23"),
+        ip("198.18.46.2"),
+    ))?;
+    let router = site.add_router(RouterSpec {
+        lan_ip: ip("198.18.46.1"),
+        routed_subnet: net("198.18.47.0/24"),
+        routed_ip: ip("198.18.47.1"),
+        lan_mac: None,
+    })?;
+    let far = router.add_host(HostSpec::new(ip("198.18.47.10")))?;
+    let agent = site.agent();
+    // No route: the agent takes 198.18.47.0/24 for part of its own LAN.
+    let route = lab.exec_ok(agent.ns(), ["ip", "route", "get", "198.18.47.10"])?;
+    ensure!(
+        !route.contains(" via "),
+        "the agent routes the carved subnet: {route}"
+    );
+    let before = who_has(&lab, agent.ns(), agent.ip(), far.ip())?;
+    ensure!(before.is_empty(), "answered before proxy ARP: {before:?}");
+
+    router.enable_proxy_arp()?;
+    let lan_mac = vec![mac_string(router.lan_mac())];
+    for target in ["198.18.47.10", "198.18.47.99", "198.18.47.1"] {
+        let answered = who_has(&lab, agent.ns(), agent.ip(), ip(target))?;
+        ensure!(answered == lan_mac, "{target} answered by {answered:?}");
+    }
+    // The LAN's own addresses are not proxied.
+    let lan_host = site.add_host(HostSpec::new(ip("198.18.46.10")))?;
+    let answered = who_has(&lab, agent.ns(), agent.ip(), lan_host.ip())?;
+    ensure!(answered == [mac_string(lan_host.mac())], "{answered:?}");
+    ensure!(
+        ping(&lab, agent.ns(), far.ip())?,
+        "no ping to the host behind the router"
+    );
+    // An agent inside the carved subnet would never see its LAN: refused.
+    ensure!(
+        site.add_agent(ip("198.18.47.3")).is_err(),
+        "an agent in the carved subnet"
     );
     Ok(())
 }

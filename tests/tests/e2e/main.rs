@@ -6,5 +6,6 @@
 mod billing;
 mod discovery;
 mod foundation;
+mod identity;
 mod ingest;
 mod lab;
