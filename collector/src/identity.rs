@@ -367,7 +367,7 @@ fn contribution(
     if obs.proxy_arp {
         r.anomalies.push(format!(
             "answers ARP for {} addresses (proxy ARP)",
-            obs.addresses.len()
+            obs.reported_addresses.max(obs.addresses.len())
         ));
     }
     r

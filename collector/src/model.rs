@@ -178,6 +178,8 @@ pub struct CleanObservation {
     pub names: Vec<String>,
     /// The agent saw this MAC answer ARP for many addresses.
     pub proxy_arp: bool,
+    /// How many addresses the agent reported, before the cap on what is kept.
+    pub reported_addresses: usize,
 }
 
 /// Validates one observation from an agent. `None` when it names no device: no unicast MAC and
@@ -292,6 +294,7 @@ pub fn clean_observation(
         addresses,
         names,
         proxy_arp,
+        reported_addresses: obs.addresses.len(),
     })
 }
 
