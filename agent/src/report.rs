@@ -167,6 +167,7 @@ pub fn into_batches(
             observations: iter.by_ref().take(BATCH_SIZE).collect(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             sent_at: now,
+            ..Default::default()
         });
         seq += 1;
     }

@@ -261,6 +261,7 @@ fn batch(agent: &str, sequence: u64, hosts: &[Host]) -> v1::ObservationBatch {
             .collect(),
         agent_version: "test".into(),
         sent_at: Some(convert::timestamp(now)),
+        ..Default::default()
     }
 }
 

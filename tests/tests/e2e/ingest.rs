@@ -164,6 +164,7 @@ fn batch(agent: &str, sequence: u64, hosts: &[(&str, [u8; 6])]) -> v1::Observati
             .collect(),
         agent_version: "test".into(),
         sent_at: None,
+        ..Default::default()
     }
 }
 
