@@ -11,7 +11,8 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "census demo: needs root to create network namespaces: run sudo deploy/demo.sh" >&2
     exit 77
 fi
-census_install_debs
+census_install_debs "${CENSUS_LAB_PACKAGES[@]}"
+census_install_debs "${CENSUS_BUILD_PACKAGES[@]}"
 census_install_rust_parts
 echo "==> building (release)"
 cargo build --release --workspace --bins --locked

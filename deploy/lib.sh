@@ -2,11 +2,20 @@
 # Sourced, not run.
 
 # Debian packages the lab's real responders and tools come from.
-CENSUS_DEB_PACKAGES=(iproute2 iputils-ping procps snmpd snmp python3-zeroconf)
+CENSUS_LAB_PACKAGES=(iproute2 iputils-ping procps snmpd snmp python3-zeroconf)
+# The lab's Active Directory: a Samba AD DC provisioned into the lab's temp dir (samba-ad-provision
+# holds the schema), ldb-tools to write sam.ldb directly (bulk users, lastLogonTimestamp),
+# ldap-utils for ldapsearch checks, openssl for the DC's LDAPS certificate. Like snmpd, the
+# packages' own services are never used: the lab runs `samba` in its namespaces.
+CENSUS_LAB_PACKAGES+=(samba samba-ad-dc samba-ad-provision winbind ldb-tools ldap-utils openssl)
+# What every build needs, lab or not: ring (rustls's crypto, for the agent's LDAPS) builds C for
+# the Windows check of the agent.
+CENSUS_BUILD_PACKAGES=(gcc-mingw-w64-x86-64-win32)
 
+# Installs the Debian packages named as arguments that are missing.
 census_install_debs() {
     local missing=()
-    for p in "${CENSUS_DEB_PACKAGES[@]}"; do
+    for p in "$@"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
     if [ "${#missing[@]}" -eq 0 ]; then

@@ -13,8 +13,9 @@ step "installing what is missing"
 if [ "${CENSUS_SKIP_LAB:-}" = 1 ]; then
     echo "CENSUS_SKIP_LAB=1: not installing the lab's Debian packages"
 else
-    census_install_debs
+    census_install_debs "${CENSUS_LAB_PACKAGES[@]}"
 fi
+census_install_debs "${CENSUS_BUILD_PACKAGES[@]}"
 census_install_rust_parts
 
 step "cargo fmt --check"

@@ -55,6 +55,9 @@ pub struct Config {
     /// mDNS / DNS-SD browsing.
     #[serde(default)]
     pub mdns: MdnsSettings,
+    /// The site's Active Directory, read over LDAP for users (off unless enabled).
+    #[serde(default)]
+    pub directory: DirectorySettings,
 }
 
 /// ARP sweep tuning.
@@ -64,13 +67,16 @@ pub struct ArpSettings {
     /// Sweep on-link scopes with ARP.
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// Requests per second, per interface.
+    /// Requests per second, per interface, first requests and retries together.
     #[serde(default = "default_arp_rate")]
     pub rate: u32,
-    /// Extra rounds for addresses that stayed silent.
+    /// How many more times an address that stayed silent is asked.
     #[serde(default = "default_arp_retries")]
     pub retries: u32,
-    /// How long to keep listening after the last request, in milliseconds.
+    /// The most the sweep keeps listening after its last request, in milliseconds: it listens
+    /// 4x the highest reply latency it measured, at least 50 ms, and this long only while it
+    /// has timed no reply (the wait before a silent address is asked again is likewise adaptive,
+    /// at most 200 ms).
     #[serde(default = "default_arp_window_ms")]
     pub reply_window_ms: u64,
 }
@@ -210,6 +216,176 @@ impl Default for MdnsSettings {
     }
 }
 
+/// Where the agent reads the site's Active Directory users (`[directory]`). The bind password
+/// is deliberately not a setting: it comes from `password_file` or the
+/// `CENSUS_AGENT_DIRECTORY_PASSWORD` environment variable, never from a flag (visible in `ps`) or
+/// this file (which is often world-readable and copied around). What a read does with these is
+/// in `directory.rs`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectorySettings {
+    /// Read the directory at all.
+    #[serde(default)]
+    pub enabled: bool,
+    /// `ldaps://dc1.corp.example:636`, or `ldap://dc1.corp.example:389` with `starttls`.
+    pub url: Option<String>,
+    /// Upgrade an `ldap://` connection with StartTLS before binding.
+    #[serde(default)]
+    pub starttls: bool,
+    /// Allow `ldap://` without StartTLS. Off by default because a simple bind then sends the
+    /// bind password across the network in clear, to anyone on the path.
+    #[serde(default)]
+    pub allow_plaintext: bool,
+    /// The account to bind as: a DN (`CN=census,OU=Service,DC=corp,DC=example`) or a UPN
+    /// (`census@corp.example`).
+    pub bind_dn: Option<String>,
+    /// A file holding the bind password (one line). Without it, the password comes from
+    /// `CENSUS_AGENT_DIRECTORY_PASSWORD`.
+    pub password_file: Option<PathBuf>,
+    /// Where to search for users, e.g. `DC=corp,DC=example`; unset reads the directory's
+    /// `defaultNamingContext` (the whole domain).
+    pub base_dn: Option<String>,
+    /// PEM file of the CA(s) that issued the directory's certificate; unset trusts the
+    /// platform's store (on a domain-joined Windows machine, that holds the domain's CA).
+    pub ca_file: Option<PathBuf>,
+    /// DANGER, for labs only: accept any certificate, so anyone on the path can impersonate
+    /// the directory and collect the bind password.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+    /// Entries per page of the paged search (Active Directory serves at most 1000).
+    #[serde(default = "default_directory_page_size")]
+    pub page_size: u32,
+    /// The most any one step (connect and TLS, bind, one page) may take, in milliseconds.
+    #[serde(default = "default_directory_timeout_ms")]
+    pub timeout_ms: u64,
+    /// A read finding more users than this fails rather than sending them all.
+    #[serde(default = "default_directory_max_users")]
+    pub max_users: usize,
+}
+
+impl Default for DirectorySettings {
+    fn default() -> Self {
+        DirectorySettings {
+            enabled: false,
+            url: None,
+            starttls: false,
+            allow_plaintext: false,
+            bind_dn: None,
+            password_file: None,
+            base_dn: None,
+            ca_file: None,
+            insecure_skip_verify: false,
+            page_size: default_directory_page_size(),
+            timeout_ms: default_directory_timeout_ms(),
+            max_users: default_directory_max_users(),
+        }
+    }
+}
+
+/// Where the bind password comes from when `directory.password_file` is unset.
+pub const DIRECTORY_PASSWORD_ENV: &str = "CENSUS_AGENT_DIRECTORY_PASSWORD";
+
+impl DirectorySettings {
+    /// Checks a `[directory]` that is enabled (a disabled one may be incomplete): the URL's
+    /// scheme and TLS, the bind account, where the password comes from, the CA file, the
+    /// ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let bad = |message: String| Err(ConfigError::Directory(message));
+        let Some(url) = self.url.as_deref().map(str::trim).filter(|u| !u.is_empty()) else {
+            return bad("set directory.url (e.g. ldaps://dc1.corp.example:636)".into());
+        };
+        let lower = url.to_ascii_lowercase();
+        if lower.starts_with("ldaps://") {
+            if self.starttls {
+                return bad(format!(
+                    "directory.url {url} is already TLS (ldaps://): starttls is for ldap:// only"
+                ));
+            }
+        } else if lower.starts_with("ldap://") {
+            if !self.starttls && !self.allow_plaintext {
+                return bad(format!(
+                    "directory.url {url} is plaintext: the bind password would cross the network \
+                     in clear; use ldaps://, or set starttls = true (or allow_plaintext = true if \
+                     you really mean it)"
+                ));
+            }
+        } else {
+            return bad(format!(
+                "directory.url {url:?} must start with ldaps:// (or ldap:// with starttls)"
+            ));
+        }
+        if self.bind_dn.as_deref().is_none_or(|d| d.trim().is_empty()) {
+            return bad(
+                "set directory.bind_dn (a DN or user@domain): Active Directory lists users only \
+                 to an authenticated account"
+                    .into(),
+            );
+        }
+        match &self.password_file {
+            Some(path) if !path.is_file() => {
+                return bad(format!(
+                    "directory.password_file {} is not a readable file",
+                    path.display()
+                ));
+            }
+            Some(_) => {}
+            None if std::env::var_os(DIRECTORY_PASSWORD_ENV).is_none() => {
+                return bad(format!(
+                    "no directory bind password: set directory.password_file, or \
+                     {DIRECTORY_PASSWORD_ENV}"
+                ));
+            }
+            None => {}
+        }
+        if let Some(ca) = &self.ca_file {
+            if self.insecure_skip_verify {
+                return bad(
+                    "set either directory.ca_file or directory.insecure_skip_verify, not both"
+                        .into(),
+                );
+            }
+            if !ca.is_file() {
+                return bad(format!(
+                    "directory.ca_file {} is not a readable file",
+                    ca.display()
+                ));
+            }
+        }
+        check(
+            "directory.page_size",
+            self.page_size,
+            1..=1000,
+            "between 1 and 1000 (Active Directory serves at most 1000 entries a page)",
+        )?;
+        check(
+            "directory.timeout_ms",
+            self.timeout_ms,
+            100..=300_000,
+            "between 100 and 300000",
+        )?;
+        check(
+            "directory.max_users",
+            self.max_users,
+            1..=10_000_000,
+            "between 1 and 10000000",
+        )?;
+        Ok(())
+    }
+}
+
+fn default_directory_page_size() -> u32 {
+    500
+}
+fn default_directory_timeout_ms() -> u64 {
+    10_000
+}
+fn default_directory_max_users() -> usize {
+    200_000
+}
+
 fn yes() -> bool {
     true
 }
@@ -252,11 +428,14 @@ fn default_mdns_window_ms() -> u64 {
 fn default_interval() -> Duration {
     Duration::from_secs(15 * 60)
 }
+/// The same as `probe::arp::DEFAULT_RATE_PPS` (see there why: no faster than nmap's own rate).
 fn default_arp_rate() -> u32 {
-    2000
+    1200
 }
+/// The same as `probe::arp::DEFAULT_RETRIES`: a silent address is asked twice, as arp-scan and
+/// nmap ask it.
 fn default_arp_retries() -> u32 {
-    2
+    1
 }
 fn default_arp_window_ms() -> u64 {
     1000
@@ -297,6 +476,7 @@ impl Default for Config {
             icmp: IcmpSettings::default(),
             snmp: SnmpSettings::default(),
             mdns: MdnsSettings::default(),
+            directory: DirectorySettings::default(),
         }
     }
 }
@@ -358,6 +538,8 @@ pub enum ConfigError {
     NoMethod,
     #[error("SNMPv3 user {user:?}: {message}")]
     SnmpUser { user: String, message: String },
+    #[error("{0}")]
+    Directory(String),
 }
 
 fn check<T: PartialOrd + std::fmt::Display>(
@@ -428,7 +610,8 @@ impl Config {
         if self.token.is_none() && self.token_file.is_none() {
             return Err(ConfigError::NoToken);
         }
-        self.validate_sweep()
+        self.validate_sweep()?;
+        self.directory.validate()
     }
 
     /// Checks what a sweep needs (scopes, methods, state), not what delivery needs: enough for
@@ -636,7 +819,7 @@ mod tests {
         assert_eq!(c.scopes[0].to_string(), "198.18.0.0/24");
         assert_eq!(c.interval, Duration::from_secs(300));
         assert_eq!(c.arp.rate, 500);
-        assert_eq!(c.arp.retries, 2);
+        assert_eq!(c.arp.retries, 1);
         std::fs::write(&path, "colector = \"x\"\n").expect("write");
         let err = Config::from_file(&path).expect_err("unknown").to_string();
         assert!(err.contains("colector"), "{err}");
@@ -698,5 +881,101 @@ mod tests {
                 .is_err()
         );
         assert!(!format!("{:?}", user(Some("md5"), "secretpass", None)).contains("secretpass"));
+    }
+}
+
+#[cfg(test)]
+mod directory_tests {
+    use super::*;
+
+    fn enabled(dir: &Path) -> DirectorySettings {
+        let password = dir.join("password");
+        std::fs::write(&password, "secret\n").expect("write");
+        DirectorySettings {
+            enabled: true,
+            url: Some("ldaps://198.18.0.10:636".into()),
+            bind_dn: Some("census@lab.census.test".into()),
+            password_file: Some(password),
+            ..DirectorySettings::default()
+        }
+    }
+
+    fn err(d: &DirectorySettings) -> String {
+        d.validate().expect_err("invalid").to_string()
+    }
+
+    #[test]
+    fn a_disabled_directory_needs_nothing() {
+        let d = DirectorySettings::default();
+        assert!(!d.enabled);
+        assert_eq!(d.page_size, 500);
+        d.validate().expect("disabled is valid");
+    }
+
+    #[test]
+    fn plaintext_needs_starttls_or_consent() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut d = enabled(tmp.path());
+        d.validate().expect("ldaps is valid");
+        d.url = Some("ldap://198.18.0.10".into());
+        assert!(err(&d).contains("in clear"), "{}", err(&d));
+        d.starttls = true;
+        d.validate().expect("StartTLS is valid");
+        d.starttls = false;
+        d.allow_plaintext = true;
+        d.validate().expect("plaintext by consent");
+        d.url = Some("ldaps://198.18.0.10".into());
+        d.starttls = true;
+        assert!(err(&d).contains("starttls"), "{}", err(&d));
+        d.starttls = false;
+        d.url = Some("http://198.18.0.10".into());
+        assert!(err(&d).contains("ldaps://"), "{}", err(&d));
+        d.url = None;
+        assert!(err(&d).contains("directory.url"), "{}", err(&d));
+    }
+
+    #[test]
+    fn the_bind_account_password_and_ranges_are_checked() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut d = enabled(tmp.path());
+        d.bind_dn = Some(" ".into());
+        assert!(err(&d).contains("bind_dn"));
+        let mut d = enabled(tmp.path());
+        d.password_file = Some(tmp.path().join("missing"));
+        assert!(err(&d).contains("password_file"));
+        let mut d = enabled(tmp.path());
+        d.page_size = 1001;
+        assert!(err(&d).contains("directory.page_size"));
+        d.page_size = 0;
+        assert!(err(&d).contains("directory.page_size"));
+        let mut d = enabled(tmp.path());
+        d.timeout_ms = 10;
+        assert!(err(&d).contains("directory.timeout_ms"));
+        let mut d = enabled(tmp.path());
+        d.ca_file = Some(tmp.path().join("password"));
+        d.validate()
+            .expect("any readable file is a CA file to validate");
+        d.insecure_skip_verify = true;
+        assert!(err(&d).contains("not both"));
+        d.ca_file = Some(tmp.path().join("missing.pem"));
+        d.insecure_skip_verify = false;
+        assert!(err(&d).contains("ca_file"));
+    }
+
+    #[test]
+    fn the_section_parses_and_refuses_a_password() {
+        let c: Config = toml::from_str(
+            "[directory]\nenabled = true\nurl = \"ldaps://198.18.0.10\"\nbind_dn = \"a@b\"\n\
+             password_file = \"/run/pw\"\npage_size = 100\n",
+        )
+        .expect("parses");
+        assert!(c.directory.enabled);
+        assert_eq!(c.directory.page_size, 100);
+        assert_eq!(c.directory.timeout_ms, 10_000);
+        assert_eq!(c.directory.max_users, 200_000);
+        let refused = toml::from_str::<Config>("[directory]\npassword = \"hunter2\"\n")
+            .expect_err("no password in the file")
+            .to_string();
+        assert!(refused.contains("password_file"), "{refused}");
     }
 }

@@ -8,6 +8,7 @@
 //! - [`probe`]: one module per discovery method (`probe/arp.rs`, `icmp.rs`, `snmp.rs`,
 //!   `mdns.rs`).
 //! - [`discovery`]: one sweep with every method, merged into one observation per device.
+//! - [`directory`]: the site's Active Directory users, read over LDAPS with paged searches.
 //! - [`classify`]: MAC vendors and device categories, from the evidence.
 //! - [`report`]: turns sweep results into observation batches and delivers them over gRPC.
 //! - [`run`]: the agent's main loop, driven by a shutdown token.
@@ -20,6 +21,7 @@
 
 pub mod classify;
 pub mod config;
+pub mod directory;
 pub mod discovery;
 #[doc(hidden)]
 pub mod fuzzing;

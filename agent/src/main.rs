@@ -102,13 +102,14 @@ struct Settings {
     /// Time between sweeps, e.g. 15m [default: 15m].
     #[arg(long, env = "CENSUS_AGENT_INTERVAL", value_parser = config::parse_duration)]
     interval: Option<std::time::Duration>,
-    /// ARP requests per second per interface [default: 2000].
+    /// ARP requests per second per interface, retries included [default: 1200].
     #[arg(long, env = "CENSUS_AGENT_ARP_RATE")]
     arp_rate: Option<u32>,
-    /// Extra ARP rounds for silent addresses [default: 2].
+    /// How many more times an address silent to ARP is asked [default: 1].
     #[arg(long, env = "CENSUS_AGENT_ARP_RETRIES")]
     arp_retries: Option<u32>,
-    /// Milliseconds to keep listening after the last ARP request [default: 1000].
+    /// Most milliseconds to listen after the last ARP request; the sweep listens 4x the
+    /// highest reply latency it measured, at least 50 ms [default: 1000].
     #[arg(long, env = "CENSUS_AGENT_ARP_REPLY_WINDOW_MS")]
     arp_reply_window_ms: Option<u64>,
     /// ICMP echo requests per second for routed scopes [default: 1000].

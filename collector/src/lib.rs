@@ -6,6 +6,8 @@
 //! - [`config`]: the daemon's `Config` (TOML, environment, flags) and its validation.
 //! - [`model`]: records and validation of observations.
 //! - [`identity`]: the I/O-free rules that decide which observations are one device.
+//! - [`graph`]: Microsoft 365 / Entra ID users read from Microsoft Graph, the billable decision
+//!   per user, and the hybrid join keys to AD accounts.
 //! - [`policy`]: the versioned counting policy per client, and why each device counts or not.
 //! - [`snapshot`]: billing snapshots per period, their diff and their CSV/JSON export.
 //! - [`store`]: the [`store::Store`] trait, the sled store and the in-memory store.
@@ -20,6 +22,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod graph;
 pub mod identity;
 pub mod model;
 pub mod policy;

@@ -294,6 +294,47 @@ fn device_name(device: &DeviceRecord) -> Option<&str> {
         })
 }
 
+/// What the counting rules read of a device, and nothing more: a store can keep this beside
+/// each device and count a client without reading whole records (see [`counts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceSummary<'a> {
+    pub last_seen_ms: u64,
+    /// As [`crate::model::category`] says it: "unknown" when no agent decided one.
+    pub category: &'a str,
+    pub weak_only: bool,
+    /// Whether it has a name the `count-if-named` rule accepts.
+    pub named: bool,
+}
+
+impl<'a> DeviceSummary<'a> {
+    pub fn of(device: &'a DeviceRecord) -> Self {
+        DeviceSummary {
+            last_seen_ms: device.last_seen_ms,
+            category: crate::model::category(device),
+            weak_only: device.weak_only,
+            named: device_name(device).is_some(),
+        }
+    }
+}
+
+/// Whether a device counts under `policy` at `now_ms`: the same decision as [`evaluate`], without
+/// the words, from the summary alone.
+pub fn counts(policy: &Policy, device: &DeviceSummary<'_>, now_ms: u64) -> bool {
+    let rules = &policy.rules;
+    if now_ms.saturating_sub(device.last_seen_ms) > u64::from(rules.window_days) * DAY_MS {
+        return false;
+    }
+    if !policy.counts_category(device.category) {
+        return false;
+    }
+    !device.weak_only
+        || match rules.randomized {
+            RandomizedRule::Count => true,
+            RandomizedRule::Exclude => false,
+            RandomizedRule::CountIfNamed => device.named,
+        }
+}
+
 /// Per-client totals under one policy.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tally {
@@ -305,11 +346,26 @@ impl Tally {
     /// Counts `device` if `decision` says so.
     pub fn add(&mut self, device: &DeviceRecord, decision: &Decision) {
         if decision.counted {
-            self.devices += 1;
-            *self
-                .by_category
-                .entry(crate::model::category(device).to_owned())
-                .or_default() += 1;
+            self.count(crate::model::category(device));
+        }
+    }
+
+    /// Counts the summarised device if it counts under `policy` at `now_ms`.
+    pub fn add_summary(&mut self, policy: &Policy, device: &DeviceSummary<'_>, now_ms: u64) {
+        if counts(policy, device, now_ms) {
+            self.count(device.category);
+        }
+    }
+
+    fn count(&mut self, category: &str) {
+        self.devices += 1;
+        // Looked up before inserting: a client's thousands of devices fall in a handful of
+        // categories, so the label is copied only once each.
+        match self.by_category.get_mut(category) {
+            Some(n) => *n += 1,
+            None => {
+                self.by_category.insert(category.to_owned(), 1);
+            }
         }
     }
 }
@@ -553,5 +609,43 @@ mod tests {
         assert_eq!(t.devices, 2);
         assert_eq!(t.by_category.get("computer"), Some(&2));
         assert_eq!(t.by_category.get("printer"), None);
+    }
+
+    proptest::proptest! {
+        /// Counting from a summary decides exactly as `evaluate` on the whole record.
+        #[test]
+        fn counting_a_summary_agrees_with_evaluate(
+            age_days in 0u64..40,
+            age_ms in 0u64..DAY_MS,
+            window_days in 1u32..35,
+            category in proptest::sample::select(vec!["", "computer", "printer", "network"]),
+            counted in proptest::sample::subsequence(vec!["computer", "printer", "unknown"], 0..3),
+            key in proptest::sample::select(vec![
+                "1mac:00:16:3e:00:00:01",
+                "4lmac:02:00:00:00:00:01",
+                "5mdns:pixel-7.local",
+                "6ip:hq:198.18.0.9",
+            ]),
+            name in proptest::sample::select(vec!["", "kiosk"]),
+            randomized in proptest::sample::select(vec![
+                RandomizedRule::Count,
+                RandomizedRule::Exclude,
+                RandomizedRule::CountIfNamed,
+            ]),
+        ) {
+            let p = policy("acme-1", PolicyRules {
+                window_days,
+                categories: counted.iter().map(|c| (*c).to_owned()).collect(),
+                randomized,
+            });
+            let mut d = device(&[key], category, NOW - age_days * DAY_MS - age_ms);
+            if !name.is_empty() {
+                d.names = vec![name.into()];
+            }
+            proptest::prop_assert_eq!(
+                counts(&p, &DeviceSummary::of(&d), NOW),
+                evaluate(&p, &d, NOW).counted
+            );
+        }
     }
 }

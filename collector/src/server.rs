@@ -15,7 +15,10 @@ use crate::{
     auth::OperatorToken,
     config::{Config, ConfigError},
     service::{Collector, Limits},
-    store::{Store, StoreError, sled::SledStore},
+    store::{
+        Store, StoreError,
+        sled::{SledOptions, SledStore},
+    },
 };
 
 /// Streams and calls one connection may have open at once.
@@ -52,7 +55,10 @@ pub fn prepare(config: &Config) -> Result<Prepared, RunError> {
     let dir = config.data_dir.as_deref().ok_or(ConfigError::NoDataDir)?;
     // The store first: its lock tells a second collector on the same directory to stop
     // before it writes anything.
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir)?);
+    let options = SledOptions {
+        cache_bytes: config.cache_mb * 1024 * 1024,
+    };
+    let store: Arc<dyn Store> = Arc::new(SledStore::open_with(dir, &options)?);
     let (operator, operator_token_path, operator_token_created) =
         OperatorToken::load_or_create(dir).map_err(|source| RunError::OperatorToken {
             dir: dir.display().to_string(),

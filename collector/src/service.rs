@@ -24,7 +24,7 @@ use crate::{
     auth::{self, AuthError, OperatorToken},
     identity::{self, EditError, Event, EventKind},
     model::{self, DeviceRecord, Scope},
-    policy::{self, Policy, PolicyRules, RandomizedRule, Tally},
+    policy::{self, Policy, PolicyRules, RandomizedRule},
     snapshot::{self, Period, Snapshot},
     store::{BatchId, BatchOutcome, Edit, Store, StoreError},
 };
@@ -42,6 +42,9 @@ pub struct Collector {
     operator: OperatorToken,
     limits: Limits,
     shutdown: CancellationToken,
+    /// Batches being stored at once. More than a few per core only adds waiting threads,
+    /// each with buffers of its own, and leaves the blocking pool to queries.
+    storing: Arc<tokio::sync::Semaphore>,
 }
 
 fn now_ms() -> u64 {
@@ -78,6 +81,9 @@ impl Collector {
             operator,
             limits,
             shutdown,
+            storing: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(4, |n| n.get()),
+            )),
         }
     }
 
@@ -240,6 +246,12 @@ impl Collector {
             digest: batch_digest(&batch),
         };
         let scope2 = scope.clone();
+        // Only fails once closed, which it never is.
+        let _slot = self
+            .storing
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("collector is shutting down"))?;
         let outcome = self
             .blocking(move |s| s.apply_batch(&scope2, &id, &clean))
             .await?;
@@ -369,14 +381,15 @@ impl QueryService for Collector {
         request: Request<v1::GetCountsRequest>,
     ) -> Result<Response<v1::GetCountsResponse>, Status> {
         let wanted = request.into_inner().client;
-        if !wanted.is_empty() {
-            self.require_client(&wanted).await?;
-        }
         let now = now_ms();
+        // One trip to the blocking pool for the whole answer: the client check, its policy and
+        // the count from the store's summaries (no device record is read).
         let counts = self
             .blocking(move |s| {
                 let names: Vec<String> = if wanted.is_empty() {
                     s.clients()?.into_iter().map(|c| c.name).collect()
+                } else if s.client(&wanted)?.is_none() {
+                    return Err(StoreError::NoSuchClient(wanted));
                 } else {
                     vec![wanted]
                 };
@@ -384,10 +397,7 @@ impl QueryService for Collector {
                     .into_iter()
                     .map(|client| {
                         let policy = s.policy(&client)?;
-                        let mut tally = Tally::default();
-                        for dev in s.devices(&client, None)? {
-                            tally.add(&dev, &policy::evaluate(&policy, &dev, now));
-                        }
+                        let tally = s.tally(&client, &policy, now)?;
                         Ok(v1::ClientCounts {
                             client,
                             devices: tally.devices,

@@ -24,7 +24,7 @@ use crate::{
     model::{
         AddressRecord, CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord,
     },
-    policy::{Policy, PolicyRules},
+    policy::{self, Policy, PolicyRules, Tally},
     snapshot::Snapshot,
 };
 
@@ -90,6 +90,17 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// A client's devices, optionally only those seen at one site, in id order, ready for
     /// people (see [`present`]).
     fn devices(&self, client: &str, site: Option<&str>) -> Result<Vec<DeviceRecord>, StoreError>;
+
+    /// The client's counts under `policy` at `now_ms`: every device [`policy::counts`] admits,
+    /// by category. Stores override this to count from a compact index instead of whole
+    /// records; the answer must be the same.
+    fn tally(&self, client: &str, policy: &Policy, now_ms: u64) -> Result<Tally, StoreError> {
+        let mut tally = Tally::default();
+        for dev in self.devices(client, None)? {
+            tally.add_summary(policy, &policy::DeviceSummary::of(&dev), now_ms);
+        }
+        Ok(tally)
+    }
 
     /// One device of a client.
     fn device(&self, client: &str, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
@@ -297,6 +308,8 @@ pub(crate) mod contract {
         // A client whose name is a prefix of another's sees nothing of it.
         assert_eq!(store.devices("acm", None).expect("devices").len(), 0);
 
+        edits_and_tallies(store);
+
         let token = TokenRecord {
             id: "t1".into(),
             secret_sha256: [7; 32],
@@ -312,6 +325,91 @@ pub(crate) mod contract {
 
         policies(store);
         snapshots(store);
+    }
+
+    /// The store's count agrees with evaluating every device, before and after edits.
+    fn assert_tally(store: &dyn Store, client: &str, policy: &Policy, now: u64, want: u64) {
+        let tally = store.tally(client, policy, now).expect("tally");
+        let mut expected = Tally::default();
+        for d in store.devices(client, None).expect("devices") {
+            expected.add(&d, &policy::evaluate(policy, &d, now));
+        }
+        assert_eq!(tally, expected, "{client} at {now}");
+        assert_eq!(tally.devices, want, "{client} at {now}");
+    }
+
+    fn edits_and_tallies(store: &dyn Store) {
+        use crate::policy::{PolicyRules, RandomizedRule};
+
+        let all = Policy::default();
+        assert_tally(store, "acme", &all, 200, 2);
+        assert_eq!(
+            store.tally("acme", &all, 200).expect("tally").by_category["unknown"],
+            2
+        );
+        assert_tally(store, "globex", &all, 200, 1);
+        assert_tally(store, "nobody", &all, 200, 0);
+        let day = 24 * 60 * 60 * 1000;
+        let short = Policy {
+            version: "acme-x".into(),
+            client: "acme".into(),
+            saved_ms: 1,
+            rules: PolicyRules {
+                window_days: 1,
+                categories: Vec::new(),
+                randomized: RandomizedRule::Exclude,
+            },
+        };
+        assert_tally(store, "acme", &short, 100 + day, 2);
+        assert_tally(store, "acme", &short, 101 + day, 0);
+
+        let ids: Vec<String> = store
+            .devices("acme", None)
+            .expect("devices")
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        let merged = store
+            .edit(
+                "acme",
+                &Edit::Merge {
+                    a: ids[0].clone(),
+                    b: ids[1].clone(),
+                    reason: "one box".into(),
+                },
+                300,
+            )
+            .expect("edit")
+            .expect("merged");
+        assert_eq!(store.devices("acme", None).expect("devices").len(), 1);
+        assert_tally(store, "acme", &all, 400, 1);
+        // A refused edit changes nothing.
+        let refused = store
+            .edit(
+                "acme",
+                &Edit::Merge {
+                    a: ids[0].clone(),
+                    b: "no-such-device".into(),
+                    reason: "typo".into(),
+                },
+                310,
+            )
+            .expect("edit");
+        assert_eq!(
+            refused,
+            Err(identity::EditError::NoDevice("no-such-device".into()))
+        );
+        assert_eq!(store.history("acme").expect("history").len(), 1);
+        store
+            .edit("acme", &Edit::Undo { seq: merged.seq }, 320)
+            .expect("edit")
+            .expect("undone");
+        let history = store.history("acme").expect("history");
+        assert_eq!(history.len(), 2);
+        assert_eq!(history[0].undone_by, Some(history[1].seq));
+        assert!(store.history("globex").expect("history").is_empty());
+        assert_eq!(store.devices("acme", None).expect("devices").len(), 2);
+        assert_tally(store, "acme", &all, 400, 2);
     }
 
     fn policies(store: &dyn Store) {

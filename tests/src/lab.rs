@@ -37,6 +37,7 @@ mod cleanup;
 mod cmd;
 mod identity;
 mod responders;
+mod samba;
 
 use std::ffi::OsStr;
 use std::fmt;
@@ -54,6 +55,7 @@ pub use cleanup::namespaces_with_prefix;
 pub use identity::{HostInterface, is_locally_administered, vrrp_mac};
 pub use ipnet::Ipv4Net;
 pub use responders::{MdnsService, MdnsSpec, SnmpAuth, SnmpPriv, SnmpV3User, SnmpdSpec};
+pub use samba::{LdifEntry, SAM_USER_OBJECT, SAMBA_ADMIN_PASSWORD, SambaDc, parse_ldif};
 
 use cmd::{IP_TIMEOUT, ip_batch_command, netns_exec, run_bounded, run_many, run_ok};
 

@@ -3,10 +3,18 @@
 //!
 //! Layout:
 //! - [`packet`]: Ethernet+ARP encoding and parsing (no I/O).
-//! - `pace`: the send pacer (no I/O, clock passed in).
+//! - `pace`: the send pacer and the adaptive waits (no I/O, clock passed in).
 //! - here: validation of a sweep (`Plan`), the reply table, and the blocking send/receive
 //!   loop over a raw link. The link is a small trait so the loop's logic is tested without
 //!   privileges; production uses a pnet `AF_PACKET` channel.
+//!
+//! Timing follows the network, nmap-style: every answer to one of our requests is timed, and
+//! both the wait before a silent address is asked again and the listening time after the last
+//! request are `4 x` the highest latency seen so far, at least 50 ms, at most the configured
+//! value (which is used as is until a first answer has been timed). Retries are not rounds
+//! separated by pauses: once every address has had its first request, each silent one is
+//! asked again as soon as its own wait has passed, so a sweep costs its packets at the
+//! configured rate plus one short wait at the end.
 //!
 //! Unix only (`probe.rs` declares it behind `cfg(unix)`): pnet is a Unix dependency here.
 //! A sweep is blocking and runs on its own OS thread (pnet's receive blocks); inside it, a
@@ -17,8 +25,8 @@ pub mod packet;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, instrument, warn};
 
-use self::pace::Pacer;
+use self::pace::{Latency, Pacer};
 use self::packet::{ArpOp, ArpPacket, BROADCAST};
 use crate::iface::Interface;
 
@@ -38,8 +46,9 @@ pub const MAX_TARGETS: usize = 65_536;
 /// attack, and must not grow memory without bound.
 pub const MAX_MACS_PER_IP: usize = 8;
 
-/// How long one receive may block, so the loop notices the deadline and cancellation.
-const READ_TIMEOUT: Duration = Duration::from_millis(50);
+/// How long one receive may block, so the loop notices the end of its (adaptive, often 50 ms)
+/// listening time and cancellation without overshooting it by much.
+const READ_TIMEOUT: Duration = Duration::from_millis(10);
 /// How long one send may wait for socket buffer space before it counts as a failure.
 const WRITE_TIMEOUT: Duration = Duration::from_millis(100);
 /// How long the sender keeps retrying a packet the kernel will not take (ENOBUFS, ...).
@@ -47,25 +56,48 @@ const SEND_STALL_LIMIT: Duration = Duration::from_secs(2);
 /// Granularity of interruptible sleeps.
 const SLEEP_SLICE: Duration = Duration::from_millis(20);
 
-/// Tuning for one sweep.
+/// Tuning for one sweep. The two durations are upper bounds: the sweep waits `4 x` the highest
+/// reply latency it has measured, at least 50 ms, and only these maxima while it has timed no
+/// answer yet (see the module docs).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ArpConfig {
-    /// Requests per second, across all rounds. Default 2000.
+    /// Requests per second, first requests and retries together. Default 1200
+    /// ([`DEFAULT_RATE_PPS`]).
     pub rate_pps: u32,
-    /// Extra rounds for targets that have not answered yet. Default 2.
+    /// How many more times a target that has not answered is asked. Default 1
+    /// ([`DEFAULT_RETRIES`]).
     pub retries: u32,
-    /// How long to keep listening after the last request. Default 1 s.
+    /// The most we keep listening after the last request. Default 1 s.
     pub reply_window: Duration,
-    /// Pause between the end of one round and the start of the next, so replies to the
-    /// previous round arrive before we decide who is silent. Default 200 ms.
+    /// The most a target waits for an answer before it is asked again. (Retries start once
+    /// every target has had its first request, each as soon as its own wait has passed; the
+    /// name is from when rounds were separated by a fixed pause.) Default 200 ms.
     pub round_gap: Duration,
 }
+
+/// The default request rate: 1200 ARP requests per second. Each is a 60-byte broadcast frame
+/// (42 bytes of Ethernet and ARP, padded to Ethernet's minimum), so 72 kB/s (0.58 Mbit/s: under
+/// 0.1% of a gigabit link, 0.6% of 100 Mbit/s), and 1200 broadcasts a second that every host on
+/// the segment must look at. That is no more than nmap itself sends at its defaults on the
+/// benchmark's sites (`nmap -sn --packet-trace`, three runs each): its first 255 requests on the
+/// /24 at 1216 per second, and at most 1260 to 1307 in any one second on the /20 (1420 to 1520
+/// in its busiest 100 ms on either site). arp-scan's default, 256 kbit/s, is about 500 a second.
+/// A /24 then takes about a third of a second, a /16 about two minutes.
+pub const DEFAULT_RATE_PPS: u32 = 1200;
+
+/// The default number of retries: one, so a silent address is asked twice, as arp-scan and
+/// nmap ask it. A retry is what catches a lost request or reply (a busy host, a Wi-Fi client
+/// in power save, a full switch queue), and recall is the first goal; a second retry almost
+/// never finds more (in the benchmark's lab every host answers the first request) but costs
+/// as many packets as the first request to every silent address, and most of a sweep's
+/// addresses are silent.
+pub const DEFAULT_RETRIES: u32 = 1;
 
 impl Default for ArpConfig {
     fn default() -> Self {
         ArpConfig {
-            rate_pps: 2000,
-            retries: 2,
+            rate_pps: DEFAULT_RATE_PPS,
+            retries: DEFAULT_RETRIES,
             reply_window: Duration::from_secs(1),
             round_gap: Duration::from_millis(200),
         }
@@ -157,11 +189,14 @@ pub enum ArpError {
 /// Sweeps `targets` with ARP from `interface` and returns every on-target answer.
 ///
 /// Blocking: run it on its own thread (`spawn_blocking` or `std::thread`). Sends each
-/// target a who-has at `cfg.rate_pps`, re-asks the silent ones up to `cfg.retries` times,
-/// then listens for `cfg.reply_window`. Cancelling `cancel` ends it within about 50 ms with
-/// what it has so far (`cancelled` set). Every target must be on-link (inside one of the
-/// interface's IPv4 subnets); the request's source address is the interface's address in
-/// that subnet.
+/// target a who-has at `cfg.rate_pps`, asks a silent one again up to `cfg.retries` times once
+/// it has waited the adaptive wait (at most `cfg.round_gap`) for an answer, then listens for
+/// the adaptive window (at most `cfg.reply_window`) after the last request. Answers that
+/// arrive at any time during the sweep count. Bounded: at most `targets x (retries + 1)`
+/// requests, and about `requests / rate + retries x round_gap + reply_window` at the worst.
+/// Cancelling `cancel` ends it within about 20 ms with what it has so far (`cancelled` set).
+/// Every target must be on-link (inside one of the interface's IPv4 subnets); the request's
+/// source address is the interface's address in that subnet.
 #[instrument(level = "debug", skip_all, fields(interface = %interface.name, targets = targets.len()))]
 pub fn sweep(
     interface: &Interface,
@@ -174,7 +209,14 @@ pub fn sweep(
         return Ok(plan.empty_result());
     }
     let (mut tx, mut rx) = open_channel(interface)?;
-    run(&mut tx, &mut rx, &plan, cfg, cancel)
+    let result = run(&mut tx, &mut rx, &plan, cfg, cancel);
+    // Closing an AF_PACKET socket waits for an RCU grace period (5 to 10 ms on the benchmark's
+    // machine) that the caller has no use for: it is closed on a thread of its own, or here
+    // if that thread cannot start.
+    let _ = std::thread::Builder::new()
+        .name("arp-close".into())
+        .spawn(move || drop((tx, rx)));
+    result
 }
 
 // === impl Plan ===
@@ -277,13 +319,14 @@ impl<'p> ReplyTable<'p> {
         }
     }
 
-    /// Records `p` if it tells us a target's MAC; returns the target's index if so.
+    /// Records `p` if it tells us a target's MAC; returns the target's index if so, and
+    /// whether `p` answered one of our requests.
     ///
     /// Kept: ARP requests and replies whose sender is one of our targets. Solicited means a
     /// reply addressed to our MAC and to our address on that subnet. Ignored: our own
     /// frames (the raw socket also sees what we send), senders outside the target set, and
     /// sender MACs that cannot be a host (all-zero, broadcast).
-    fn observe(&mut self, p: &ArpPacket, at: SystemTime) -> Option<usize> {
+    fn observe(&mut self, p: &ArpPacket, at: SystemTime) -> Option<(usize, bool)> {
         let ours = self.plan.mac;
         if p.eth_src == ours || p.sender_mac == ours {
             return None;
@@ -308,7 +351,7 @@ impl<'p> ReplyTable<'p> {
                 let count = self.macs_per_target.get_mut(idx)?;
                 if usize::from(*count) >= MAX_MACS_PER_IP {
                     self.overflow += 1;
-                    return Some(idx);
+                    return Some((idx, solicited));
                 }
                 *count += 1;
                 e.insert(self.replies.len());
@@ -321,7 +364,7 @@ impl<'p> ReplyTable<'p> {
                 });
             }
         }
-        Some(idx)
+        Some((idx, solicited))
     }
 
     fn into_replies(self) -> Vec<ArpReply> {
@@ -415,16 +458,61 @@ fn is_transient(e: &io::Error) -> bool {
 
 // === the sweep loop ===
 
+/// "Not yet" in the `AtomicU64` times below (ns since `Shared::t0`).
+const NOT_YET: u64 = u64::MAX;
+
 /// State shared by the sender thread and the receiving thread.
 #[derive(Debug)]
 struct Shared {
-    /// Per target: an answer has been recorded (so later rounds skip it).
+    /// Per target: an answer has been recorded (so it is not asked again).
     answered: Vec<AtomicBool>,
+    /// Per target: when its latest request went out; `NOT_YET` before the first.
+    last_sent_ns: Vec<AtomicU64>,
+    /// When the sweep's latest request went out; `NOT_YET` before the first.
+    last_send_ns: AtomicU64,
+    /// The highest reply latency measured, from which the waits follow.
+    latency: Latency,
     /// Stops the sender (and the receiver): the caller's cancel, or a fatal error.
     stop: CancellationToken,
-    /// When the sender finished, in ns since `t0`; `u64::MAX` while it is still running.
+    /// When the sender finished; `NOT_YET` while it is still running.
     sender_done_ns: AtomicU64,
     t0: Instant,
+}
+
+impl Shared {
+    fn new(targets: usize, cancel: &CancellationToken) -> Self {
+        Shared {
+            answered: (0..targets).map(|_| AtomicBool::new(false)).collect(),
+            last_sent_ns: (0..targets).map(|_| AtomicU64::new(NOT_YET)).collect(),
+            last_send_ns: AtomicU64::new(NOT_YET),
+            latency: Latency::default(),
+            stop: cancel.child_token(),
+            sender_done_ns: AtomicU64::new(NOT_YET),
+            t0: Instant::now(),
+        }
+    }
+
+    /// Now, in ns since `t0` (never `NOT_YET`).
+    fn now_ns(&self) -> u64 {
+        nanos(self.t0.elapsed()).min(NOT_YET - 1)
+    }
+
+    /// True if target `i` has answered (or does not exist, so nobody asks it).
+    fn answered(&self, i: usize) -> bool {
+        self.answered
+            .get(i)
+            .is_none_or(|a| a.load(Ordering::Relaxed))
+    }
+
+    fn last_sent_ns(&self, i: usize) -> u64 {
+        self.last_sent_ns
+            .get(i)
+            .map_or(NOT_YET, |t| t.load(Ordering::Acquire))
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Marks the sender as finished however it exits (including a panic), so the receiver's
@@ -433,8 +521,9 @@ struct SenderDone<'a>(&'a Shared);
 
 impl Drop for SenderDone<'_> {
     fn drop(&mut self) {
-        let ns = u64::try_from(self.0.t0.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
-        self.0.sender_done_ns.store(ns, Ordering::Release);
+        self.0
+            .sender_done_ns
+            .store(self.0.now_ns(), Ordering::Release);
     }
 }
 
@@ -445,22 +534,14 @@ fn run(
     cfg: &ArpConfig,
     cancel: &CancellationToken,
 ) -> Result<ArpSweepResult, ArpError> {
-    let shared = Shared {
-        answered: plan
-            .targets
-            .iter()
-            .map(|_| AtomicBool::new(false))
-            .collect(),
-        stop: cancel.child_token(),
-        sender_done_ns: AtomicU64::new(u64::MAX),
-        t0: Instant::now(),
-    };
+    let shared = Shared::new(plan.targets.len(), cancel);
     debug!(
         interface = %plan.interface,
         targets = plan.targets.len(),
         first = %plan.targets.first().map_or(Ipv4Addr::UNSPECIFIED, |t| t.ip),
         last = %plan.targets.last().map_or(Ipv4Addr::UNSPECIFIED, |t| t.ip),
         rate_pps = cfg.rate_pps,
+        retries = cfg.retries,
         "ARP sweep starting"
     );
     let mut table = ReplyTable::new(plan);
@@ -469,8 +550,8 @@ fn run(
             .name(format!("arp-tx-{}", plan.interface))
             .spawn_scoped(s, || {
                 let _done = SenderDone(&shared);
-                let r = send_rounds(tx, plan, cfg, &shared);
-                if r.1.is_some() {
+                let r = send_requests(tx, plan, cfg, &shared);
+                if r.error.is_some() {
                     shared.stop.cancel();
                 }
                 r
@@ -478,7 +559,13 @@ fn run(
         let sender = match sender {
             Ok(h) => h,
             Err(e) => {
-                return ((0, Some(e)), Ok(()));
+                return (
+                    Sent {
+                        error: Some(e),
+                        ..Sent::default()
+                    },
+                    Ok(()),
+                );
             }
         };
         let received = receive(rx, &mut table, cfg, &shared);
@@ -491,7 +578,6 @@ fn run(
         };
         (sent, received)
     });
-    let (requests_sent, send_error) = sent;
     let elapsed = shared.t0.elapsed();
     if let Err(source) = received {
         return Err(ArpError::Receive {
@@ -499,7 +585,7 @@ fn run(
             source,
         });
     }
-    if let Some(source) = send_error {
+    if let Some(source) = sent.error {
         return Err(ArpError::Send {
             interface: plan.interface.clone(),
             source,
@@ -517,9 +603,13 @@ fn run(
     debug!(
         interface = %plan.interface,
         probed = plan.targets.len(),
-        requests_sent,
+        requests_sent = sent.requests,
+        retries_sent = sent.retries,
         answered = shared.answered.iter().filter(|a| a.load(Ordering::Relaxed)).count(),
         pairs = replies.len(),
+        highest_latency_us = shared.latency.highest().map(|d| d.as_micros() as u64),
+        retry_wait_ms = shared.latency.wait(cfg.round_gap).as_millis() as u64,
+        reply_window_ms = shared.latency.wait(cfg.reply_window).as_millis() as u64,
         elapsed_ms = elapsed.as_millis() as u64,
         cancelled,
         "ARP sweep finished"
@@ -528,67 +618,131 @@ fn run(
         interface: plan.interface.clone(),
         probed: plan.targets.len(),
         replies,
-        requests_sent,
+        requests_sent: sent.requests,
         cancelled,
     })
 }
 
-/// Sends the rounds; returns how many requests went out and the error that stopped it, if
-/// any. Stops early when `shared.stop` is cancelled or every target has answered.
-fn send_rounds(
-    tx: &mut dyn FrameTx,
-    plan: &Plan,
-    cfg: &ArpConfig,
-    shared: &Shared,
-) -> (u64, Option<io::Error>) {
+/// What the sender did.
+#[derive(Debug, Default)]
+struct Sent {
+    /// Requests that went out, first ones and retries.
+    requests: u64,
+    /// Of those, retries.
+    retries: u64,
+    /// The error that stopped it, if any.
+    error: Option<io::Error>,
+}
+
+/// What the sender does next.
+enum Next {
+    /// Ask target `.0`, for the `.1`-th time counting from 0.
+    Ask(usize, u32),
+    /// Nothing is due before this many ns have passed.
+    Wait(u64),
+    Done,
+}
+
+/// Sends every target its first request in the plan's order, then asks each silent one again
+/// once it has waited the adaptive wait since its latest request, up to `cfg.retries` times,
+/// all at `cfg.rate_pps`. Stops early when `shared.stop` is cancelled; a target that has
+/// answered is never asked again.
+fn send_requests(tx: &mut dyn FrameTx, plan: &Plan, cfg: &ArpConfig, shared: &Shared) -> Sent {
     let mut pacer = Pacer::new(cfg.rate_pps);
-    let mut sent = 0u64;
-    let answered = |i: usize| {
-        shared
-            .answered
-            .get(i)
-            .is_none_or(|a| a.load(Ordering::Relaxed))
-    };
-    for round in 0..=cfg.retries {
-        if round > 0 {
-            let pending = || (0..plan.targets.len()).filter(|&i| !answered(i)).count();
-            // Checked before the gap too, so a sweep where everyone answered at once does
-            // not wait for nothing.
-            if pending() == 0 {
-                break;
-            }
-            if !sleep_unless_stopped(cfg.round_gap, &shared.stop) {
-                return (sent, None);
-            }
-            let pending = pending();
-            if pending == 0 {
-                break;
-            }
-            debug!(interface = %plan.interface, round, pending, "ARP retry round");
+    let mut sent = Sent::default();
+    let mut fresh = 0..plan.targets.len();
+    // Targets to ask again, with how many times they have been asked, in the order of their
+    // latest request: with one wait for all, the front is always the first one due. At most
+    // one entry per target, so bounded by the plan.
+    let mut again: VecDeque<(usize, u32)> = VecDeque::new();
+    loop {
+        if shared.stop.is_cancelled() {
+            return sent;
         }
-        for (i, target) in plan.targets.iter().enumerate() {
-            // Checked at send time, so a target that answers mid-round is not re-asked.
-            if answered(i) {
+        let next = next_request(&mut again, &mut fresh, cfg, shared);
+        let (i, asked) = match next {
+            Next::Ask(i, asked) => (i, asked),
+            Next::Wait(ns) => {
+                std::thread::sleep(Duration::from_nanos(ns).min(SLEEP_SLICE));
                 continue;
             }
-            loop {
-                if shared.stop.is_cancelled() {
-                    return (sent, None);
-                }
-                match pacer.try_take(Instant::now()) {
-                    Ok(()) => break,
-                    Err(wait) => std::thread::sleep(wait.min(SLEEP_SLICE)),
-                }
+            Next::Done => return sent,
+        };
+        let Some(target) = plan.targets.get(i) else {
+            continue;
+        };
+        loop {
+            if shared.stop.is_cancelled() {
+                return sent;
             }
-            let frame = packet::build_request(plan.mac, target.src, target.ip);
-            match send_one(tx, &frame, &shared.stop) {
-                Ok(true) => sent += 1,
-                Ok(false) => return (sent, None),
-                Err(e) => return (sent, Some(e)),
+            match pacer.try_take(Instant::now()) {
+                Ok(()) => break,
+                Err(wait) => std::thread::sleep(wait.min(SLEEP_SLICE)),
             }
         }
+        // Checked again at send time: it may have answered while we waited for the pacer.
+        if shared.answered(i) {
+            continue;
+        }
+        // Stamped before the frame goes out, so the answer is never timed against an older
+        // request (which would make the latency, and every wait after it, too long).
+        let now = shared.now_ns();
+        if let Some(t) = shared.last_sent_ns.get(i) {
+            t.store(now, Ordering::Release);
+        }
+        shared.last_send_ns.store(now, Ordering::Release);
+        let frame = packet::build_request(plan.mac, target.src, target.ip);
+        match send_one(tx, &frame, &shared.stop) {
+            Ok(true) => {
+                sent.requests += 1;
+                if asked > 0 {
+                    sent.retries += 1;
+                }
+            }
+            Ok(false) => return sent,
+            Err(e) => {
+                sent.error = Some(e);
+                return sent;
+            }
+        }
+        if asked < cfg.retries {
+            again.push_back((i, asked + 1));
+        }
     }
-    (sent, None)
+}
+
+/// Picks the sender's next request: the next first request, else the front retry if its
+/// wait has passed, else how long until it will have; `Done` when nothing is left to ask.
+///
+/// First requests go before retries: the retries then follow as one burst at the full rate
+/// (no idle gaps while single retries come due), and every silent address has had as long as
+/// possible to answer before it is asked again, which saves the packet if it was just slow.
+fn next_request(
+    again: &mut VecDeque<(usize, u32)>,
+    fresh: &mut std::ops::Range<usize>,
+    cfg: &ArpConfig,
+    shared: &Shared,
+) -> Next {
+    if let Some(i) = fresh.find(|&i| !shared.answered(i)) {
+        return Next::Ask(i, 0);
+    }
+    while again.front().is_some_and(|&(i, _)| shared.answered(i)) {
+        again.pop_front();
+    }
+    let Some(&(i, asked)) = again.front() else {
+        return Next::Done;
+    };
+    let wait_ns = nanos(shared.latency.wait(cfg.round_gap));
+    let due_in = shared
+        .last_sent_ns(i)
+        .saturating_add(wait_ns)
+        .saturating_sub(shared.now_ns());
+    if due_in == 0 {
+        again.pop_front();
+        Next::Ask(i, asked)
+    } else {
+        Next::Wait(due_in)
+    }
 }
 
 /// Sends one frame, riding out a full queue for up to `SEND_STALL_LIMIT`. `Ok(false)` if
@@ -609,22 +763,28 @@ fn send_one(tx: &mut dyn FrameTx, frame: &[u8], stop: &CancellationToken) -> io:
     }
 }
 
-/// Receives until `reply_window` after the sender finished, or until stopped.
+/// Receives until the sender has finished and the adaptive reply window (at most
+/// `cfg.reply_window`) has passed since the last request, or until stopped. Times every
+/// answer to one of our requests against that target's latest request.
 fn receive(
     rx: &mut dyn FrameRx,
     table: &mut ReplyTable<'_>,
     cfg: &ArpConfig,
     shared: &Shared,
 ) -> io::Result<()> {
-    let window_ns = u64::try_from(cfg.reply_window.as_nanos()).unwrap_or(u64::MAX);
     loop {
         if shared.stop.is_cancelled() {
             return Ok(());
         }
         let done_ns = shared.sender_done_ns.load(Ordering::Acquire);
-        if done_ns != u64::MAX {
-            let now_ns = u64::try_from(shared.t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            if now_ns >= done_ns.saturating_add(window_ns) {
+        if done_ns != NOT_YET {
+            let last = shared.last_send_ns.load(Ordering::Acquire);
+            let end = if last == NOT_YET {
+                done_ns // nothing was sent: nothing to wait for
+            } else {
+                last.saturating_add(nanos(shared.latency.wait(cfg.reply_window)))
+            };
+            if shared.now_ns() >= end {
                 return Ok(());
             }
         }
@@ -632,25 +792,239 @@ fn receive(
         let Some(p) = packet::parse(frame) else {
             continue;
         };
-        if let Some(idx) = table.observe(&p, SystemTime::now())
-            && let Some(flag) = shared.answered.get(idx)
-        {
+        let Some((idx, solicited)) = table.observe(&p, SystemTime::now()) else {
+            continue;
+        };
+        if let Some(flag) = shared.answered.get(idx) {
             flag.store(true, Ordering::Relaxed);
+        }
+        // Timed against the latest request: if a retry crossed a slow answer to the first
+        // one, this under-estimates, which only the highest sample matters for; timing it
+        // against the first request instead would count the retry wait as latency and let
+        // one lost packet stretch every later wait to the maximum.
+        let sent_at = shared.last_sent_ns(idx);
+        if solicited && sent_at != NOT_YET {
+            let now = shared.now_ns();
+            shared
+                .latency
+                .observe(Duration::from_nanos(now.saturating_sub(sent_at)));
         }
     }
 }
 
-/// Sleeps for `d` in slices; false if `stop` was cancelled meanwhile.
-fn sleep_unless_stopped(d: Duration, stop: &CancellationToken) -> bool {
-    let until = Instant::now() + d;
-    loop {
-        if stop.is_cancelled() {
-            return false;
+/// The adaptive timing, end to end over a fake link whose hosts answer after a delay (the
+/// loop's other behaviour is tested in `arp/tests.rs`).
+#[cfg(test)]
+mod timing_tests {
+    use std::sync::mpsc;
+
+    use super::pace::MIN_WAIT;
+    use super::packet::{ArpOp, ArpPacket};
+    use super::*;
+
+    const OUR_MAC: [u8; 6] = [0x02, 0xc3, 0x08, 0, 0, 0x01];
+
+    fn ip(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 8, last)
+    }
+
+    fn iface() -> Interface {
+        Interface {
+            name: "slow0".into(),
+            index: 8,
+            mac: Some(OUR_MAC),
+            ipv4: vec!["198.18.8.1/24".parse().expect("literal")],
+            is_up: true,
+            is_loopback: false,
         }
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return true;
+    }
+
+    type Wire = (Instant, Vec<u8>);
+
+    /// Hosts that answer every request for their address after their own delay.
+    struct SlowTx {
+        wire: mpsc::Sender<Wire>,
+        hosts: Vec<(Ipv4Addr, Duration)>,
+    }
+
+    impl FrameTx for SlowTx {
+        fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+            let req = packet::parse(frame).expect("the sweep sends well-formed ARP");
+            for &(ip, delay) in self.hosts.iter().filter(|h| h.0 == req.target_ip) {
+                let mac = [0x02, 0xc3, 0x08, 0, 0xaa, ip.octets()[3]];
+                let reply = ArpPacket {
+                    eth_src: mac,
+                    op: ArpOp::Reply,
+                    sender_mac: mac,
+                    sender_ip: ip,
+                    target_mac: req.sender_mac,
+                    target_ip: req.sender_ip,
+                };
+                let frame = packet::build(req.sender_mac, &reply).to_vec();
+                let _ = self.wire.send((Instant::now() + delay, frame));
+            }
+            Ok(())
         }
-        std::thread::sleep(left.min(SLEEP_SLICE));
+    }
+
+    /// Delivers each frame no earlier than its time.
+    struct SlowRx {
+        wire: mpsc::Receiver<Wire>,
+        queue: Vec<Wire>,
+        frame: Vec<u8>,
+    }
+
+    impl FrameRx for SlowRx {
+        fn recv(&mut self) -> io::Result<Option<&[u8]>> {
+            while let Ok(w) = self.wire.try_recv() {
+                self.queue.push(w);
+            }
+            let earliest = (0..self.queue.len()).min_by_key(|&k| self.queue[k].0);
+            let Some(k) = earliest else {
+                if let Ok(w) = self.wire.recv_timeout(Duration::from_millis(5)) {
+                    self.queue.push(w);
+                }
+                return Ok(None);
+            };
+            let now = Instant::now();
+            if self.queue[k].0 > now {
+                std::thread::sleep((self.queue[k].0 - now).min(Duration::from_millis(5)));
+                return Ok(None);
+            }
+            self.frame = self.queue.swap_remove(k).1;
+            Ok(Some(&self.frame))
+        }
+    }
+
+    /// Sweeps `.first..=.last` with hosts at `(last octet, delay)`; returns the result and
+    /// the time it took.
+    fn sweep(
+        hosts: &[(u8, Duration)],
+        first: u8,
+        last: u8,
+        cfg: &ArpConfig,
+        cancel: &CancellationToken,
+    ) -> (ArpSweepResult, Duration) {
+        let (wire_tx, wire_rx) = mpsc::channel();
+        let mut tx = SlowTx {
+            wire: wire_tx,
+            hosts: hosts.iter().map(|&(l, d)| (ip(l), d)).collect(),
+        };
+        let mut rx = SlowRx {
+            wire: wire_rx,
+            queue: Vec::new(),
+            frame: Vec::new(),
+        };
+        let targets: Vec<Ipv4Addr> = (first..=last).map(ip).collect();
+        let t = Instant::now();
+        let plan = Plan::new(&iface(), &targets, cfg).expect("valid plan");
+        let r = run(&mut tx, &mut rx, &plan, cfg, cancel).expect("sweep runs");
+        (r, t.elapsed())
+    }
+
+    fn found(r: &ArpSweepResult) -> Vec<Ipv4Addr> {
+        r.replies.iter().map(|a| a.ip).collect()
+    }
+
+    fn cfg(round_gap_ms: u64, reply_window_ms: u64) -> ArpConfig {
+        ArpConfig {
+            rate_pps: 20_000,
+            retries: 1,
+            reply_window: Duration::from_millis(reply_window_ms),
+            round_gap: Duration::from_millis(round_gap_ms),
+        }
+    }
+
+    #[test]
+    fn fast_answers_shrink_both_waits_to_the_floor() {
+        let now = Duration::ZERO;
+        let (r, took) = sweep(
+            &[(10, now), (11, now)],
+            10,
+            19,
+            &cfg(400, 1000),
+            &CancellationToken::new(),
+        );
+        assert_eq!(found(&r), [ip(10), ip(11)]);
+        assert_eq!(
+            r.requests_sent,
+            10 + 8,
+            "each silent address is asked twice"
+        );
+        // One floor before the retries, one after them; neither maximum (400 ms, 1 s).
+        assert!(took >= 2 * MIN_WAIT, "took {took:?}");
+        assert!(took < Duration::from_millis(380), "took {took:?}");
+    }
+
+    #[test]
+    fn silence_waits_the_configured_maxima() {
+        let (r, took) = sweep(&[], 10, 19, &cfg(150, 250), &CancellationToken::new());
+        assert!(r.replies.is_empty());
+        assert_eq!(r.requests_sent, 20);
+        assert!(took >= Duration::from_millis(400), "took {took:?}");
+        assert!(took < Duration::from_millis(900), "took {took:?}");
+    }
+
+    #[test]
+    fn slow_answers_stretch_the_waits_and_the_last_slow_host_is_found() {
+        let slow = Duration::from_millis(60);
+        let (r, took) = sweep(
+            &[(10, slow), (19, slow)],
+            10,
+            19,
+            &cfg(1000, 2000),
+            &CancellationToken::new(),
+        );
+        assert_eq!(found(&r), [ip(10), ip(19)]);
+        // Both answered before their retry was due (4 x 60 ms after their request).
+        assert_eq!(r.requests_sent, 10 + 8);
+        // Retry wait and reply window of at least 4 x 60 ms each, far below the maxima.
+        assert!(took >= Duration::from_millis(480), "took {took:?}");
+        assert!(took < Duration::from_millis(1500), "took {took:?}");
+    }
+
+    #[test]
+    fn an_answer_after_the_retry_still_counts() {
+        // The retry goes at the 50 ms maximum; the answer to the first request comes at 120 ms.
+        let (r, _) = sweep(
+            &[(10, Duration::from_millis(120))],
+            10,
+            10,
+            &cfg(50, 300),
+            &CancellationToken::new(),
+        );
+        assert_eq!(found(&r), [ip(10)]);
+        assert_eq!(r.requests_sent, 2);
+
+        // No retry at all: before anything answered, the window is its maximum (300 ms).
+        let once = ArpConfig {
+            retries: 0,
+            ..cfg(50, 300)
+        };
+        let (r, took) = sweep(
+            &[(10, Duration::from_millis(120))],
+            10,
+            10,
+            &once,
+            &CancellationToken::new(),
+        );
+        assert_eq!(found(&r), [ip(10)]);
+        assert_eq!(r.requests_sent, 1);
+        assert!(took < Duration::from_millis(600), "took {took:?}");
+    }
+
+    #[test]
+    fn cancellation_cuts_a_long_wait_short() {
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        let canceller = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            c.cancel();
+        });
+        let (r, took) = sweep(&[], 10, 19, &cfg(5000, 5000), &cancel);
+        canceller.join().expect("canceller thread");
+        assert!(r.cancelled);
+        assert_eq!(r.requests_sent, 10, "cancelled while waiting to retry");
+        assert!(took < Duration::from_millis(300), "took {took:?}");
     }
 }

@@ -4,44 +4,120 @@
 //! - `clients`: `client` -> [`ClientRecord`]
 //! - `sites`: `client\0site` -> [`SiteRecord`]
 //! - `tokens`: `token id` -> [`TokenRecord`]
-//! - `devices`: `client\0device id` -> [`DeviceRecord`]
-//! - `keys`: `client\0identity key` -> [`KeyRecord`] (see [`crate::identity`])
-//! - `owners`: `client\0site\0address` -> [`AddressOwner`]
-//! - `vmacs`: `client\0virtual MAC` -> [`VirtualMacRecord`]
-//! - `events`: `client\0sequence (u64 BE)` -> [`Event`] (merges and splits)
-//! - `batches`: `client\0site\0agent id\0sequence (u64 BE)` -> applied-at millis (u64 BE)
-//!   and the SHA-256 of the batch's content
+//! - `graph`: every client's identity graph and applied batches, in one tree so that a batch
+//!   commits with one atomic [`sled::Tree::apply_batch`]; the first byte says what a key is:
+//!   - `d` `client\0device id` -> [`DeviceRecord`], with its counting summary in front
+//!   - `k` `client\0identity key` -> [`KeyRecord`] (see [`crate::identity`])
+//!   - `o` `client\0site\0address` -> [`AddressOwner`]
+//!   - `v` `client\0virtual MAC` -> [`VirtualMacRecord`]
+//!   - `e` `client\0sequence (u64 BE)` -> [`Event`] (merges and splits)
+//!   - `b` `client\0site\0agent id\0sequence (u64 BE)` -> applied-at millis (u64 BE) and the
+//!     SHA-256 of the batch's content
 //! - `policies`: `client\0n (u64 BE)` -> [`Policy`] version `<client>-<n>`, never rewritten
 //! - `snapshots`: `client\0period` -> [`Snapshot`], written once, never overwritten
+//! - `meta`: facts about the store itself (the layout version)
 //!
 //! Values are one format byte followed by postcard, or (policies and snapshots) by JSON: those
 //! are kept for years and read rarely, so they are stored in a self-describing form that later
-//! fields (`#[serde(default)]`) can be added to without rewriting them. Every write that is
-//! acknowledged to anyone is flushed first: sled's background flush alone can lose the last half
-//! second.
+//! fields (`#[serde(default)]`) can be added to without rewriting them. A device record has a
+//! format of its own (`3`): its counting summary (last seen as u64 BE, a flags byte, the
+//! category label's length as u16 BE and the label), then postcard, so counting reads a few
+//! bytes of each record and decodes none.
+//!
+//! **Applying a batch.** The identity rules run outside any sled transaction, over an
+//! [`overlay::Overlay`] that reads the client's records once and keeps its writes in memory,
+//! under a lock of the client's own (so batches of different clients are worked out on
+//! different cores, and two batches of one client never interleave). The writes then go to the
+//! group commit ([`commit::Pipeline`]): applied with other writers' as one atomic batch, then
+//! made durable by one flush for all of them. Operators' edits take the same lock and path.
+//!
+//! **Durability.** Every write that is acknowledged to anyone is flushed first: sled's
+//! background flush alone can lose the last half second.
+//!
+//! **Counting.** `GetCounts` counts from [`counts::CountIndex`], the summaries of a client's
+//! devices in memory, read from the store on the client's first count and kept in step by
+//! every commit.
+//!
+//! **Memory.** sled's page cache is bounded by [`SledOptions::cache_bytes`] (the collector's
+//! `cache_mb`); beyond it, the collector's memory grows with the devices only by the count
+//! index (about 50 bytes a device).
 
-use std::{collections::BTreeMap, net::IpAddr, path::Path};
+mod commit;
+mod counts;
+mod overlay;
+
+use std::{
+    collections::BTreeMap,
+    hash::{Hash as _, Hasher as _},
+    net::IpAddr,
+    path::Path,
+    sync::{Arc, Mutex, MutexGuard},
+};
 
 use census_proto::convert::MacAddr;
 
 use serde::{Serialize, de::DeserializeOwned};
-use sled::{
-    Transactional,
-    transaction::{ConflictableTransactionError, TransactionError, TransactionalTree},
-};
+use sled::transaction::TransactionError;
 
 use super::{BatchId, BatchOutcome, Edit, Store, StoreError, present, run_edit};
 use crate::{
-    identity::{self, AddressOwner, EditError, Event, Graph, KeyRecord, VirtualMacRecord},
+    identity::{self, AddressOwner, EditError, Event, VirtualMacRecord},
     model::{CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord},
-    policy::{Policy, PolicyRules},
+    policy::{DeviceSummary, Policy, PolicyRules, Tally},
     snapshot::Snapshot,
 };
+use overlay::Overlay;
 
 /// Format byte in front of every stored value: postcard.
 const FORMAT_V1: u8 = 1;
 /// Format byte for values stored as JSON.
 const FORMAT_JSON: u8 = 2;
+/// Format byte of a device record with its counting summary in front.
+const FORMAT_DEVICE: u8 = 3;
+
+/// What a `graph` key is: its first byte.
+const DEVICE: u8 = b'd';
+const KEY: u8 = b'k';
+const OWNER: u8 = b'o';
+const VMAC: u8 = b'v';
+const EVENT: u8 = b'e';
+const BATCH: u8 = b'b';
+
+/// Trees of earlier layouts, moved into `graph` when found (see [`SledStore::migrate`]).
+const OLD_TREES: [(&str, u8); 6] = [
+    ("devices", DEVICE),
+    ("keys", KEY),
+    ("owners", OWNER),
+    ("vmacs", VMAC),
+    ("events", EVENT),
+    ("batches", BATCH),
+];
+
+/// In `meta`: the layout described above is complete (trees moved, device summaries written).
+const LAYOUT: &[u8] = b"layout";
+const LAYOUT_VERSION: &[u8] = b"graph-v1";
+
+/// The default bound of sled's page cache.
+pub const DEFAULT_CACHE_BYTES: u64 = crate::config::DEFAULT_CACHE_MB * 1024 * 1024;
+
+/// How many locks the clients share (a client always maps to the same one).
+const CLIENT_LOCKS: usize = 64;
+
+/// How the store is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SledOptions {
+    /// The most memory sled's page cache may use. It bounds the collector's memory however
+    /// many devices it holds; what does not fit is read from disk (and the OS page cache).
+    pub cache_bytes: u64,
+}
+
+impl Default for SledOptions {
+    fn default() -> Self {
+        SledOptions {
+            cache_bytes: DEFAULT_CACHE_BYTES,
+        }
+    }
+}
 
 /// The sled-backed store. Cheap to clone handles are inside; share it behind an `Arc`.
 #[derive(Debug, Clone)]
@@ -50,22 +126,27 @@ pub struct SledStore {
     clients: sled::Tree,
     sites: sled::Tree,
     tokens: sled::Tree,
-    devices: sled::Tree,
-    keys: sled::Tree,
-    owners: sled::Tree,
-    vmacs: sled::Tree,
-    events: sled::Tree,
-    batches: sled::Tree,
+    graph: sled::Tree,
     policies: sled::Tree,
     snapshots: sled::Tree,
+    meta: sled::Tree,
+    writers: Arc<ClientLocks>,
+    pipeline: Arc<commit::Pipeline>,
+    counts: Arc<counts::CountIndex>,
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `dir`, which must exist.
+    /// Opens (or creates) the store in `dir`, which must exist, with the default options.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, &SledOptions::default())
+    }
+
+    /// Opens (or creates) the store in `dir`, which must exist.
+    pub fn open_with(dir: &Path, options: &SledOptions) -> Result<Self, StoreError> {
         let path = dir.join("store");
         let db = sled::Config::new()
             .path(&path)
+            .cache_capacity(options.cache_bytes)
             .open()
             .map_err(|e| match e {
                 sled::Error::Io(io)
@@ -86,24 +167,118 @@ impl SledStore {
                 other => StoreError::Engine(other.to_string()),
             })?;
         let tree = |name: &str| db.open_tree(name).map_err(engine);
-        Ok(SledStore {
+        let store = SledStore {
             clients: tree("clients")?,
             sites: tree("sites")?,
             tokens: tree("tokens")?,
-            devices: tree("devices")?,
-            keys: tree("keys")?,
-            owners: tree("owners")?,
-            vmacs: tree("vmacs")?,
-            events: tree("events")?,
-            batches: tree("batches")?,
+            graph: tree("graph")?,
             policies: tree("policies")?,
             snapshots: tree("snapshots")?,
+            meta: tree("meta")?,
+            writers: Arc::new(ClientLocks::default()),
+            pipeline: Arc::new(commit::Pipeline::default()),
+            counts: Arc::new(counts::CountIndex::default()),
             db,
-        })
+        };
+        store.migrate()?;
+        Ok(store)
     }
 
+    /// Brings a store written by an earlier version to this layout: the identity trees move
+    /// into `graph` (copied in one atomic batch, then dropped, so a crash in between only
+    /// means copying again) and every device record gets its counting summary.
+    fn migrate(&self) -> Result<(), StoreError> {
+        if self.meta.get(LAYOUT).map_err(engine)?.as_deref() == Some(LAYOUT_VERSION) {
+            return Ok(());
+        }
+        let names = self.db.tree_names();
+        let mut moved = Vec::new();
+        for (name, kind) in OLD_TREES {
+            if !names.iter().any(|n| n.as_ref() == name.as_bytes()) {
+                continue;
+            }
+            let old = self.db.open_tree(name).map_err(engine)?;
+            let mut batch = sled::Batch::default();
+            for kv in old.iter() {
+                let (k, v) = kv.map_err(engine)?;
+                batch.insert(tagged(kind, &k), v);
+            }
+            self.graph.apply_batch(batch).map_err(engine)?;
+            moved.push(name);
+        }
+        let mut batch = sled::Batch::default();
+        for kv in self.graph.scan_prefix([DEVICE]) {
+            let (k, v) = kv.map_err(engine)?;
+            if v.first() != Some(&FORMAT_DEVICE) {
+                let device: DeviceRecord = decode(&k, &v)?;
+                batch.insert(k, encode_device(&device)?);
+            }
+        }
+        self.graph.apply_batch(batch).map_err(engine)?;
+        self.flush()?;
+        for name in moved {
+            self.db.drop_tree(name).map_err(engine)?;
+        }
+        self.meta.insert(LAYOUT, LAYOUT_VERSION).map_err(engine)?;
+        self.flush()
+    }
+
+    /// Makes every write made so far durable.
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map(drop).map_err(engine)
+        self.pipeline.flush_all(&self.db)
+    }
+
+    /// The client's count index, read from the store on first use.
+    fn count_index(
+        &self,
+        client: &str,
+    ) -> Result<Arc<std::sync::RwLock<counts::ClientIndex>>, StoreError> {
+        if let Some(index) = self.counts.get(client) {
+            return Ok(index);
+        }
+        // Under the writer lock: no commit of this client lands between the read and the
+        // publication (commits update only published indexes).
+        let _writer = self.writers.lock(client);
+        if let Some(index) = self.counts.get(client) {
+            return Ok(index);
+        }
+        let mut index = counts::ClientIndex::default();
+        let p = graph_prefix(DEVICE, &[client.as_bytes()]);
+        for kv in self.graph.scan_prefix(&p) {
+            let (k, v) = kv.map_err(engine)?;
+            let id = std::str::from_utf8(&k[p.len()..]).map_err(|_| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).replace('\0', "/"),
+                reason: "device id is not UTF-8".into(),
+            })?;
+            index.put_summary(id, &device_summary(&k, &v)?.0);
+        }
+        Ok(self.counts.insert(client, index))
+    }
+}
+
+// === impl ClientLocks ===
+
+/// One lock per client (shared by the clients that hash alike), held while a batch or an edit
+/// works out and commits the client's writes: the identity rules read, then write, so two
+/// writers of one client must take turns. Writers of different clients do not wait for each
+/// other (unless they share a lock).
+#[derive(Debug)]
+struct ClientLocks([Mutex<()>; CLIENT_LOCKS]);
+
+impl Default for ClientLocks {
+    fn default() -> Self {
+        ClientLocks(std::array::from_fn(|_| Mutex::new(())))
+    }
+}
+
+impl ClientLocks {
+    fn lock(&self, client: &str) -> MutexGuard<'_, ()> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        client.hash(&mut h);
+        let i = (h.finish() % CLIENT_LOCKS as u64) as usize;
+        // The lock guards no data of its own: a writer that panicked left nothing half-written
+        // in the store (its overlay was never committed), so a poisoned lock is still usable.
+        self.0[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -128,10 +303,80 @@ fn prefix(parts: &[&[u8]]) -> Vec<u8> {
     k
 }
 
+/// A `graph` key: its kind byte, then the parts.
+fn tagged(kind: u8, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(rest.len() + 1);
+    k.push(kind);
+    k.extend_from_slice(rest);
+    k
+}
+
+/// A `graph` key of `kind` from parts.
+fn graph_key(kind: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
+    k.push(kind);
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(0);
+        }
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+/// The prefix of every `graph` key of `kind` under `parts`.
+fn graph_prefix(kind: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = graph_key(kind, parts);
+    k.push(0);
+    k
+}
+
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    let mut out = vec![FORMAT_V1];
-    out.extend(postcard::to_stdvec(value).map_err(|e| StoreError::Engine(e.to_string()))?);
-    Ok(out)
+    postcard::to_extend(value, vec![FORMAT_V1]).map_err(|e| StoreError::Engine(e.to_string()))
+}
+
+/// A device record as stored: its counting summary, then the record (see the module docs).
+fn encode_device(device: &DeviceRecord) -> Result<Vec<u8>, StoreError> {
+    let s = DeviceSummary::of(device);
+    let category = s.category.as_bytes();
+    let len = u16::try_from(category.len())
+        .map_err(|_| StoreError::Engine("category label longer than 64 KiB".into()))?;
+    let mut out = Vec::with_capacity(192);
+    out.push(FORMAT_DEVICE);
+    out.extend_from_slice(&s.last_seen_ms.to_be_bytes());
+    out.push(u8::from(s.weak_only) | (u8::from(s.named) << 1));
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(category);
+    postcard::to_extend(device, out).map_err(|e| StoreError::Engine(e.to_string()))
+}
+
+/// The counting summary in front of a stored device record, and where the record starts.
+fn device_summary<'a>(k: &[u8], v: &'a [u8]) -> Result<(DeviceSummary<'a>, usize), StoreError> {
+    let corrupt = |reason: &str| StoreError::Corrupt {
+        key: String::from_utf8_lossy(k).replace('\0', "/"),
+        reason: reason.to_owned(),
+    };
+    if v.first() != Some(&FORMAT_DEVICE) {
+        return Err(corrupt("not a device record"));
+    }
+    let short = || corrupt("device record too short");
+    let seen = v.get(1..9).ok_or_else(short)?;
+    let flags = *v.get(9).ok_or_else(short)?;
+    let len = v.get(10..12).ok_or_else(short)?;
+    let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+    let category = v.get(12..12 + len).ok_or_else(short)?;
+    let mut last_seen = [0u8; 8];
+    last_seen.copy_from_slice(seen);
+    Ok((
+        DeviceSummary {
+            last_seen_ms: u64::from_be_bytes(last_seen),
+            category: std::str::from_utf8(category)
+                .map_err(|_| corrupt("category label is not UTF-8"))?,
+            weak_only: flags & 1 != 0,
+            named: flags & 2 != 0,
+        },
+        12 + len,
+    ))
 }
 
 fn encode_json<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
@@ -147,6 +392,10 @@ fn decode<T: DeserializeOwned>(k: &[u8], bytes: &[u8]) -> Result<T, StoreError> 
     };
     match bytes.split_first() {
         Some((&FORMAT_V1, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt(e.to_string())),
+        Some((&FORMAT_DEVICE, _)) => {
+            let (_, start) = device_summary(k, bytes)?;
+            postcard::from_bytes(&bytes[start..]).map_err(|e| corrupt(e.to_string()))
+        }
         Some((&FORMAT_JSON, rest)) => {
             serde_json::from_slice(rest).map_err(|e| corrupt(e.to_string()))
         }
@@ -256,71 +505,63 @@ impl Store for SledStore {
         observations: &[CleanObservation],
     ) -> Result<BatchOutcome, StoreError> {
         let client = scope.client.as_bytes();
-        let site = scope.site.as_bytes();
-        let batch_key = key(&[
-            client,
-            site,
-            batch.agent_id.as_bytes(),
-            &batch.sequence.to_be_bytes(),
-        ]);
-        let applied_ms = observations
-            .iter()
-            .map(|o| o.observed_ms)
-            .max()
-            .unwrap_or(0);
-        // The batch record: when it was applied, and the digest of its content.
-        let mut record = applied_ms.to_be_bytes().to_vec();
-        record.extend_from_slice(&batch.digest);
-        let outcome = (
-            &self.devices,
-            &self.keys,
-            &self.owners,
-            &self.vmacs,
-            &self.events,
-            &self.batches,
-        )
-            .transaction(|(devices, keys, owners, vmacs, events, batches)| {
-                if let Some(stored) = batches.get(&batch_key)? {
-                    return Ok(if stored.get(8..) == Some(&batch.digest[..]) {
-                        BatchOutcome::Duplicate
-                    } else {
-                        BatchOutcome::Conflict
-                    });
+        let batch_key = graph_key(
+            BATCH,
+            &[
+                client,
+                scope.site.as_bytes(),
+                batch.agent_id.as_bytes(),
+                &batch.sequence.to_be_bytes(),
+            ],
+        );
+        let (outcome, ticket) = {
+            let _writer = self.writers.lock(&scope.client);
+            match self.graph.get(&batch_key).map_err(engine)? {
+                Some(stored) if stored.get(8..) == Some(&batch.digest[..]) => {
+                    (BatchOutcome::Duplicate, None)
                 }
-                let mut g = SledGraph {
-                    client,
-                    devices,
-                    keys,
-                    owners,
-                    vmacs,
-                    events,
-                };
-                for obs in observations {
-                    identity::apply(&mut g, scope, &batch.agent_id, obs)?;
+                Some(_) => (BatchOutcome::Conflict, None),
+                None => {
+                    let mut g = Overlay::new(&self.graph, &self.db, client);
+                    for obs in observations {
+                        identity::apply(&mut g, scope, &batch.agent_id, obs)?;
+                    }
+                    let (mut writes, changes) = g.into_writes()?;
+                    // The batch record: when it was applied, and the digest of its content.
+                    let applied_ms = observations
+                        .iter()
+                        .map(|o| o.observed_ms)
+                        .max()
+                        .unwrap_or(0);
+                    let mut record = applied_ms.to_be_bytes().to_vec();
+                    record.extend_from_slice(&batch.digest);
+                    writes.push((batch_key, Some(record)));
+                    let ticket = self.pipeline.submit(writes);
+                    self.pipeline.wait_applied(&self.graph, ticket)?;
+                    self.counts.update(&scope.client, changes);
+                    (BatchOutcome::Stored, Some(ticket))
                 }
-                batches.insert(batch_key.as_slice(), record.as_slice())?;
-                Ok(BatchOutcome::Stored)
-            })
-            .map_err(|e| match e {
-                TransactionError::Abort(Refused::Store(e)) => e,
-                TransactionError::Abort(Refused::Edit(e)) => StoreError::Engine(e.to_string()),
-                TransactionError::Storage(e) => engine(e),
-            })?;
+            }
+        };
         // The acknowledgement promises the batch is on disk: also for a duplicate, whose first
-        // copy may still be on its way there (a resend racing the first flush).
-        self.flush()?;
+        // copy may still be on its way there (a resend racing the first flush). Outside the
+        // client's lock, so its next batch is worked out meanwhile.
+        match ticket {
+            Some(t) => self.pipeline.wait_durable(&self.db, t)?,
+            None => self.flush()?,
+        }
         Ok(outcome)
     }
 
     fn devices(&self, client: &str, site: Option<&str>) -> Result<Vec<DeviceRecord>, StoreError> {
         let c = client.as_bytes();
-        let devices: Vec<DeviceRecord> = scan(&self.devices, &prefix(&[c]))?
+        let devices: Vec<DeviceRecord> = scan(&self.graph, &graph_prefix(DEVICE, &[c]))?
             .into_iter()
             .filter(|d: &DeviceRecord| site.is_none_or(|s| d.sites.iter().any(|x| x == s)))
             .collect();
         let mut owners = BTreeMap::new();
-        let owner_prefix = prefix(&[c]);
-        for kv in self.owners.scan_prefix(&owner_prefix) {
+        let owner_prefix = graph_prefix(OWNER, &[c]);
+        for kv in self.graph.scan_prefix(&owner_prefix) {
             let (k, v) = kv.map_err(engine)?;
             let rest = &k[owner_prefix.len()..];
             let mut parts = rest.splitn(2, |b| *b == 0);
@@ -339,9 +580,10 @@ impl Store for SledStore {
             );
         }
         let mut virtual_macs = Vec::new();
-        for kv in self.vmacs.scan_prefix(&owner_prefix) {
+        let vmac_prefix = graph_prefix(VMAC, &[c]);
+        for kv in self.graph.scan_prefix(&vmac_prefix) {
             let (k, v) = kv.map_err(engine)?;
-            let Some(mac) = std::str::from_utf8(&k[owner_prefix.len()..])
+            let Some(mac) = std::str::from_utf8(&k[vmac_prefix.len()..])
                 .ok()
                 .and_then(|t| t.parse::<MacAddr>().ok())
             else {
@@ -352,9 +594,15 @@ impl Store for SledStore {
         Ok(present(devices, &owners, &virtual_macs))
     }
 
+    fn tally(&self, client: &str, policy: &Policy, now_ms: u64) -> Result<Tally, StoreError> {
+        let index = self.count_index(client)?;
+        let index = index.read().unwrap_or_else(|p| p.into_inner());
+        Ok(index.tally(policy, now_ms))
+    }
+
     fn device(&self, client: &str, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
-        let k = key(&[client.as_bytes(), id.as_bytes()]);
-        if self.devices.get(&k).map_err(engine)?.is_none() {
+        let k = graph_key(DEVICE, &[client.as_bytes(), id.as_bytes()]);
+        if self.graph.get(&k).map_err(engine)?.is_none() {
             return Ok(None);
         }
         Ok(self.devices(client, None)?.into_iter().find(|d| d.id == id))
@@ -366,43 +614,27 @@ impl Store for SledStore {
         edit: &Edit,
         at_ms: u64,
     ) -> Result<Result<Event, EditError>, StoreError> {
-        let c = client.as_bytes();
-        let outcome = (
-            &self.devices,
-            &self.keys,
-            &self.owners,
-            &self.vmacs,
-            &self.events,
-        )
-            .transaction(|(devices, keys, owners, vmacs, events)| {
-                let mut g = SledGraph {
-                    client: c,
-                    devices,
-                    keys,
-                    owners,
-                    vmacs,
-                    events,
-                };
-                match run_edit(&mut g, client, edit, at_ms)? {
-                    Ok(event) => Ok(Ok(event)),
-                    // Refused: nothing may have been written half, so abort the transaction.
-                    Err(refusal) => {
-                        Err(ConflictableTransactionError::Abort(Refused::Edit(refusal)))
-                    }
+        let (outcome, ticket) = {
+            let _writer = self.writers.lock(client);
+            let mut g = Overlay::new(&self.graph, &self.db, client.as_bytes());
+            match run_edit(&mut g, client, edit, at_ms)? {
+                // Refused: the overlay is dropped and nothing was written.
+                Err(refusal) => return Ok(Err(refusal)),
+                Ok(event) => {
+                    let (writes, changes) = g.into_writes()?;
+                    let ticket = self.pipeline.submit(writes);
+                    self.pipeline.wait_applied(&self.graph, ticket)?;
+                    self.counts.update(client, changes);
+                    (event, ticket)
                 }
-            });
-        let outcome = match outcome {
-            Ok(event) => event,
-            Err(TransactionError::Abort(Refused::Edit(refusal))) => return Ok(Err(refusal)),
-            Err(TransactionError::Abort(Refused::Store(e))) => return Err(e),
-            Err(TransactionError::Storage(e)) => return Err(engine(e)),
+            }
         };
-        self.flush()?;
-        Ok(outcome)
+        self.pipeline.wait_durable(&self.db, ticket)?;
+        Ok(Ok(outcome))
     }
 
     fn history(&self, client: &str) -> Result<Vec<Event>, StoreError> {
-        scan(&self.events, &prefix(&[client.as_bytes()]))
+        scan(&self.graph, &graph_prefix(EVENT, &[client.as_bytes()]))
     }
 
     fn put_policy(
@@ -505,137 +737,6 @@ impl Store for SledStore {
     }
 }
 
-/// Why an edit's transaction was aborted.
-enum Refused {
-    Edit(EditError),
-    Store(StoreError),
-}
-
-impl From<StoreError> for Refused {
-    fn from(e: StoreError) -> Self {
-        Refused::Store(e)
-    }
-}
-
-// === impl SledGraph ===
-
-/// The identity graph of one client, inside a sled transaction.
-struct SledGraph<'a> {
-    client: &'a [u8],
-    devices: &'a TransactionalTree,
-    keys: &'a TransactionalTree,
-    owners: &'a TransactionalTree,
-    vmacs: &'a TransactionalTree,
-    events: &'a TransactionalTree,
-}
-
-type TxError<E> = ConflictableTransactionError<E>;
-
-fn tx_get<T: DeserializeOwned, E: From<StoreError>>(
-    tree: &TransactionalTree,
-    k: &[u8],
-) -> Result<Option<T>, TxError<E>> {
-    match tree.get(k)? {
-        Some(v) => decode(k, &v)
-            .map(Some)
-            .map_err(|e| TxError::Abort(e.into())),
-        None => Ok(None),
-    }
-}
-
-fn tx_put<T: Serialize, E: From<StoreError>>(
-    tree: &TransactionalTree,
-    k: Vec<u8>,
-    value: &T,
-) -> Result<(), TxError<E>> {
-    tree.insert(k, encode(value).map_err(|e| TxError::Abort(e.into()))?)?;
-    Ok(())
-}
-
-macro_rules! sled_graph {
-    ($err:ty) => {
-        impl Graph for SledGraph<'_> {
-            type Error = TxError<$err>;
-
-            fn key(&mut self, k: &str) -> Result<Option<KeyRecord>, Self::Error> {
-                tx_get(self.keys, &key(&[self.client, k.as_bytes()]))
-            }
-            fn put_key(&mut self, k: &str, record: &KeyRecord) -> Result<(), Self::Error> {
-                tx_put(self.keys, key(&[self.client, k.as_bytes()]), record)
-            }
-            fn device(&mut self, id: &str) -> Result<Option<DeviceRecord>, Self::Error> {
-                tx_get(self.devices, &key(&[self.client, id.as_bytes()]))
-            }
-            fn put_device(&mut self, device: &DeviceRecord) -> Result<(), Self::Error> {
-                tx_put(
-                    self.devices,
-                    key(&[self.client, device.id.as_bytes()]),
-                    device,
-                )
-            }
-            fn delete_device(&mut self, id: &str) -> Result<(), Self::Error> {
-                self.devices.remove(key(&[self.client, id.as_bytes()]))?;
-                Ok(())
-            }
-            fn address_owner(
-                &mut self,
-                site: &str,
-                ip: IpAddr,
-            ) -> Result<Option<AddressOwner>, Self::Error> {
-                tx_get(
-                    self.owners,
-                    &key(&[self.client, site.as_bytes(), ip.to_string().as_bytes()]),
-                )
-            }
-            fn put_address_owner(
-                &mut self,
-                site: &str,
-                ip: IpAddr,
-                owner: &AddressOwner,
-            ) -> Result<(), Self::Error> {
-                tx_put(
-                    self.owners,
-                    key(&[self.client, site.as_bytes(), ip.to_string().as_bytes()]),
-                    owner,
-                )
-            }
-            fn virtual_mac(
-                &mut self,
-                mac: MacAddr,
-            ) -> Result<Option<VirtualMacRecord>, Self::Error> {
-                tx_get(self.vmacs, &key(&[self.client, mac.to_string().as_bytes()]))
-            }
-            fn put_virtual_mac(
-                &mut self,
-                mac: MacAddr,
-                record: &VirtualMacRecord,
-            ) -> Result<(), Self::Error> {
-                tx_put(
-                    self.vmacs,
-                    key(&[self.client, mac.to_string().as_bytes()]),
-                    record,
-                )
-            }
-            fn event(&mut self, seq: u64) -> Result<Option<Event>, Self::Error> {
-                tx_get(self.events, &key(&[self.client, &seq.to_be_bytes()]))
-            }
-            fn put_event(&mut self, event: &mut Event) -> Result<(), Self::Error> {
-                if event.seq == 0 {
-                    // Unique and increasing across the database; ids start at 0, events at 1.
-                    event.seq = self.events.generate_id()? + 1;
-                }
-                tx_put(
-                    self.events,
-                    key(&[self.client, &event.seq.to_be_bytes()]),
-                    event,
-                )
-            }
-        }
-    };
-}
-
-sled_graph!(Refused);
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -645,6 +746,141 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("open");
         super::super::contract::run(&store);
+    }
+
+    #[test]
+    fn a_store_of_the_earlier_layout_is_moved_into_the_graph() {
+        use census_proto::{convert, v1};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wire = v1::Observation {
+            observed_at: Some(convert::timestamp_from_millis(100)),
+            method: v1::Method::Arp as i32,
+            addresses: vec![v1::IpAddress {
+                address: "198.18.0.10".into(),
+                answered: true,
+                ..Default::default()
+            }],
+            macs: vec![vec![0, 0x16, 0x3e, 0, 0, 1]],
+            ..Default::default()
+        };
+        let obs = crate::model::clean_observation(&wire, 100, 0).expect("valid");
+        let scope = Scope {
+            client: "acme".into(),
+            site: "hq".into(),
+        };
+        let batch = BatchId {
+            agent_id: "ag".into(),
+            sequence: 1,
+            digest: [1; 32],
+        };
+        let before = {
+            let store = SledStore::open(dir.path()).expect("open");
+            store.apply_batch(&scope, &batch, &[obs]).expect("apply");
+            let devices = store.devices("acme", None).expect("devices");
+            // Back to the earlier layout: a tree per kind, no kind byte, no summaries.
+            for (name, kind) in OLD_TREES {
+                let old = store.db.open_tree(name).expect("tree");
+                for kv in store.graph.scan_prefix([kind]) {
+                    let (k, v) = kv.expect("kv");
+                    let v = if kind == DEVICE {
+                        let d: DeviceRecord = decode(&k, &v).expect("decode");
+                        encode(&d).expect("encode").into()
+                    } else {
+                        v
+                    };
+                    old.insert(&k[1..], v).expect("insert");
+                    store.graph.remove(k).expect("remove");
+                }
+            }
+            store.graph.clear().expect("clear");
+            store.meta.clear().expect("clear");
+            store.db.flush().expect("flush");
+            devices
+        };
+        for _ in 0..2 {
+            let store = SledStore::open(dir.path()).expect("reopen");
+            assert_eq!(store.devices("acme", None).expect("devices"), before);
+            assert_eq!(
+                store
+                    .tally("acme", &Policy::default(), 200)
+                    .expect("tally")
+                    .devices,
+                1
+            );
+            assert_eq!(
+                store.apply_batch(&scope, &batch, &[]).expect("apply"),
+                BatchOutcome::Duplicate
+            );
+            assert!(store.db.tree_names().iter().all(|n| {
+                OLD_TREES
+                    .iter()
+                    .all(|(old, _)| n.as_ref() != old.as_bytes())
+            }));
+        }
+    }
+
+    #[test]
+    fn concurrent_batches_of_many_clients_are_all_kept() {
+        use census_proto::{convert, v1};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = std::sync::Arc::new(SledStore::open(dir.path()).expect("open"));
+        let threads: Vec<_> = (0..8u8)
+            .map(|t| {
+                let store = std::sync::Arc::clone(&store);
+                std::thread::spawn(move || {
+                    // Two threads per client, each its own site and agent.
+                    let scope = Scope {
+                        client: format!("client-{}", t / 2),
+                        site: format!("site-{}", t % 2),
+                    };
+                    for seq in 1..=20u8 {
+                        let batch: Vec<_> = (0..10u8)
+                            .map(|i| {
+                                let wire = v1::Observation {
+                                    observed_at: Some(convert::timestamp_from_millis(100)),
+                                    method: v1::Method::Arp as i32,
+                                    addresses: vec![v1::IpAddress {
+                                        address: format!("198.18.{seq}.{i}"),
+                                        answered: true,
+                                        ..Default::default()
+                                    }],
+                                    macs: vec![vec![0, 0x16, 0x3e, t, seq, i]],
+                                    ..Default::default()
+                                };
+                                crate::model::clean_observation(&wire, 100, 0).expect("valid")
+                            })
+                            .collect();
+                        let id = BatchId {
+                            agent_id: format!("agent-{t}"),
+                            sequence: u64::from(seq),
+                            digest: [seq; 32],
+                        };
+                        assert_eq!(
+                            store.apply_batch(&scope, &id, &batch).expect("apply"),
+                            BatchOutcome::Stored
+                        );
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        drop(store);
+        let store = SledStore::open(dir.path()).expect("reopen");
+        for c in 0..4 {
+            let client = format!("client-{c}");
+            assert_eq!(store.devices(&client, None).expect("devices").len(), 400);
+            assert_eq!(
+                store
+                    .tally(&client, &Policy::default(), 200)
+                    .expect("tally")
+                    .devices,
+                400
+            );
+        }
     }
 
     #[test]
