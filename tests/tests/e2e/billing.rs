@@ -3,105 +3,19 @@
 //! changes once created, is refused a second time, diffs against the previous period and
 //! exports as CSV and JSON, also through the `census` binary.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use census_collector::{config::Config, server};
 use census_proto::{
     convert,
-    v1::{
-        self, admin_service_client::AdminServiceClient, ingest_service_client::IngestServiceClient,
-        query_service_client::QueryServiceClient,
-    },
+    v1::{self, ingest_service_client::IngestServiceClient},
 };
 use census_tests::support;
-use tokio_util::sync::CancellationToken;
-use tonic::{Code, Request, transport::Channel};
+use tonic::Code;
 
-/// A collector served in-process on 127.0.0.1:0, stopped on drop.
-struct Running {
-    addr: SocketAddr,
-    operator: String,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-        self.task.abort();
-    }
-}
-
-async fn start(dir: &Path) -> Result<Running> {
-    let config = Config {
-        data_dir: Some(dir.to_owned()),
-        ..Config::default()
-    };
-    let prepared = server::prepare(&config)?;
-    let operator = std::fs::read_to_string(&prepared.operator_token_path)?
-        .trim()
-        .to_owned();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let shutdown = CancellationToken::new();
-    let task = {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(e) = server::run(&config, prepared, listener, shutdown).await {
-                eprintln!("collector failed: {e}");
-            }
-        })
-    };
-    Ok(Running {
-        addr,
-        operator,
-        shutdown,
-        task,
-    })
-}
-
-fn authed<T>(token: &str, msg: T) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut().insert(
-        census_proto::AUTHORIZATION,
-        format!("Bearer {token}").parse().expect("ascii token"),
-    );
-    req
-}
+use crate::in_process::{Running, authed, start};
 
 impl Running {
-    async fn channel(&self) -> Result<Channel> {
-        Ok(Channel::from_shared(format!("http://{}", self.addr))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await?)
-    }
-
-    async fn query(&self) -> Result<QueryServiceClient<Channel>> {
-        Ok(QueryServiceClient::new(self.channel().await?))
-    }
-
-    async fn admin(&self) -> Result<AdminServiceClient<Channel>> {
-        Ok(AdminServiceClient::new(self.channel().await?))
-    }
-
-    fn op<T>(&self, msg: T) -> Request<T> {
-        authed(&self.operator, msg)
-    }
-
-    async fn token(&self, client: &str, site: &str) -> Result<String> {
-        let r = self
-            .admin()
-            .await?
-            .create_token(self.op(v1::CreateTokenRequest {
-                client: client.into(),
-                site: site.into(),
-            }))
-            .await?;
-        Ok(r.into_inner().token)
-    }
-
     /// Sends one batch and waits for its ack.
     async fn send(&self, token: &str, batch: v1::ObservationBatch) -> Result<()> {
         let mut ingest = IngestServiceClient::new(self.channel().await?);
@@ -133,18 +47,6 @@ impl Running {
             .into_iter()
             .next()
             .context("no counts")
-    }
-
-    async fn devices(&self, client: &str) -> Result<Vec<v1::Device>> {
-        let r = self
-            .query()
-            .await?
-            .list_devices(self.op(v1::ListDevicesRequest {
-                client: client.into(),
-                ..Default::default()
-            }))
-            .await?;
-        Ok(r.into_inner().devices)
     }
 
     async fn set_policy(

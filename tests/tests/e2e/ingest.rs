@@ -2,10 +2,9 @@
 //! a batch sent twice is stored once, an agent's token confines it to its own client and site,
 //! and wrong credentials are refused with a clear status.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use census_collector::{config::Config, server};
 use census_proto::{
     convert,
     v1::{
@@ -13,96 +12,15 @@ use census_proto::{
         query_service_client::QueryServiceClient,
     },
 };
-use tokio_util::sync::CancellationToken;
-use tonic::{Code, Request, transport::Channel};
+use tonic::{Code, Request};
 
-/// A collector served in-process on 127.0.0.1:0, stopped on drop.
-struct Running {
-    addr: SocketAddr,
-    operator: String,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-        self.task.abort();
-    }
-}
-
-async fn start(dir: &Path) -> Result<Running> {
-    let config = Config {
-        data_dir: Some(dir.to_owned()),
-        ..Config::default()
-    };
-    let prepared = server::prepare(&config)?;
-    let operator = std::fs::read_to_string(&prepared.operator_token_path)?
-        .trim()
-        .to_owned();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let shutdown = CancellationToken::new();
-    let task = {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(e) = server::run(&config, prepared, listener, shutdown).await {
-                eprintln!("collector failed: {e}");
-            }
-        })
-    };
-    Ok(Running {
-        addr,
-        operator,
-        shutdown,
-        task,
-    })
-}
+use crate::in_process::{Running, authed, start};
 
 impl Running {
-    async fn channel(&self) -> Result<Channel> {
-        Ok(Channel::from_shared(format!("http://{}", self.addr))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await?)
-    }
-
-    fn authed<T>(&self, token: &str, msg: T) -> Request<T> {
-        authed(token, msg)
-    }
-
-    async fn token(&self, client: &str, site: &str) -> Result<String> {
-        let mut admin = AdminServiceClient::new(self.channel().await?);
-        let r = admin
-            .create_token(self.authed(
-                &self.operator,
-                v1::CreateTokenRequest {
-                    client: client.into(),
-                    site: site.into(),
-                },
-            ))
-            .await?;
-        Ok(r.into_inner().token)
-    }
-
-    async fn devices(&self, client: &str) -> Result<Vec<v1::Device>> {
-        let mut query = QueryServiceClient::new(self.channel().await?);
-        let r = query
-            .list_devices(self.authed(
-                &self.operator,
-                v1::ListDevicesRequest {
-                    client: client.into(),
-                    ..Default::default()
-                },
-            ))
-            .await?;
-        Ok(r.into_inner().devices)
-    }
-
     async fn clients(&self) -> Result<Vec<String>> {
         let mut query = QueryServiceClient::new(self.channel().await?);
         let r = query
-            .list_clients(self.authed(&self.operator, v1::ListClientsRequest {}))
+            .list_clients(self.op(v1::ListClientsRequest {}))
             .await?;
         Ok(r.into_inner().clients.into_iter().map(|c| c.name).collect())
     }
@@ -133,15 +51,6 @@ impl Running {
         }
         Ok(Ok(out))
     }
-}
-
-fn authed<T>(token: &str, msg: T) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut().insert(
-        census_proto::AUTHORIZATION,
-        format!("Bearer {token}").parse().expect("ascii token"),
-    );
-    req
 }
 
 fn batch(agent: &str, sequence: u64, hosts: &[(&str, [u8; 6])]) -> v1::ObservationBatch {

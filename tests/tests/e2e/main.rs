@@ -8,5 +8,6 @@ mod directory;
 mod discovery;
 mod foundation;
 mod identity;
+mod in_process;
 mod ingest;
 mod lab;
