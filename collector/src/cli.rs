@@ -1,6 +1,6 @@
-//! The `census` command-line client: enrollment tokens, clients, counts and devices, counting
-//! policies and billing snapshots, over the collector's admin and query services. Output is a
-//! table for people or `--json` for scripts.
+//! The `census` command-line client: enrollment tokens, clients, counts, devices and users,
+//! counting policies and billing snapshots, over the collector's admin and query services.
+//! Output is a table for people or `--json` for scripts. The users commands are in `users.rs`.
 //!
 //! Every failure ends in one line on stderr and an exit code: 64 for a usage error, 69 when the
 //! collector cannot be reached, 77 when a credential is refused, 1 otherwise.
@@ -21,6 +21,9 @@ use crate::{
     policy::{self, RandomizedRule},
     snapshot::Period,
 };
+
+mod users;
+pub use users::{UserPolicyCommand, UsersArgs, UsersCommand};
 
 pub const EX_USAGE: u8 = 64;
 pub const EX_UNAVAILABLE: u8 = 69;
@@ -139,9 +142,12 @@ pub enum Command {
     /// A client's device counting policy (versioned; the default is device-v1).
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Billing snapshots: a client's counted devices for a month, frozen.
+    /// Billing snapshots: a client's counted devices and users for a month, frozen.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// A client's users (people from Active Directory and Entra ID) and why each counts or
+    /// not; `users policy` for the billable-user policy, `users refresh` to read Entra ID now.
+    Users(UsersArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -222,12 +228,18 @@ pub enum SnapshotCommand {
         client: String,
         #[arg(long, value_parser = parse_period)]
         period: String,
-        #[arg(long, value_parser = ["csv", "json"])]
+        /// csv (one row per counted device), users-csv (one row per counted user), or json.
+        #[arg(long, value_parser = SnapshotCommand::FORMATS)]
         format: String,
         /// Write to this file instead of stdout.
         #[arg(long)]
         output: Option<PathBuf>,
     },
+}
+
+impl SnapshotCommand {
+    /// The export formats `--format` takes: csv (devices), users-csv (users), json (all).
+    pub const FORMATS: [&str; 3] = ["csv", "users-csv", "json"];
 }
 
 fn parse_period(s: &str) -> Result<String, String> {
@@ -283,9 +295,16 @@ pub fn usage_exit(program: &str, e: &clap::Error) -> std::process::ExitCode {
             std::process::ExitCode::from(EX_USAGE)
         }
         _ => {
+            // The message up to the first blank line, on one line: clap lists missing
+            // arguments on the lines after "the following required arguments were not provided:".
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or_default();
-            let first = first.strip_prefix("error: ").unwrap_or(first);
+            let first: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let first = first.join(" ");
+            let first = first.strip_prefix("error: ").unwrap_or(&first);
             eprintln!("{program}: error: {first} (see {program} --help)");
             std::process::ExitCode::from(EX_USAGE)
         }
@@ -432,7 +451,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                         vec![
                             c.client.clone(),
                             c.devices.to_string(),
-                            c.users.to_string(),
+                            users::users_cell(c),
                             c.devices_by_category
                                 .iter()
                                 .map(|k| format!("{}={}", k.category, k.count))
@@ -455,6 +474,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                     rows,
                 );
             }
+            users::warn_stale(&r.counts);
         }
         Command::Device { client, id, json } => {
             let d = query
@@ -532,6 +552,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Policy(cmd) => policy_command(cmd, &mut query, &mut admin, url).await?,
         Command::Snapshot(cmd) => snapshot_command(cmd, &mut query, &mut admin, url).await?,
+        Command::Users(args) => users::run(args, &mut query, &mut admin, url).await?,
         Command::Devices {
             client,
             site,
@@ -734,6 +755,9 @@ fn counts_json(c: &v1::ClientCounts) -> serde_json::Value {
         "devices_by_category": by,
         "as_of": time(c.as_of.as_ref()),
         "policy_version": c.policy_version,
+        "users_policy_version": c.users_policy_version,
+        "users_stale": c.users_stale,
+        "user_sources": c.user_sources.iter().map(users::source_json).collect::<Vec<_>>(),
     })
 }
 
@@ -1070,6 +1094,8 @@ fn summary_json(s: &v1::SnapshotSummary) -> serde_json::Value {
         "devices": s.devices,
         "devices_by_category": by,
         "users": s.users,
+        "users_policy_version": s.users_policy_version,
+        "users_stale": s.users_stale,
     })
 }
 
@@ -1189,7 +1215,16 @@ async fn snapshot_command<F: tonic::service::Interceptor>(
                 "devices     {}",
                 devices_text(s.devices, &s.devices_by_category)
             );
-            println!("users       {}", s.users);
+            println!(
+                "users       {} (policy {}{})",
+                s.users,
+                s.users_policy_version,
+                if s.users_stale {
+                    "; STALE: a user source's latest read had failed"
+                } else {
+                    ""
+                }
+            );
             println!();
             let rows = snap
                 .devices
@@ -1218,6 +1253,22 @@ async fn snapshot_command<F: tonic::service::Interceptor>(
                 ],
                 rows,
             );
+            if !snap.users.is_empty() {
+                println!();
+                let rows = snap
+                    .users
+                    .iter()
+                    .map(|u| {
+                        vec![
+                            u.id.clone(),
+                            u.name.clone(),
+                            u.accounts.join(","),
+                            u.reason.clone(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["USER", "NAME", "ACCOUNTS", "COUNTED BY"], rows);
+            }
         }
         SnapshotCommand::Diff {
             client,
@@ -1251,6 +1302,8 @@ async fn snapshot_command<F: tonic::service::Interceptor>(
                     "removed": d.removed.iter().map(snapshot_device_json).collect::<Vec<_>>(),
                     "category_changed": d.category_changed.iter().map(|c| json!({"device_id": c.id, "from": c.from, "to": c.to})).collect::<Vec<_>>(),
                     "reidentified": d.reidentified.iter().map(|r| json!({"previous_id": r.previous_id, "device_id": r.id, "shared_key": r.shared_key})).collect::<Vec<_>>(),
+                    "users_added": d.users_added.iter().map(users::snapshot_user_json).collect::<Vec<_>>(),
+                    "users_removed": d.users_removed.iter().map(users::snapshot_user_json).collect::<Vec<_>>(),
                 });
                 println!(
                     "{}",
@@ -1296,6 +1349,12 @@ async fn snapshot_command<F: tonic::service::Interceptor>(
                         r.previous_id, r.id, r.shared_key
                     );
                 }
+                for u in &d.users_added {
+                    println!("user +    {} {} ({})", u.id, u.name, u.accounts.join(", "));
+                }
+                for u in &d.users_removed {
+                    println!("user -    {} {} ({})", u.id, u.name, u.accounts.join(", "));
+                }
             }
         }
         SnapshotCommand::Export {
@@ -1304,10 +1363,10 @@ async fn snapshot_command<F: tonic::service::Interceptor>(
             format,
             output,
         } => {
-            let format = if format == "json" {
-                v1::ExportFormat::Json
-            } else {
-                v1::ExportFormat::Csv
+            let format = match format.as_str() {
+                "json" => v1::ExportFormat::Json,
+                "users-csv" => v1::ExportFormat::UsersCsv,
+                _ => v1::ExportFormat::Csv,
             };
             let bytes = export(query, client, period, format, url).await?;
             match output {

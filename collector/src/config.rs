@@ -3,11 +3,15 @@
 //! what is wrong and how to fix it.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
+
+use crate::graph::GraphSettings;
 
 /// Default gRPC listen address: loopback only, so a fresh install exposes nothing.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
@@ -19,6 +23,13 @@ pub const DEFAULT_MAX_BATCH_OBSERVATIONS: usize = 10_000;
 /// (page table, segment bookkeeping), so the default is small: ingest ran as fast with 64 MiB
 /// as with 1 GiB on the collector benchmark, and counts are served from memory of their own.
 pub const DEFAULT_CACHE_MB: u64 = 64;
+/// Default time between two reads of a client's Entra ID users.
+pub const DEFAULT_GRAPH_INTERVAL: Duration = Duration::from_secs(60 * 60);
+/// Shortest and longest `graph_interval` accepted.
+pub const GRAPH_INTERVAL_RANGE: (Duration, Duration) = (
+    Duration::from_secs(60),
+    Duration::from_secs(7 * 24 * 60 * 60),
+);
 
 /// Everything `census-collector serve` needs.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -39,6 +50,25 @@ pub struct Config {
     /// memory however many devices it holds; what does not fit is read from disk.
     #[serde(default = "default_cache_mb")]
     pub cache_mb: u64,
+    /// Time between two reads of each configured client's Entra ID users (the first read is
+    /// at start), e.g. "1h".
+    #[serde(
+        default = "default_graph_interval",
+        with = "crate::graph::humantime_serde_compat"
+    )]
+    pub graph_interval: Duration,
+    /// Per-client settings, by client name: `[clients.acme.graph]` reads acme's Entra ID users.
+    #[serde(default)]
+    pub clients: BTreeMap<String, ClientSettings>,
+}
+
+/// What the collector does for one client on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSettings {
+    /// Read the client's Microsoft 365 / Entra ID users through Microsoft Graph (see
+    /// [`GraphSettings`]; the licence allow-list belongs to the client's user policy).
+    pub graph: Option<GraphSettings>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -55,6 +85,9 @@ fn default_max_batch_observations() -> usize {
 fn default_cache_mb() -> u64 {
     DEFAULT_CACHE_MB
 }
+fn default_graph_interval() -> Duration {
+    DEFAULT_GRAPH_INTERVAL
+}
 
 impl Default for Config {
     fn default() -> Self {
@@ -64,6 +97,8 @@ impl Default for Config {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_batch_observations: DEFAULT_MAX_BATCH_OBSERVATIONS,
             cache_mb: DEFAULT_CACHE_MB,
+            graph_interval: DEFAULT_GRAPH_INTERVAL,
+            clients: BTreeMap::new(),
         }
     }
 }
@@ -96,6 +131,10 @@ pub enum ConfigError {
     BatchSize(usize),
     #[error("cache_mb must be between 16 and 1048576 (MiB), got {0}")]
     CacheSize(u64),
+    #[error("graph_interval must be between 1m and 7days, got {0}")]
+    GraphInterval(String),
+    #[error("clients.{client}: {message}")]
+    Client { client: String, message: String },
 }
 
 impl Config {
@@ -132,7 +171,42 @@ impl Config {
         if !(16..=1024 * 1024).contains(&self.cache_mb) {
             return Err(ConfigError::CacheSize(self.cache_mb));
         }
+        let (lo, hi) = GRAPH_INTERVAL_RANGE;
+        if !(lo..=hi).contains(&self.graph_interval) {
+            return Err(ConfigError::GraphInterval(
+                humantime::format_duration(self.graph_interval).to_string(),
+            ));
+        }
+        self.graph_tenants()?;
         Ok(())
+    }
+
+    /// The clients whose Entra ID users the collector reads, with their settings checked and
+    /// in canonical form.
+    pub fn graph_tenants(&self) -> Result<BTreeMap<String, GraphSettings>, ConfigError> {
+        let mut out = BTreeMap::new();
+        for (client, settings) in &self.clients {
+            let bad = |message: String| ConfigError::Client {
+                client: client.clone(),
+                message,
+            };
+            crate::model::validate_name("client", client).map_err(|e| bad(e.to_string()))?;
+            let Some(graph) = &settings.graph else {
+                continue;
+            };
+            if !graph.licence_allow_list.is_empty() {
+                return Err(bad(format!(
+                    "graph.licence_allow_list belongs to the client's user policy, where it is versioned: remove it here and run `census users policy set --client {client} --licences {}`",
+                    graph.licence_allow_list.join(",")
+                )));
+            }
+            let checked = graph.clone().validated().map_err(|e| {
+                let lines: Vec<String> = e.0.iter().map(ToString::to_string).collect();
+                bad(format!("graph: {}", lines.join("; ")))
+            })?;
+            out.insert(client.clone(), checked);
+        }
+        Ok(out)
     }
 }
 

@@ -61,6 +61,7 @@ pub use join::{
     guid_string_from_ad_bytes, immutable_id_from_ad_guid, join_key_ad, join_key_graph,
     sid_from_bytes,
 };
+pub(crate) use settings::humantime_serde_compat;
 pub use settings::{
     ClientSecret, DEFAULT_GRAPH_BASE_URL, DEFAULT_LOGIN_BASE_URL, DEFAULT_TIMEOUT, GraphSettings,
     SecretSource, SettingsError, SettingsErrors,

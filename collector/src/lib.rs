@@ -8,6 +8,9 @@
 //! - [`identity`]: the I/O-free rules that decide which observations are one device.
 //! - [`graph`]: Microsoft 365 / Entra ID users read from Microsoft Graph, the billable decision
 //!   per user, and the hybrid join keys to AD accounts.
+//! - [`users`]: a client's accounts from Active Directory and Entra ID, the people they are
+//!   (hybrid accounts joined on stable keys), and the versioned billable-user policy.
+//! - [`entra`]: reads each configured client's Entra ID users on a schedule.
 //! - [`policy`]: the versioned counting policy per client, and why each device counts or not.
 //! - [`snapshot`]: billing snapshots per period, their diff and their CSV/JSON export.
 //! - [`store`]: the [`store::Store`] trait, the sled store and the in-memory store.
@@ -22,6 +25,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod entra;
 pub mod graph;
 pub mod identity;
 pub mod model;
@@ -32,3 +36,4 @@ pub mod signal;
 pub mod snapshot;
 pub mod store;
 pub mod telemetry;
+pub mod users;

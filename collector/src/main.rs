@@ -69,6 +69,9 @@ struct Settings {
     /// Most memory for the store's page cache, in MiB [default: 64].
     #[arg(long, env = "CENSUS_COLLECTOR_CACHE_MB")]
     cache_mb: Option<u64>,
+    /// Time between two reads of each configured client's Entra ID users, e.g. 30m [default: 1h].
+    #[arg(long, env = "CENSUS_COLLECTOR_GRAPH_INTERVAL", value_parser = humantime::parse_duration)]
+    graph_interval: Option<std::time::Duration>,
 }
 
 impl Settings {
@@ -91,6 +94,9 @@ impl Settings {
         }
         if let Some(v) = self.cache_mb {
             config.cache_mb = v;
+        }
+        if let Some(v) = self.graph_interval {
+            config.graph_interval = v;
         }
         config.validate()?;
         Ok(config)
@@ -120,6 +126,14 @@ fn main() -> ExitCode {
                         .map(|d| d.display().to_string())
                         .unwrap_or_default()
                 );
+                for (client, graph) in config.graph_tenants().unwrap_or_default() {
+                    println!(
+                        "client {client}: Entra ID tenant {} every {}, secret from {}",
+                        graph.tenant_id,
+                        humantime::format_duration(config.graph_interval),
+                        graph.client_secret
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => fail(EX_USAGE, e),

@@ -310,7 +310,7 @@ pub fn clock_offset(sent_at: Option<&prost_types::Timestamp>, received_ms: u64) 
 }
 
 /// Drops control characters and truncates to `max` bytes on a character boundary.
-fn clean_text(s: &str, max: usize) -> String {
+pub fn clean_text(s: &str, max: usize) -> String {
     let mut out = String::new();
     for c in s.chars().filter(|c| !c.is_control()) {
         if out.len() + c.len_utf8() > max {

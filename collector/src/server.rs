@@ -14,6 +14,8 @@ use tracing::{info, warn};
 use crate::{
     auth::OperatorToken,
     config::{Config, ConfigError},
+    entra::{EntraError, EntraReader},
+    graph::GraphLimits,
     service::{Collector, Limits},
     store::{
         Store, StoreError,
@@ -35,6 +37,8 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error("cannot use the operator token file in {dir}: {source}")]
     OperatorToken { dir: String, source: std::io::Error },
+    #[error("cannot start reading Entra ID users: {0}")]
+    Entra(#[from] EntraError),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -80,7 +84,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let collector = Collector::new(
+    let tenants = config.graph_tenants()?;
+    let store = Arc::clone(&prepared.store);
+    let mut collector = Collector::new(
         prepared.store,
         prepared.operator,
         Limits {
@@ -88,6 +94,16 @@ pub async fn run(
         },
         shutdown.clone(),
     );
+    if !tenants.is_empty() {
+        info!(clients = tenants.len(), interval = %humantime::format_duration(config.graph_interval), "reading Entra ID users");
+        let reader = Arc::new(EntraReader::new(
+            tenants,
+            config.graph_interval,
+            GraphLimits::default(),
+        )?);
+        reader.spawn(store, shutdown.clone());
+        collector = collector.with_entra(reader);
+    }
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<IngestServiceServer<Collector>>()

@@ -20,8 +20,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
+mod users;
+
 use crate::{
     auth::{self, AuthError, OperatorToken},
+    entra::EntraReader,
     identity::{self, EditError, Event, EventKind},
     model::{self, DeviceRecord, Scope},
     policy::{self, Policy, PolicyRules, RandomizedRule},
@@ -48,6 +51,8 @@ pub struct Collector {
     /// unlimited twice as much, and neither ingested faster). The other batches wait here,
     /// and the blocking pool stays free for queries.
     storing: Arc<tokio::sync::Semaphore>,
+    /// Reads clients' Entra ID users, when any is configured.
+    entra: Option<Arc<EntraReader>>,
 }
 
 fn now_ms() -> u64 {
@@ -87,7 +92,15 @@ impl Collector {
             storing: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(4, |n| n.get() * 2),
             )),
+            entra: None,
         }
+    }
+
+    /// Serves `RefreshUsers` with `reader` (its schedule is started by the server).
+    #[must_use]
+    pub fn with_entra(mut self, reader: Arc<EntraReader>) -> Self {
+        self.entra = Some(reader);
+        self
     }
 
     /// Runs a store call on the blocking pool.
@@ -236,6 +249,7 @@ impl Collector {
         check_batch(&batch, self.limits)?;
         let received = now_ms();
         let offset = model::clock_offset(batch.sent_at.as_ref(), received);
+        let directory = users::directory_part(&batch, received, offset)?;
         let clean: Vec<_> = batch
             .observations
             .iter()
@@ -256,7 +270,33 @@ impl Collector {
             .await
             .map_err(|_| Status::unavailable("collector is shutting down"))?;
         let outcome = self
-            .blocking(move |s| s.apply_batch(&scope2, &id, &clean))
+            .blocking(move |s| {
+                // A batch carries observations, a part of a directory read, or both; each is
+                // stored at most once under the batch's id.
+                let devices = (!clean.is_empty() || directory.is_none())
+                    .then(|| s.apply_batch(&scope2, &id, &clean))
+                    .transpose()?;
+                let users = match directory {
+                    Some((part, skipped)) => {
+                        let (outcome, applied) = s.apply_directory_part(&scope2, &id, &part)?;
+                        debug!(source = %part.source, read = %part.read_id, part = part.part, parts = part.parts, users = part.accounts.len(), skipped, ?applied, "directory read part");
+                        if let Some(crate::users::apply::Outcome::Applied { present, added, removed }) = applied {
+                            info!(source = %part.source, users = present, added, removed, "directory users stored");
+                        }
+                        Some(outcome)
+                    }
+                    None => None,
+                };
+                Ok(match (devices, users) {
+                    (Some(BatchOutcome::Conflict), _) | (_, Some(BatchOutcome::Conflict)) => {
+                        BatchOutcome::Conflict
+                    }
+                    (Some(BatchOutcome::Stored), _) | (_, Some(BatchOutcome::Stored)) => {
+                        BatchOutcome::Stored
+                    }
+                    _ => BatchOutcome::Duplicate,
+                })
+            })
             .await?;
         let status = match outcome {
             BatchOutcome::Stored => v1::AckStatus::Stored,
@@ -279,14 +319,22 @@ impl Collector {
     }
 }
 
-/// The SHA-256 of a batch's observations: a replay has the same digest, a reused sequence
-/// number almost surely not. prost encodes a given message the same way every time.
+/// The SHA-256 of a batch's observations (and directory users, when it has any): a replay has
+/// the same digest, a reused sequence number almost surely not. prost encodes a given message
+/// the same way every time. A batch of observations alone hashes as it always did.
 fn batch_digest(batch: &v1::ObservationBatch) -> [u8; 32] {
     use prost::Message as _;
     use sha2::{Digest as _, Sha256};
     let mut h = Sha256::new();
     for o in &batch.observations {
         h.update(o.encode_length_delimited_to_vec());
+    }
+    if let Some(read) = &batch.directory_read {
+        h.update(b"directory");
+        h.update(read.encode_length_delimited_to_vec());
+        for u in &batch.users {
+            h.update(u.encode_length_delimited_to_vec());
+        }
     }
     h.finalize().into()
 }
@@ -401,13 +449,18 @@ impl QueryService for Collector {
                     .map(|client| {
                         let policy = s.policy(&client)?;
                         let tally = s.tally(&client, &policy, now)?;
+                        let (user_tally, user_policy, user_sources) =
+                            users::user_counts(s, &client, now)?;
                         Ok(v1::ClientCounts {
                             client,
                             devices: tally.devices,
-                            users: 0,
+                            users: user_tally.count,
                             devices_by_category: category_counts(tally.by_category),
                             as_of: Some(convert::timestamp_from_millis(now)),
                             policy_version: policy.version,
+                            users_policy_version: user_policy.version,
+                            users_stale: user_tally.stale,
+                            user_sources,
                         })
                     })
                     .collect::<Result<Vec<_>, StoreError>>()
@@ -567,9 +620,10 @@ impl QueryService for Collector {
         let (ext, content_type) = match format {
             v1::ExportFormat::Csv => ("csv", "text/csv"),
             v1::ExportFormat::Json => ("json", "application/json"),
+            v1::ExportFormat::UsersCsv => ("users.csv", "text/csv"),
             v1::ExportFormat::Unspecified => {
                 return Err(Status::invalid_argument(
-                    "export format must be CSV or JSON",
+                    "export format must be CSV, JSON or USERS_CSV",
                 ));
             }
         };
@@ -581,6 +635,7 @@ impl QueryService for Collector {
                 text.push('\n');
                 text
             }
+            v1::ExportFormat::UsersCsv => snapshot::to_users_csv(&snap),
             _ => snapshot::to_csv(&snap),
         };
         // Chunks well under gRPC's default 4 MiB message limit, so any client can read them.
@@ -602,6 +657,20 @@ impl QueryService for Collector {
             first.file_name = format!("census-{}-{}.{ext}", snap.client, snap.period);
         }
         Ok(Response::new(tokio_stream::iter(chunks)))
+    }
+
+    async fn list_users(
+        &self,
+        request: Request<v1::ListUsersRequest>,
+    ) -> Result<Response<v1::ListUsersResponse>, Status> {
+        self.list_users_impl(request).await
+    }
+
+    async fn get_user_policy(
+        &self,
+        request: Request<v1::GetUserPolicyRequest>,
+    ) -> Result<Response<v1::UserPolicy>, Status> {
+        self.get_user_policy_impl(request).await
     }
 }
 
@@ -680,6 +749,7 @@ fn snapshot_summary(s: &Snapshot) -> v1::SnapshotSummary {
         devices_by_category: category_counts(s.by_category.clone()),
         users: s.users.count,
         users_policy_version: s.users.policy_version.clone(),
+        users_stale: s.users.stale,
     }
 }
 
@@ -731,6 +801,14 @@ fn snapshot_to_wire(s: &Snapshot) -> v1::Snapshot {
         summary: Some(snapshot_summary(s)),
         policy: Some(policy_to_wire(&s.policy)),
         devices: s.devices.iter().map(snapshot_device_to_wire).collect(),
+        users: s
+            .users
+            .users
+            .iter()
+            .map(users::snapshot_user_to_wire)
+            .collect(),
+        users_policy: s.users.policy.as_ref().map(users::user_policy_to_wire),
+        user_sources: s.users.sources.iter().map(users::source_to_wire).collect(),
     }
 }
 
@@ -771,6 +849,16 @@ fn diff_to_wire(client: &str, d: &snapshot::Diff) -> v1::SnapshotDiff {
         devices: Some(count_change(&d.devices)),
         devices_by_category: d.by_category.iter().map(count_change).collect(),
         users: Some(count_change(&d.users)),
+        users_added: d
+            .users_added
+            .iter()
+            .map(users::snapshot_user_to_wire)
+            .collect(),
+        users_removed: d
+            .users_removed
+            .iter()
+            .map(users::snapshot_user_to_wire)
+            .collect(),
     }
 }
 
@@ -1038,7 +1126,9 @@ impl AdminService for Collector {
                 }
                 let policy = s.policy(&client)?;
                 let devices = s.devices(&client, None)?;
-                let snap = snapshot::build(&client, period, &policy, &devices, now);
+                let mut snap = snapshot::build(&client, period, &policy, &devices, now);
+                let (people, user_policy, sources) = users::client_people(s, &client, now)?;
+                snap.users = snapshot::users_part(&user_policy, &people, &sources);
                 Ok(s.create_snapshot(&snap)?.then_some(snap))
             })
             .await?;
@@ -1048,7 +1138,21 @@ impl AdminService for Collector {
                 req.client
             )));
         };
-        info!(client = %snap.client, period = %snap.period, devices = snap.device_count(), policy = %snap.policy.version, "billing snapshot created");
+        info!(client = %snap.client, period = %snap.period, devices = snap.device_count(), users = snap.users.count, policy = %snap.policy.version, users_policy = %snap.users.policy_version, "billing snapshot created");
         Ok(Response::new(snapshot_summary(&snap)))
+    }
+
+    async fn set_user_policy(
+        &self,
+        request: Request<v1::SetUserPolicyRequest>,
+    ) -> Result<Response<v1::UserPolicy>, Status> {
+        self.set_user_policy_impl(request).await
+    }
+
+    async fn refresh_users(
+        &self,
+        request: Request<v1::RefreshUsersRequest>,
+    ) -> Result<Response<v1::RefreshUsersResponse>, Status> {
+        self.refresh_users_impl(request).await
     }
 }

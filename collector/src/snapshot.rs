@@ -8,8 +8,10 @@
 //! A snapshot holds, for every counted device: its id, category, identifiers, names, current
 //! addresses, sites, first and last seen, the rule that counted it, and a summary of its
 //! evidence (per agent and method). It also holds the counts by category, the whole policy it
-//! was counted under, and `as_of`. Users have their place ([`SnapshotUsers`]) and are 0 until
-//! users are counted.
+//! was counted under, and `as_of`. Its users ([`SnapshotUsers`], filled by [`users_part`]) are
+//! the people counted under the client's billable-user policy, each with the rule that counted
+//! it and its accounts, with that policy and the state of every user source (a source whose
+//! latest read had failed makes the users `stale`: they come from its last complete read).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -25,6 +27,7 @@ use crate::{
     identity,
     model::{self, DeviceRecord},
     policy::{self, Policy},
+    users::{Person, SourceStatus, UserPolicy},
 };
 
 // === periods ===
@@ -139,14 +142,75 @@ pub struct SnapshotDevice {
     pub evidence: Vec<EvidenceSummary>,
 }
 
-/// The users of a snapshot: their place is kept so the snapshot format does not change when
-/// users are counted (a later issue fills it; until then the count is 0 and the version empty).
+/// A counted user (a person), as it was when the snapshot was taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotUser {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub display_name: String,
+    /// The rule that counted it, in words.
+    pub counted_by: String,
+    /// Its accounts as "source/name", for people.
+    pub accounts: Vec<String>,
+    /// Its accounts as "source/id", which is how [`diff`] follows a user whose id changed.
+    #[serde(default)]
+    pub account_keys: Vec<String>,
+}
+
+/// The users of a snapshot. Snapshots taken before users were counted have a count of 0 and
+/// an empty version.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotUsers {
     pub count: u64,
-    /// The users' counting policy version; empty until users are counted.
+    /// The billable-user policy version.
     #[serde(default)]
     pub policy_version: String,
+    /// The whole policy.
+    #[serde(default)]
+    pub policy: Option<UserPolicy>,
+    /// The counted users, in id order.
+    #[serde(default)]
+    pub users: Vec<SnapshotUser>,
+    /// A source's latest read had failed: its users come from its last complete read.
+    #[serde(default)]
+    pub stale: bool,
+    /// The user sources as they were.
+    #[serde(default)]
+    pub sources: Vec<SourceStatus>,
+}
+
+/// The users part of a snapshot: the counted people of `people` (as [`crate::users::people`]
+/// made them under `policy`).
+pub fn users_part(
+    policy: &UserPolicy,
+    people: &[Person],
+    sources: &[SourceStatus],
+) -> SnapshotUsers {
+    let users: Vec<SnapshotUser> = people
+        .iter()
+        .filter(|p| p.counted)
+        .map(|p| SnapshotUser {
+            id: p.id.clone(),
+            name: p.name.clone(),
+            display_name: p.display_name.clone(),
+            counted_by: p.reason.clone(),
+            accounts: p
+                .accounts
+                .iter()
+                .map(|(a, _)| format!("{}/{}", a.source, a.name))
+                .collect(),
+            account_keys: p.accounts.iter().map(|(a, _)| a.key()).collect(),
+        })
+        .collect();
+    SnapshotUsers {
+        count: users.len() as u64,
+        policy_version: policy.version.clone(),
+        policy: Some(policy.clone()),
+        users,
+        stale: sources.iter().any(SourceStatus::stale),
+        sources: sources.to_vec(),
+    }
 }
 
 /// A client's counts for one billing period, frozen. Stored as JSON so fields can be added
@@ -301,6 +365,10 @@ pub struct Diff {
     /// Per category, every category that appears in either snapshot.
     pub by_category: Vec<CountDelta>,
     pub users: CountDelta,
+    /// Users counted now, not before (matched by id, then by a shared account).
+    pub users_added: Vec<SnapshotUser>,
+    /// Users counted before, not now.
+    pub users_removed: Vec<SnapshotUser>,
 }
 
 /// Compares `current` with `previous` (the snapshot of the period before, if any). Devices are
@@ -341,7 +409,13 @@ pub fn diff(previous: Option<&Snapshot>, current: &Snapshot) -> Diff {
             before: previous.map_or(0, |p| p.users.count),
             after: current.users.count,
         },
+        users_added: Vec::new(),
+        users_removed: Vec::new(),
     };
+    (out.users_added, out.users_removed) = diff_users(
+        previous.map_or(&[][..], |p| &p.users.users),
+        &current.users.users,
+    );
     for d in &current.devices {
         let earlier = by_id.get(d.id.as_str()).copied().or_else(|| {
             // Strong keys sort first, so a shared strong identifier is preferred.
@@ -391,6 +465,28 @@ pub fn diff(previous: Option<&Snapshot>, current: &Snapshot) -> Diff {
         })
         .collect();
     out
+}
+
+/// Users of `current` not in `before`, and the reverse: a user is the same when its id is, or
+/// when it shares an account (its id changes when a hybrid link is learnt).
+fn diff_users(
+    before: &[SnapshotUser],
+    current: &[SnapshotUser],
+) -> (Vec<SnapshotUser>, Vec<SnapshotUser>) {
+    let same = |a: &SnapshotUser, b: &SnapshotUser| {
+        a.id == b.id || a.account_keys.iter().any(|k| b.account_keys.contains(k))
+    };
+    let added = current
+        .iter()
+        .filter(|u| !before.iter().any(|b| same(u, b)))
+        .cloned()
+        .collect();
+    let removed = before
+        .iter()
+        .filter(|b| !current.iter().any(|u| same(u, b)))
+        .cloned()
+        .collect();
+    (added, removed)
 }
 
 // === export ===
@@ -465,6 +561,55 @@ pub fn to_csv(s: &Snapshot) -> String {
     out
 }
 
+/// The CSV header of the users export: one row per counted user.
+pub const USERS_CSV_HEADER: &[&str] = &[
+    "client",
+    "period",
+    "user_id",
+    "name",
+    "display_name",
+    "accounts",
+    "counted_by",
+];
+
+/// The snapshot's counted users as CSV: a header and one row per user, CRLF line ends.
+pub fn to_users_csv(s: &Snapshot) -> String {
+    let mut out = USERS_CSV_HEADER.join(",");
+    out.push_str("\r\n");
+    for u in &s.users.users {
+        let row = [
+            s.client.clone(),
+            s.period.clone(),
+            u.id.clone(),
+            u.name.clone(),
+            u.display_name.clone(),
+            u.accounts.join(";"),
+            u.counted_by.clone(),
+        ];
+        out.push_str(
+            &row.iter()
+                .map(|f| csv_field(f))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        out.push_str("\r\n");
+    }
+    out
+}
+
+/// A user policy as JSON, as `census users policy show --json` prints it.
+pub fn user_policy_json(p: &UserPolicy) -> serde_json::Value {
+    json!({
+        "version": p.version,
+        "default": p.is_default(),
+        "stale_logon_days": p.rules.stale_logon_days,
+        "count_service_accounts": p.rules.count_service_accounts,
+        "exclusion_groups": p.rules.exclusion_groups,
+        "licence_allow_list": p.rules.licence_allow_list,
+        "saved_at": (p.saved_ms != 0).then(|| rfc3339(p.saved_ms)),
+    })
+}
+
 /// The policy as JSON, as `census policy show --json` prints it.
 pub fn policy_json(p: &Policy) -> serde_json::Value {
     json!({
@@ -491,7 +636,20 @@ pub fn to_json(s: &Snapshot) -> serde_json::Value {
         "policy": policy_json(&s.policy),
         "devices": s.device_count(),
         "devices_by_category": s.by_category,
-        "users": {"count": s.users.count, "policy_version": s.users.policy_version},
+        "users": {
+            "count": s.users.count,
+            "policy_version": s.users.policy_version,
+            "policy": s.users.policy.as_ref().map(user_policy_json),
+            "stale": s.users.stale,
+            "sources": s.users.sources.iter().map(SourceStatus::describe).collect::<Vec<_>>(),
+        },
+        "counted_users": s.users.users.iter().map(|u| json!({
+            "user_id": u.id,
+            "name": u.name,
+            "display_name": u.display_name,
+            "accounts": u.accounts,
+            "counted_by": u.counted_by,
+        })).collect::<Vec<_>>(),
         "counted_devices": s.devices.iter().map(|d| json!({
             "device_id": d.id,
             "category": d.category,

@@ -26,6 +26,10 @@ use crate::{
     },
     policy::{self, Policy, PolicyRules, Tally},
     snapshot::Snapshot,
+    users::{
+        Account, SourceStatus, UserPolicy, UserPolicyRules,
+        apply::{Outcome as ReadOutcome, Read, ReadPart},
+    },
 };
 
 /// What happened to a batch.
@@ -144,6 +148,41 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// The client's snapshots, oldest period first.
     fn snapshots(&self, client: &str) -> Result<Vec<Snapshot>, StoreError>;
+
+    /// Stores one part of a directory read that an agent of `scope` sent in batch `batch`,
+    /// atomically and durably, at most once per batch (as [`Store::apply_batch`]); when the part
+    /// completes its read, the read replaces the source's accounts (see
+    /// [`crate::users::apply`]). The outcome is `None` for a duplicate or a conflict.
+    fn apply_directory_part(
+        &self,
+        scope: &Scope,
+        batch: &BatchId,
+        part: &ReadPart,
+    ) -> Result<(BatchOutcome, Option<ReadOutcome>), StoreError>;
+
+    /// Applies a complete read of one of the client's user sources (or records a failed one),
+    /// atomically and durably.
+    fn apply_user_read(&self, client: &str, read: &Read) -> Result<ReadOutcome, StoreError>;
+
+    /// Every account of the client, present or not, and the state of each of its sources.
+    fn user_accounts(&self, client: &str) -> Result<(Vec<Account>, Vec<SourceStatus>), StoreError>;
+
+    /// Saves `rules` as the client's billable-user policy under its next version
+    /// (`<client>-users-<n>`), durably. Earlier versions stay stored.
+    fn put_user_policy(
+        &self,
+        client: &str,
+        rules: &UserPolicyRules,
+        at_ms: u64,
+    ) -> Result<UserPolicy, StoreError>;
+
+    /// Every user policy saved for the client, oldest first.
+    fn user_policies(&self, client: &str) -> Result<Vec<UserPolicy>, StoreError>;
+
+    /// The client's current user policy: the last one saved, or the default.
+    fn user_policy(&self, client: &str) -> Result<UserPolicy, StoreError> {
+        Ok(self.user_policies(client)?.pop().unwrap_or_default())
+    }
 }
 
 /// An operator's edit of a client's devices.
@@ -325,6 +364,133 @@ pub(crate) mod contract {
 
         policies(store);
         snapshots(store);
+        users(store);
+    }
+
+    fn users(store: &dyn Store) {
+        use crate::users::{
+            self, SourceKind, UserPolicyRules,
+            apply::{Outcome, Read, ReadData, ReadPart},
+        };
+
+        let user = |n: u8, name: &str| v1::DirectoryUser {
+            object_guid: [n; 16].to_vec(),
+            object_sid: format!("S-1-5-21-9-9-9-{}", 1100 + u32::from(n)),
+            sam_account_name: name.into(),
+            sam_account_type: users::SAM_NORMAL_USER_ACCOUNT,
+            ..Default::default()
+        };
+        let part = |read: &str, at: u64, part: u32, parts: u32, names: &[(u8, &str)]| ReadPart {
+            source: "ad:corp.example".into(),
+            read_id: read.into(),
+            part,
+            parts,
+            read_at_ms: at,
+            error: None,
+            accounts: names
+                .iter()
+                .filter_map(|(n, name)| users::ad_account("ad:corp.example", &user(*n, name), at))
+                .collect(),
+        };
+        let id = |sequence: u64, digest: u8| BatchId {
+            agent_id: "ag".into(),
+            sequence,
+            digest: [digest; 32],
+        };
+        let a = scope("acme", "hq");
+        let present = |client: &str| {
+            let (accounts, _) = store.user_accounts(client).expect("accounts");
+            accounts.iter().filter(|a| a.present).count()
+        };
+        let p2 = part("r1", 100, 2, 2, &[(3, "carol")]);
+        assert_eq!(
+            store
+                .apply_directory_part(&a, &id(10, 1), &p2)
+                .expect("part"),
+            (BatchOutcome::Stored, Some(Outcome::Staged { missing: 1 }))
+        );
+        // The same batch again is a duplicate; other content under its sequence a conflict.
+        assert_eq!(
+            store
+                .apply_directory_part(&a, &id(10, 1), &p2)
+                .expect("part")
+                .0,
+            BatchOutcome::Duplicate
+        );
+        assert_eq!(
+            store
+                .apply_directory_part(&a, &id(10, 2), &p2)
+                .expect("part")
+                .0,
+            BatchOutcome::Conflict
+        );
+        assert_eq!(present("acme"), 0, "a read counts once complete");
+        let p1 = part("r1", 100, 1, 2, &[(1, "alice"), (2, "bob")]);
+        assert_eq!(
+            store
+                .apply_directory_part(&a, &id(11, 1), &p1)
+                .expect("part")
+                .1,
+            Some(Outcome::Applied {
+                present: 3,
+                added: 3,
+                removed: 0
+            })
+        );
+        assert_eq!(present("acme"), 3);
+        assert_eq!(present("acm"), 0);
+        assert_eq!(present("globex"), 0);
+
+        // Entra ID reads, and a failed one that keeps everything.
+        let graph_read = |at: u64, outcome| Read {
+            source: "entra:tenant".into(),
+            kind: SourceKind::EntraId,
+            read_id: format!("g{at}"),
+            read_at_ms: at,
+            outcome,
+        };
+        let ok = store
+            .apply_user_read("acme", &graph_read(200, Ok(ReadData::default())))
+            .expect("read");
+        assert!(matches!(ok, Outcome::Applied { present: 0, .. }));
+        let failed = store
+            .apply_user_read("acme", &graph_read(300, Err("expired secret".into())))
+            .expect("read");
+        assert_eq!(failed, Outcome::Failed);
+        let (_, sources) = store.user_accounts("acme").expect("accounts");
+        assert_eq!(sources.len(), 2);
+        let entra = sources
+            .iter()
+            .find(|s| s.source == "entra:tenant")
+            .expect("entra source");
+        assert_eq!(
+            (entra.stale(), entra.read_ms, entra.error.as_deref()),
+            (true, Some(200), Some("expired secret"))
+        );
+        assert_eq!(present("acme"), 3);
+
+        // Versioned user policies, per client.
+        assert_eq!(
+            store.user_policy("acme").expect("policy").version,
+            users::policy::DEFAULT_VERSION
+        );
+        let rules = UserPolicyRules {
+            stale_logon_days: 0,
+            ..UserPolicyRules::default()
+        };
+        let u1 = store.put_user_policy("acme", &rules, 5).expect("put");
+        let u2 = store
+            .put_user_policy("acme", &UserPolicyRules::default(), 6)
+            .expect("put");
+        assert_eq!(
+            (u1.version.as_str(), u2.version.as_str()),
+            ("acme-users-1", "acme-users-2")
+        );
+        assert_eq!(store.user_policies("acme").expect("list"), [u1, u2.clone()]);
+        assert_eq!(store.user_policy("acme").expect("policy"), u2);
+        assert!(store.user_policies("acm").expect("list").is_empty());
+        // The device policies are their own series.
+        assert_eq!(store.policy("globex").expect("policy").version, "globex-1");
     }
 
     /// The store's count agrees with evaluating every device, before and after edits.

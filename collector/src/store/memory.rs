@@ -10,6 +10,10 @@ use crate::identity::{self, Event, MemGraph};
 use crate::model::{CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord};
 use crate::policy::{Policy, PolicyRules};
 use crate::snapshot::Snapshot;
+use crate::users::{
+    Account, SourceStatus, UserPolicy, UserPolicyRules,
+    apply::{self, MemTables, Outcome, Read, ReadPart},
+};
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -28,6 +32,12 @@ struct Inner {
     policies: BTreeMap<String, Vec<Policy>>,
     /// Per (client, period).
     snapshots: BTreeMap<(String, String), Snapshot>,
+    /// Per client.
+    users: BTreeMap<String, MemTables>,
+    /// Batches that carried directory read parts.
+    user_batches: BTreeMap<(String, String, String, u64), [u8; 32]>,
+    /// Per client, oldest first.
+    user_policies: BTreeMap<String, Vec<UserPolicy>>,
 }
 
 impl MemoryStore {
@@ -233,6 +243,77 @@ impl Store for MemoryStore {
             .filter(|s| s.client == client)
             .cloned()
             .collect())
+    }
+
+    fn apply_directory_part(
+        &self,
+        scope: &Scope,
+        batch: &BatchId,
+        part: &ReadPart,
+    ) -> Result<(BatchOutcome, Option<Outcome>), StoreError> {
+        let mut inner = self.lock();
+        let key = (
+            scope.client.clone(),
+            scope.site.clone(),
+            batch.agent_id.clone(),
+            batch.sequence,
+        );
+        if let Some(digest) = inner.user_batches.get(&key) {
+            let outcome = if *digest == batch.digest {
+                BatchOutcome::Duplicate
+            } else {
+                BatchOutcome::Conflict
+            };
+            return Ok((outcome, None));
+        }
+        let tables = inner.users.entry(scope.client.clone()).or_default();
+        let Ok(outcome) = apply::apply_part(tables, part.clone());
+        inner.user_batches.insert(key, batch.digest);
+        Ok((BatchOutcome::Stored, Some(outcome)))
+    }
+
+    fn apply_user_read(&self, client: &str, read: &Read) -> Result<Outcome, StoreError> {
+        let mut inner = self.lock();
+        let tables = inner.users.entry(client.to_owned()).or_default();
+        let Ok(outcome) = apply::apply_read(tables, read.clone());
+        Ok(outcome)
+    }
+
+    fn user_accounts(&self, client: &str) -> Result<(Vec<Account>, Vec<SourceStatus>), StoreError> {
+        let inner = self.lock();
+        Ok(inner.users.get(client).map_or_else(Default::default, |t| {
+            (
+                t.accounts.values().cloned().collect(),
+                t.statuses.values().cloned().collect(),
+            )
+        }))
+    }
+
+    fn put_user_policy(
+        &self,
+        client: &str,
+        rules: &UserPolicyRules,
+        at_ms: u64,
+    ) -> Result<UserPolicy, StoreError> {
+        let mut inner = self.lock();
+        let list = inner.user_policies.entry(client.to_owned()).or_default();
+        let policy = UserPolicy {
+            version: UserPolicy::version_for(client, list.len() as u64 + 1),
+            client: client.to_owned(),
+            saved_ms: at_ms,
+            rules: rules.clone(),
+        };
+        list.push(policy.clone());
+        Ok(policy)
+    }
+
+    fn user_policies(&self, client: &str) -> Result<Vec<UserPolicy>, StoreError> {
+        Ok(self
+            .lock()
+            .user_policies
+            .get(client)
+            .cloned()
+            .unwrap_or_default())
     }
 }
 

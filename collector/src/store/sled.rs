@@ -16,6 +16,8 @@
 //! - `policies`: `client\0n (u64 BE)` -> [`Policy`] version `<client>-<n>`, never rewritten
 //! - `snapshots`: `client\0period` -> [`Snapshot`], written once, never overwritten
 //! - `meta`: facts about the store itself (the layout version)
+//! - `users`, `user_policies`: a client's accounts, user sources, staged directory reads and
+//!   billable-user policies (see [`users`])
 //!
 //! Values are one format byte followed by postcard, or (policies and snapshots) by JSON: those
 //! are kept for years and read rarely, so they are stored in a self-describing form that later
@@ -45,6 +47,7 @@
 mod commit;
 mod counts;
 mod overlay;
+mod users;
 
 use std::{
     collections::BTreeMap,
@@ -65,6 +68,10 @@ use crate::{
     model::{CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord},
     policy::{DeviceSummary, Policy, PolicyRules, Tally},
     snapshot::Snapshot,
+    users::{
+        Account, SourceStatus, UserPolicy, UserPolicyRules,
+        apply::{self as users_apply, Read, ReadPart},
+    },
 };
 use overlay::Overlay;
 
@@ -130,6 +137,11 @@ pub struct SledStore {
     policies: sled::Tree,
     snapshots: sled::Tree,
     meta: sled::Tree,
+    /// Users, their sources and staged directory reads (see [`users`]).
+    users: sled::Tree,
+    user_policies: sled::Tree,
+    /// Held while a user read is applied (rare, and never for long).
+    users_writer: Arc<Mutex<()>>,
     writers: Arc<ClientLocks>,
     pipeline: Arc<commit::Pipeline>,
     counts: Arc<counts::CountIndex>,
@@ -175,6 +187,9 @@ impl SledStore {
             policies: tree("policies")?,
             snapshots: tree("snapshots")?,
             meta: tree("meta")?,
+            users: tree("users")?,
+            user_policies: tree("user_policies")?,
+            users_writer: Arc::new(Mutex::new(())),
             writers: Arc::new(ClientLocks::default()),
             pipeline: Arc::new(commit::Pipeline::default()),
             counts: Arc::new(counts::CountIndex::default()),
@@ -413,6 +428,44 @@ fn scan<T: DeserializeOwned>(tree: &sled::Tree, prefix: &[u8]) -> Result<Vec<T>,
         .collect()
 }
 
+/// Stores `make(n)` under `client\0n`, `n` the number after the client's last, and returns it.
+/// Compare-and-swap into an empty key, so two operators saving at once get two versions, never
+/// one overwritten. Not flushed.
+fn put_versioned<T: Serialize>(
+    tree: &sled::Tree,
+    client: &str,
+    make: impl Fn(u64) -> T,
+) -> Result<T, StoreError> {
+    let p = prefix(&[client.as_bytes()]);
+    loop {
+        let last = match tree.scan_prefix(&p).next_back() {
+            Some(kv) => {
+                let (k, _) = kv.map_err(engine)?;
+                k.get(p.len()..)
+                    .and_then(|n| <[u8; 8]>::try_from(n).ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| StoreError::Corrupt {
+                        key: String::from_utf8_lossy(&k).replace('\0', "/"),
+                        reason: "policy key has no version number".into(),
+                    })?
+            }
+            None => 0,
+        };
+        let n = last + 1;
+        let value = make(n);
+        let swapped = tree
+            .compare_and_swap(
+                key(&[client.as_bytes(), &n.to_be_bytes()]),
+                None as Option<&[u8]>,
+                Some(encode_json(&value)?),
+            )
+            .map_err(engine)?;
+        if swapped.is_ok() {
+            return Ok(value);
+        }
+    }
+}
+
 impl Store for SledStore {
     fn ensure_client(&self, name: &str, now_ms: u64) -> Result<(ClientRecord, bool), StoreError> {
         let record = ClientRecord {
@@ -643,43 +696,14 @@ impl Store for SledStore {
         rules: &PolicyRules,
         at_ms: u64,
     ) -> Result<Policy, StoreError> {
-        let p = prefix(&[client.as_bytes()]);
-        // The next number after the client's last; compare-and-swap into an empty key, so two
-        // operators saving at once get two versions, never one overwritten.
-        loop {
-            let last = match self.policies.scan_prefix(&p).next_back() {
-                Some(kv) => {
-                    let (k, _) = kv.map_err(engine)?;
-                    k.get(p.len()..)
-                        .and_then(|n| <[u8; 8]>::try_from(n).ok())
-                        .map(u64::from_be_bytes)
-                        .ok_or_else(|| StoreError::Corrupt {
-                            key: String::from_utf8_lossy(&k).replace('\0', "/"),
-                            reason: "policy key has no version number".into(),
-                        })?
-                }
-                None => 0,
-            };
-            let n = last + 1;
-            let policy = Policy {
-                version: Policy::version_for(client, n),
-                client: client.to_owned(),
-                saved_ms: at_ms,
-                rules: rules.clone(),
-            };
-            let swapped = self
-                .policies
-                .compare_and_swap(
-                    key(&[client.as_bytes(), &n.to_be_bytes()]),
-                    None as Option<&[u8]>,
-                    Some(encode_json(&policy)?),
-                )
-                .map_err(engine)?;
-            if swapped.is_ok() {
-                self.flush()?;
-                return Ok(policy);
-            }
-        }
+        let policy = put_versioned(&self.policies, client, |n| Policy {
+            version: Policy::version_for(client, n),
+            client: client.to_owned(),
+            saved_ms: at_ms,
+            rules: rules.clone(),
+        })?;
+        self.flush()?;
+        Ok(policy)
     }
 
     fn policies(&self, client: &str) -> Result<Vec<Policy>, StoreError> {
@@ -734,6 +758,40 @@ impl Store for SledStore {
 
     fn snapshots(&self, client: &str) -> Result<Vec<Snapshot>, StoreError> {
         scan(&self.snapshots, &prefix(&[client.as_bytes()]))
+    }
+
+    fn apply_directory_part(
+        &self,
+        scope: &Scope,
+        batch: &BatchId,
+        part: &ReadPart,
+    ) -> Result<(BatchOutcome, Option<users_apply::Outcome>), StoreError> {
+        self.users_apply_part(scope, batch, part)
+    }
+
+    fn apply_user_read(
+        &self,
+        client: &str,
+        read: &Read,
+    ) -> Result<users_apply::Outcome, StoreError> {
+        self.users_apply_read(client, read)
+    }
+
+    fn user_accounts(&self, client: &str) -> Result<(Vec<Account>, Vec<SourceStatus>), StoreError> {
+        self.users_accounts(client)
+    }
+
+    fn put_user_policy(
+        &self,
+        client: &str,
+        rules: &UserPolicyRules,
+        at_ms: u64,
+    ) -> Result<UserPolicy, StoreError> {
+        self.users_put_policy(client, rules, at_ms)
+    }
+
+    fn user_policies(&self, client: &str) -> Result<Vec<UserPolicy>, StoreError> {
+        self.users_policies(client)
     }
 }
 

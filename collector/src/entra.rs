@@ -1,0 +1,187 @@
+//! Reading each configured client's Microsoft 365 / Entra ID users on a schedule (issue 5): the
+//! HTTP side is [`crate::graph`], the records and decisions [`crate::users`]; this file runs
+//! reads and stores what they found.
+//!
+//! Per client with `[clients.<name>.graph]` in the collector's config, one task reads the
+//! tenant at start and then every `graph_interval` (with ±10% jitter, so many clients do not
+//! hit Graph at once). A complete read replaces the client's `entra:<tenant>` accounts; a
+//! failed read (unreachable, expired secret, throttled past every retry) is stored as a failure
+//! that keeps every account and marks the source stale, and is logged in one line. `census
+//! users refresh` runs a read at once ([`EntraReader::read_client`]). Two reads of one client
+//! never overlap.
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use census_proto::convert::unix_millis;
+use rand::Rng as _;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, info, info_span, warn};
+
+use crate::{
+    graph::{GraphError, GraphHttp, GraphLimits, GraphSettings, read_tenant},
+    store::{Store, StoreError},
+    users::{
+        self, SourceKind,
+        apply::{Outcome, Read, ReadData},
+    },
+};
+
+/// Why a read could not be stored (a failed read itself is stored, not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum EntraError {
+    #[error(
+        "no Entra ID tenant is configured for client {0:?}: add [clients.{0}.graph] to the collector's config"
+    )]
+    NotConfigured(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the read was cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Graph(#[from] GraphError),
+}
+
+/// The collector's Entra ID reader: one HTTPS client, the tenants by client.
+#[derive(Debug)]
+pub struct EntraReader {
+    http: GraphHttp,
+    tenants: BTreeMap<String, GraphSettings>,
+    interval: Duration,
+    /// One lock per client: reads of one client take turns.
+    running: BTreeMap<String, tokio::sync::Mutex<()>>,
+}
+
+impl EntraReader {
+    /// A reader of `tenants` (client -> checked settings, see
+    /// [`crate::config::Config::graph_tenants`]) every `interval`.
+    pub fn new(
+        tenants: BTreeMap<String, GraphSettings>,
+        interval: Duration,
+        limits: GraphLimits,
+    ) -> Result<Self, EntraError> {
+        let running = tenants
+            .keys()
+            .map(|c| (c.clone(), tokio::sync::Mutex::new(())))
+            .collect();
+        Ok(EntraReader {
+            http: GraphHttp::with_limits(limits)?,
+            tenants,
+            interval,
+            running,
+        })
+    }
+
+    /// Whether the reader has nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.tenants.is_empty()
+    }
+
+    /// Reads the client's tenant now and stores the result: the accounts of a complete read,
+    /// or the failure (which keeps the accounts and marks the source stale). Returns what the
+    /// store did; the read's own error is in the source's status and in the log.
+    pub async fn read_client(
+        &self,
+        store: &Arc<dyn Store>,
+        client: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<Outcome, EntraError> {
+        let (Some(settings), Some(lock)) = (self.tenants.get(client), self.running.get(client))
+        else {
+            return Err(EntraError::NotConfigured(client.to_owned()));
+        };
+        let _turn = lock.lock().await;
+        let source = users::entra_source(&settings.tenant_id)
+            .map_err(|e| EntraError::Store(StoreError::Engine(e)))?;
+        // The licence allow-list lives in the client's (versioned) user policy; the read needs
+        // it to know whether the tenant's SKUs must be listed.
+        let (store2, c) = (Arc::clone(store), client.to_owned());
+        let policy = blocking(move || {
+            store2.ensure_client(&c, unix_millis(SystemTime::now()))?;
+            store2.user_policy(&c)
+        })
+        .await?;
+        let mut settings = settings.clone();
+        settings.licence_allow_list = policy.rules.licence_allow_list;
+
+        let read_at = unix_millis(SystemTime::now());
+        let result = tokio::select! {
+            r = read_tenant(&settings, &self.http) => r,
+            () = shutdown.cancelled() => return Err(EntraError::Cancelled),
+        };
+        let outcome = match result {
+            Ok(tenant) => Ok(ReadData {
+                accounts: tenant
+                    .users
+                    .iter()
+                    .map(|u| users::entra_account(&source, u, read_at))
+                    .collect(),
+                skus: tenant.skus,
+            }),
+            Err(e) => {
+                warn!(client, tenant = %settings.tenant_id, error = %e, "Entra ID read failed; keeping the users of the last complete read, marked stale");
+                Err(e.to_string())
+            }
+        };
+        let read = Read {
+            source,
+            kind: SourceKind::EntraId,
+            read_id: format!("graph-{read_at}"),
+            read_at_ms: read_at,
+            outcome,
+        };
+        let (store2, c) = (Arc::clone(store), client.to_owned());
+        let stored = blocking(move || store2.apply_user_read(&c, &read)).await?;
+        if let Outcome::Applied {
+            present,
+            added,
+            removed,
+        } = stored
+        {
+            info!(client, tenant = %settings.tenant_id, users = present, added, removed, "Entra ID users stored");
+        }
+        Ok(stored)
+    }
+
+    /// Starts one task per configured client that reads at once and then every interval,
+    /// until `shutdown`.
+    pub fn spawn(self: &Arc<Self>, store: Arc<dyn Store>, shutdown: CancellationToken) {
+        for client in self.tenants.keys() {
+            let (this, store, shutdown, client) = (
+                Arc::clone(self),
+                Arc::clone(&store),
+                shutdown.clone(),
+                client.clone(),
+            );
+            let span = info_span!("entra", client = %client);
+            tokio::spawn(
+                async move {
+                    loop {
+                        match this.read_client(&store, &client, &shutdown).await {
+                            Ok(_) | Err(EntraError::Cancelled) => {}
+                            Err(e) => warn!(error = %e, "cannot store the Entra ID read"),
+                        }
+                        let wait = this.interval.mul_f64(rand::rng().random_range(0.9..1.1));
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, EntraError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| EntraError::Store(StoreError::Engine(format!("task failed: {e}"))))?
+        .map_err(EntraError::Store)
+}
