@@ -60,6 +60,11 @@ pub struct Counts {
     pub users: u64,
     pub as_of: String,
     pub policy_version: String,
+    #[serde(default)]
+    pub users_policy_version: String,
+    /// A user source's latest read failed: `users` comes from earlier reads.
+    #[serde(default)]
+    pub users_stale: bool,
 }
 
 /// One row of `census devices --json`.
@@ -152,6 +157,7 @@ pub struct Collector<'lab> {
     proc: Proc,
     data_dir: PathBuf,
     addr: SocketAddr,
+    config: Option<PathBuf>,
 }
 
 impl<'lab> Collector<'lab> {
@@ -163,6 +169,18 @@ impl<'lab> Collector<'lab> {
             data_dir,
             SocketAddr::from((lab.collector_ip(), 0)),
             None,
+            None,
+        )
+    }
+
+    /// Starts a collector as [`Collector::start`] does, with a config file (`--config`).
+    pub fn start_with_config(lab: &'lab Lab, data_dir: &Path, config: &Path) -> Result<Self> {
+        Self::launch(
+            lab,
+            data_dir,
+            SocketAddr::from((lab.collector_ip(), 0)),
+            None,
+            Some(config),
         )
     }
 
@@ -174,6 +192,7 @@ impl<'lab> Collector<'lab> {
             data_dir,
             SocketAddr::from((lab.collector_ip(), port)),
             None,
+            None,
         )
     }
 
@@ -184,23 +203,25 @@ impl<'lab> Collector<'lab> {
         data_dir: &Path,
         listen: SocketAddr,
         rebind_until: Option<Instant>,
+        config: Option<&Path>,
     ) -> Result<Self> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
         let listen_arg = listen.to_string();
         let bin = bin("census-collector")?;
         loop {
-            let proc = lab.spawn(
-                lab.core_ns(),
-                [
-                    bin.as_os_str(),
-                    OsStr::new("serve"),
-                    OsStr::new("--data-dir"),
-                    data_dir.as_os_str(),
-                    OsStr::new("--listen"),
-                    OsStr::new(&listen_arg),
-                ],
-            )?;
+            let mut args = vec![
+                bin.as_os_str(),
+                OsStr::new("serve"),
+                OsStr::new("--data-dir"),
+                data_dir.as_os_str(),
+                OsStr::new("--listen"),
+                OsStr::new(&listen_arg),
+            ];
+            if let Some(c) = config {
+                args.extend([OsStr::new("--config"), c.as_os_str()]);
+            }
+            let proc = lab.spawn(lab.core_ns(), args)?;
             let deadline = Instant::now() + Duration::from_secs(30);
             let addr = loop {
                 let log = proc.log();
@@ -232,6 +253,7 @@ impl<'lab> Collector<'lab> {
                         proc,
                         data_dir: data_dir.to_owned(),
                         addr,
+                        config: config.map(Path::to_owned),
                     });
                 }
                 None => std::thread::sleep(Duration::from_millis(200)),
@@ -266,6 +288,7 @@ impl<'lab> Collector<'lab> {
             &self.data_dir,
             self.addr,
             Some(Instant::now() + REBIND),
+            self.config.as_deref(),
         )
     }
 
@@ -323,6 +346,21 @@ impl<'lab> Collector<'lab> {
             .find(|c| c.client == client)
             .map(|c| c.devices)
             .with_context(|| format!("no counts for client {client}"))
+    }
+
+    /// The counts of one client.
+    pub fn counts_of(&self, client: &str) -> Result<Counts> {
+        self.counts()?
+            .into_iter()
+            .find(|c| c.client == client)
+            .with_context(|| format!("no counts for client {client}"))
+    }
+
+    /// `census users --client C --json`: `users` (people with their accounts), `sources`,
+    /// `policy`.
+    pub fn users(&self, client: &str) -> Result<serde_json::Value> {
+        let out = self.census_ok(["users", "--client", client, "--json"])?;
+        serde_json::from_str(&out).with_context(|| format!("parsing census users --json: {out}"))
     }
 
     /// `census devices --client C --json`.
@@ -474,4 +512,77 @@ pub fn agent_id(state_dir: &Path) -> Result<String> {
         .as_str()
         .map(str::to_owned)
         .with_context(|| format!("no agent_id in {}", path.display()))
+}
+
+/// The lab's stand-in for Entra ID and Microsoft Graph (`census-graph-lab`), listening on the
+/// loopback of the lab's core namespace, where the collector runs (the collector speaks plain
+/// http only to loopback). It serves the fixture file, which tests may rewrite at any time.
+pub struct GraphLab {
+    proc: Proc,
+    fixture: PathBuf,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for GraphLab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GraphLab")
+            .field("addr", &self.addr)
+            .field("fixture", &self.fixture)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GraphLab {
+    /// Starts the server on `fixture` (written to the lab's directory).
+    pub fn start(lab: &Lab, fixture: &serde_json::Value) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("graph")
+            .tempdir_in(lab.dir())
+            .context("making the Graph fixture directory")?
+            .keep();
+        let path = dir.join("fixture.json");
+        std::fs::write(&path, fixture.to_string()).context("writing the Graph fixture")?;
+        let bin = bin("census-graph-lab")?;
+        let proc = lab.spawn(
+            lab.core_ns(),
+            [bin.as_os_str(), OsStr::new("--fixture"), path.as_os_str()],
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = proc.log();
+            if let Some(addr) = log.lines().find_map(|l| l.strip_prefix("listening on ")) {
+                let addr = addr
+                    .trim()
+                    .parse()
+                    .context("parsing the Graph lab's address")?;
+                return Ok(GraphLab {
+                    proc,
+                    fixture: path,
+                    addr,
+                });
+            }
+            if !proc.is_running() || Instant::now() > deadline {
+                let _ = proc.kill();
+                bail!("census-graph-lab did not start; its log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`: both the login and the Graph base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Replaces what the server serves.
+    pub fn set(&self, fixture: &serde_json::Value) -> Result<()> {
+        let tmp = self.fixture.with_extension("new");
+        std::fs::write(&tmp, fixture.to_string()).context("writing the Graph fixture")?;
+        std::fs::rename(&tmp, &self.fixture).context("replacing the Graph fixture")
+    }
+
+    /// What the server answered, one line per request.
+    pub fn log(&self) -> String {
+        self.proc.log()
+    }
 }

@@ -11,3 +11,4 @@ mod identity;
 mod in_process;
 mod ingest;
 mod lab;
+mod users;
