@@ -261,6 +261,14 @@ pub struct DirectorySettings {
     /// A read finding more users than this fails rather than sending them all.
     #[serde(default = "default_directory_max_users")]
     pub max_users: usize,
+    /// Time between reads by `census-agent run`, e.g. "1h": one at start, then one every
+    /// interval (a failed read too waits the whole interval: retrying a refused bind sooner
+    /// could lock the bind account out).
+    #[serde(
+        default = "default_directory_interval",
+        with = "humantime_serde_compat"
+    )]
+    pub interval: Duration,
 }
 
 impl Default for DirectorySettings {
@@ -278,12 +286,19 @@ impl Default for DirectorySettings {
             page_size: default_directory_page_size(),
             timeout_ms: default_directory_timeout_ms(),
             max_users: default_directory_max_users(),
+            interval: default_directory_interval(),
         }
     }
 }
 
 /// Where the bind password comes from when `directory.password_file` is unset.
 pub const DIRECTORY_PASSWORD_ENV: &str = "CENSUS_AGENT_DIRECTORY_PASSWORD";
+
+/// The shortest `directory.interval`: a read of a large directory takes a while and loads the
+/// domain controller, and users change on a scale of hours.
+pub const MIN_DIRECTORY_INTERVAL: Duration = Duration::from_secs(60);
+/// The longest `directory.interval`: the collector needs a fresh read to keep users current.
+pub const MAX_DIRECTORY_INTERVAL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl DirectorySettings {
     /// Checks a `[directory]` that is enabled (a disabled one may be incomplete): the URL's
@@ -369,9 +384,18 @@ impl DirectorySettings {
         check(
             "directory.max_users",
             self.max_users,
-            1..=10_000_000,
-            "between 1 and 10000000",
+            1..=1_000_000,
+            // A read is sent in batches of 100 users, and the collector takes reads of at most
+            // 10,000 batches.
+            "between 1 and 1000000",
         )?;
+        if !(MIN_DIRECTORY_INTERVAL..=MAX_DIRECTORY_INTERVAL).contains(&self.interval) {
+            return bad(format!(
+                "directory.interval must be between 1m and 7days, got {}: set e.g. \
+                 interval = \"1h\" under [directory]",
+                humantime::format_duration(self.interval)
+            ));
+        }
         Ok(())
     }
 }
@@ -384,6 +408,9 @@ fn default_directory_timeout_ms() -> u64 {
 }
 fn default_directory_max_users() -> usize {
     200_000
+}
+fn default_directory_interval() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn yes() -> bool {
@@ -838,6 +865,8 @@ mod tests {
             .expect("deploy/config/agent.toml parses");
         assert_eq!(c.scopes.len(), 1);
         assert_eq!(c.interval, Duration::from_secs(900));
+        assert!(!c.directory.enabled);
+        assert_eq!(c.directory.interval, Duration::from_secs(3600));
     }
 
     #[test]
@@ -952,6 +981,45 @@ mod directory_tests {
         d.timeout_ms = 10;
         assert!(err(&d).contains("directory.timeout_ms"));
         let mut d = enabled(tmp.path());
+        d.max_users = 1_000_001;
+        assert!(err(&d).contains("directory.max_users"), "{}", err(&d));
+        let mut d = enabled(tmp.path());
+        assert_eq!(d.interval, Duration::from_secs(3600), "hourly by default");
+        d.interval = Duration::from_secs(59);
+        let e = err(&d);
+        assert!(
+            e.starts_with("directory.interval must be between 1m and 7days, got 59s")
+                && e.contains("interval = \"1h\""),
+            "{e}"
+        );
+        d.interval = Duration::from_secs(7 * 24 * 3600 + 1);
+        assert!(err(&d).contains("directory.interval"), "{}", err(&d));
+        d.interval = MIN_DIRECTORY_INTERVAL;
+        d.validate().expect("a minute is enough");
+        d.interval = MAX_DIRECTORY_INTERVAL;
+        d.validate().expect("a week is not too long");
+        // Not checked while the directory is off.
+        d.interval = Duration::ZERO;
+        d.enabled = false;
+        d.validate().expect("disabled");
+        // Config::validate checks the directory too (as `census-agent validate` does).
+        let tmp2 = tempfile::tempdir().expect("tempdir");
+        let mut c = Config {
+            collector: Some("http://198.19.255.1:7400".into()),
+            token: Some("cen1_x".into()),
+            scopes: parse_cidrs("198.18.0.0/24").expect("cidr"),
+            directory: enabled(tmp2.path()),
+            ..Config::default()
+        };
+        c.validate().expect("valid");
+        c.directory.interval = Duration::from_secs(10);
+        assert!(
+            c.validate()
+                .expect_err("too often")
+                .to_string()
+                .contains("directory.interval")
+        );
+        let mut d = enabled(tmp.path());
         d.ca_file = Some(tmp.path().join("password"));
         d.validate()
             .expect("any readable file is a CA file to validate");
@@ -973,6 +1041,13 @@ mod directory_tests {
         assert_eq!(c.directory.page_size, 100);
         assert_eq!(c.directory.timeout_ms, 10_000);
         assert_eq!(c.directory.max_users, 200_000);
+        assert_eq!(c.directory.interval, Duration::from_secs(3600));
+        let c: Config = toml::from_str("[directory]\ninterval = \"30m\"\n").expect("parses");
+        assert_eq!(c.directory.interval, Duration::from_secs(1800));
+        let bad = toml::from_str::<Config>("[directory]\ninterval = \"often\"\n")
+            .expect_err("not a duration")
+            .to_string();
+        assert!(bad.contains("is not a duration"), "{bad}");
         let refused = toml::from_str::<Config>("[directory]\npassword = \"hunter2\"\n")
             .expect_err("no password in the file")
             .to_string();

@@ -13,6 +13,9 @@
 //!   step under a timeout.
 //! - `directory/entry.rs`: BER entries and paged-results cookies to users, without I/O.
 //! - `directory/convert.rs`: SIDs, GUIDs, FILETIMEs, AD integers and capped text, without I/O.
+//! - `directory/show.rs`: a read as `census-agent users` prints it (table or JSON).
+//!
+//! When reads happen and how they become batches is the run loop's business (`run.rs`).
 //!
 //! Safety and secrets: TLS is required unless `allow_plaintext` says otherwise, certificates are
 //! verified against `ca_file` (or the platform's store) unless `insecure_skip_verify` says
@@ -23,6 +26,7 @@
 mod client;
 pub mod convert;
 pub mod entry;
+pub mod show;
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};

@@ -3,12 +3,17 @@
 //!
 //! Exit codes: 0 done; 64 bad flags or config; 69 collector unreachable; 75 `--once` stopped
 //! (a signal) before every batch was acknowledged; 77 a credential was refused or raw sockets
-//! are not allowed; 1 anything else.
+//! are not allowed; 1 anything else. A failed directory read (`users`, or `run --once` after
+//! delivering everything, the failed read included) exits by the same scheme, see
+//! [`directory_exit_code`]: 64 its settings (URL, password file, CA file, a certificate that is
+//! not trusted or names another host, too many users), 69 the directory unreachable, silent or
+//! failing TLS, 77 the bind refused, 75 stopped by a signal, 1 otherwise (a failed search).
 
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use census_agent::{
     config::{self, Config, ConfigError},
+    directory::{self, DirectoryError},
     report::DeliveryError,
     run::{self, AgentError, RunOptions},
     signal, telemetry,
@@ -43,7 +48,8 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Sweep the configured scopes and report to the collector.
+    /// Sweep the configured scopes (and read the directory, when enabled) and report to the
+    /// collector.
     Run {
         #[command(flatten)]
         settings: Settings,
@@ -56,6 +62,18 @@ enum Command {
         #[command(flatten)]
         settings: Settings,
         /// Print one JSON object per device instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read the directory's users once and print them, without a collector (to set up the bind
+    /// account).
+    ///
+    /// Reads with `[directory]` of the config file, whether or not it is enabled, and sends
+    /// nothing anywhere.
+    Users {
+        #[command(flatten)]
+        settings: Settings,
+        /// Print one JSON document (the read and every user) instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -137,6 +155,16 @@ impl Settings {
         let c = self.layered()?;
         c.validate_sweep()?;
         Ok(c)
+    }
+
+    /// Like [`Settings::resolve`], but `users` needs only `[directory]`, which it checks as if
+    /// enabled (it reads whether or not `run` would). Also returns whether it was enabled.
+    fn resolve_for_users(&self) -> Result<(Config, bool), ConfigError> {
+        let mut c = self.layered()?;
+        let enabled = c.directory.enabled;
+        c.directory.enabled = true;
+        c.directory.validate()?;
+        Ok((c, enabled))
     }
 
     fn resolve(&self) -> Result<Config, ConfigError> {
@@ -223,6 +251,43 @@ fn exit_code(e: &AgentError) -> u8 {
     }
 }
 
+/// The exit code of a failed directory read, by the scheme of [`exit_code`]: what the
+/// configuration must fix is 64, a directory that cannot be reached (or will not speak TLS) is
+/// 69 like an unreachable collector, a refused bind is 77 like a refused token.
+fn directory_exit_code(e: &DirectoryError) -> u8 {
+    match e {
+        DirectoryError::Settings(_)
+        | DirectoryError::Password(_)
+        | DirectoryError::CaFile { .. }
+        | DirectoryError::Untrusted { .. }
+        | DirectoryError::WrongName { .. }
+        | DirectoryError::TooManyUsers { .. } => EX_USAGE,
+        DirectoryError::Unreachable { .. }
+        | DirectoryError::Timeout { .. }
+        | DirectoryError::Tls { .. } => EX_UNAVAILABLE,
+        DirectoryError::BindRefused { .. } | DirectoryError::Bind { .. } => EX_NOPERM,
+        DirectoryError::Cancelled => EX_TEMPFAIL,
+        DirectoryError::Search { .. } | DirectoryError::Internal(_) => 1,
+    }
+}
+
+/// The `--once` line about the directory read (printed after the sweep's).
+fn directory_line(d: &run::DirectorySummary) -> String {
+    match &d.error {
+        None => format!(
+            "read {} directory users from {} in {} pages ({} skipped); {} batches delivered",
+            d.users, d.directory, d.pages, d.skipped, d.batches
+        ),
+        Some(_) if d.batches == 0 => "directory read failed; not reported to the collector \
+                                      (no read has named the directory yet: set directory.base_dn)"
+            .to_owned(),
+        Some(_) => format!(
+            "directory read of {} failed; its failed-read batch was delivered",
+            d.directory
+        ),
+    }
+}
+
 fn summary_line(s: &run::SweepSummary) -> String {
     format!(
         "swept {} addresses in {:.1}s: {} answered ARP, {} answered ICMP, {} answered SNMP, {} advertised over mDNS; {} devices delivered",
@@ -270,6 +335,53 @@ fn scan(settings: &Settings, json: bool) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => fail(exit_code(&e), e),
+        }
+    })
+}
+
+/// `census-agent users`: read the directory once and print it, no collector needed.
+fn users(settings: &Settings, json: bool) -> ExitCode {
+    let (config, enabled) = match settings.resolve_for_users() {
+        Ok(c) => c,
+        Err(e) => return fail(EX_USAGE, e),
+    };
+    if !enabled {
+        eprintln!(
+            "census-agent: note: directory.enabled is false: `census-agent run` reads the \
+             directory only once it is true"
+        );
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        signal::spawn_shutdown_on_signal(shutdown.clone());
+        let started = std::time::Instant::now();
+        match directory::read(&config.directory, &shutdown).await {
+            Ok(read) => {
+                let now = std::time::SystemTime::now();
+                let batches = read
+                    .users
+                    .len()
+                    .div_ceil(directory::DEFAULT_USERS_PER_BATCH)
+                    .max(1);
+                if json {
+                    println!("{}", directory::show::read_json(&read, batches, now));
+                } else {
+                    println!("{}", directory::show::header_line());
+                    for u in &read.users {
+                        println!("{}", directory::show::user_line(u, now));
+                    }
+                    println!(
+                        "{}",
+                        directory::show::summary_line(&read, batches, started.elapsed(), now)
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(directory_exit_code(&e), e),
         }
     })
 }
@@ -353,8 +465,17 @@ fn main() -> ExitCode {
         Command::Validate { settings } => {
             match settings.resolve().and_then(|c| c.token().map(|_| c)) {
                 Ok(c) => {
+                    let directory = if c.directory.enabled {
+                        format!(
+                            ", directory {} every {}",
+                            c.directory.url.as_deref().unwrap_or_default(),
+                            humantime::format_duration(c.directory.interval)
+                        )
+                    } else {
+                        String::new()
+                    };
                     println!(
-                        "configuration is valid: collector {}, scopes {}",
+                        "configuration is valid: collector {}, scopes {}{directory}",
                         c.collector.as_deref().unwrap_or_default(),
                         c.scopes
                             .iter()
@@ -368,6 +489,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Scan { settings, json } => scan(&settings, json),
+        Command::Users { settings, json } => users(&settings, json),
         Command::Run { settings, once } => {
             let config = match settings.resolve() {
                 Ok(c) => c,
@@ -384,13 +506,119 @@ fn main() -> ExitCode {
                 match run::run(config, RunOptions { once, progress }, shutdown).await {
                     Ok(summary) => {
                         if once {
-                            println!("{}", summary_line(&summary));
+                            println!("{}", summary_line(&summary.sweep));
+                            if let Some(d) = &summary.directory {
+                                println!("{}", directory_line(d));
+                            }
                         }
-                        ExitCode::SUCCESS
+                        // With --once a failed read is an error once everything, its
+                        // failed-read part included, is delivered.
+                        match &summary.directory {
+                            Some(run::DirectorySummary {
+                                error: Some(e),
+                                batches,
+                                ..
+                            }) if once => fail(
+                                directory_exit_code(e),
+                                format!(
+                                    "directory read failed ({}): {e}",
+                                    if *batches == 0 {
+                                        "not reported to the collector"
+                                    } else {
+                                        "reported to the collector"
+                                    }
+                                ),
+                            ),
+                            _ => ExitCode::SUCCESS,
+                        }
                     }
                     Err(e) => fail(exit_code(&e), e),
                 }
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_failures_exit_by_the_scheme() {
+        let url = || "ldaps://198.18.0.10:636".to_owned();
+        let cases = [
+            (DirectoryError::Settings("x".into()), EX_USAGE),
+            (DirectoryError::Password("x".into()), EX_USAGE),
+            (
+                DirectoryError::Untrusted {
+                    url: url(),
+                    message: "x".into(),
+                },
+                EX_USAGE,
+            ),
+            (
+                DirectoryError::TooManyUsers {
+                    max: 1,
+                    base_dn: "DC=lab".into(),
+                },
+                EX_USAGE,
+            ),
+            (
+                DirectoryError::Unreachable {
+                    url: url(),
+                    message: "x".into(),
+                },
+                EX_UNAVAILABLE,
+            ),
+            (
+                DirectoryError::Timeout {
+                    url: url(),
+                    step: "the bind".into(),
+                    timeout: std::time::Duration::from_secs(1),
+                },
+                EX_UNAVAILABLE,
+            ),
+            (
+                DirectoryError::BindRefused {
+                    bind_dn: "census@lab".into(),
+                    hint: String::new(),
+                },
+                EX_NOPERM,
+            ),
+            (DirectoryError::Cancelled, EX_TEMPFAIL),
+            (
+                DirectoryError::Search {
+                    url: url(),
+                    base_dn: "DC=lab".into(),
+                    message: "x".into(),
+                },
+                1,
+            ),
+        ];
+        for (e, code) in cases {
+            assert_eq!(directory_exit_code(&e), code, "{e}");
+        }
+    }
+
+    #[test]
+    fn the_once_lines_for_a_read() {
+        let mut d = run::DirectorySummary {
+            directory: "lab.census.test".into(),
+            read_id: "r".into(),
+            users: 1211,
+            pages: 13,
+            skipped: 0,
+            batches: 13,
+            error: None,
+        };
+        assert_eq!(
+            directory_line(&d),
+            "read 1211 directory users from lab.census.test in 13 pages (0 skipped); 13 batches delivered"
+        );
+        d.error = Some(DirectoryError::Cancelled);
+        d.batches = 1;
+        assert!(directory_line(&d).contains("failed-read batch was delivered"));
+        d.batches = 0;
+        assert!(directory_line(&d).contains("set directory.base_dn"));
     }
 }

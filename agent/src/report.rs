@@ -55,6 +55,11 @@ pub fn arp_observation(
 pub struct AgentState {
     pub agent_id: String,
     pub next_sequence: u64,
+    /// The directory (AD domain) the last complete directory read named: the collector keeps a
+    /// directory's users under this name, so a failed read, which may not get far enough to
+    /// learn it, reports under it too, also after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<String>,
     #[serde(skip)]
     path: Option<PathBuf>,
 }
@@ -66,6 +71,7 @@ impl AgentState {
             return Ok(AgentState {
                 agent_id: uuid::Uuid::new_v4().to_string(),
                 next_sequence: 1,
+                directory: None,
                 path: None,
             });
         };
@@ -89,6 +95,7 @@ impl AgentState {
                 let state = AgentState {
                     agent_id: uuid::Uuid::new_v4().to_string(),
                     next_sequence: 1,
+                    directory: None,
                     path: Some(path),
                 };
                 state.save()?;
@@ -116,6 +123,15 @@ impl AgentState {
                 b
             })
             .collect())
+    }
+
+    /// Remembers the directory a complete read named (saved when it changed).
+    pub fn set_directory(&mut self, directory: &str) -> io::Result<()> {
+        if self.directory.as_deref() == Some(directory) {
+            return Ok(());
+        }
+        self.directory = Some(directory.to_owned());
+        self.save()
     }
 
     /// Reserves `n` sequence numbers, saved before any is used.
@@ -174,9 +190,33 @@ pub fn into_batches(
     out
 }
 
-/// How many batches a call to [`batch_count`] needs for `n` observations.
+/// How many batches [`into_batches`] makes of `n` observations.
 pub fn batch_count(n: usize) -> u64 {
     n.div_ceil(BATCH_SIZE) as u64
+}
+
+/// One batch per part of a directory read (see `directory::to_batches_parts`), numbered from
+/// `first_sequence`: no observations, the part's users and its `DirectoryRead`. A failed read
+/// is one part with `error` set and no users, and so one batch.
+pub fn directory_batches(
+    agent_id: &str,
+    first_sequence: u64,
+    parts: Vec<(v1::DirectoryRead, Vec<v1::DirectoryUser>)>,
+) -> Vec<v1::ObservationBatch> {
+    let now = Some(convert::timestamp(SystemTime::now()));
+    parts
+        .into_iter()
+        .zip(first_sequence..)
+        .map(|((read, users), sequence)| v1::ObservationBatch {
+            agent_id: agent_id.to_owned(),
+            sequence,
+            observations: Vec::new(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            sent_at: now,
+            users,
+            directory_read: Some(read),
+        })
+        .collect()
 }
 
 // === delivery ===
@@ -398,6 +438,45 @@ mod tests {
         assert_eq!(batches[2].observations.len(), 201);
     }
 
+    /// A batch of [`crate::directory::DEFAULT_USERS_PER_BATCH`] users with every field at
+    /// the reader's caps (255-byte strings, 64 memberOf DNs) stays well inside the 4 MiB a
+    /// gRPC message may have (the collector's `max_message_bytes` default and our encoder's
+    /// limit).
+    #[test]
+    fn a_batch_of_the_largest_users_fits_a_message() {
+        use prost::Message as _;
+        let text = "x".repeat(crate::directory::convert::MAX_TEXT_BYTES);
+        let ts = Some(convert::timestamp(SystemTime::now()));
+        let user = v1::DirectoryUser {
+            object_guid: vec![0xff; 16],
+            object_sid: format!("S-1-5-21-{}", "4294967295-".repeat(14)),
+            sam_account_name: text.clone(),
+            user_principal_name: text.clone(),
+            display_name: text.clone(),
+            distinguished_name: text.clone(),
+            sam_account_type: u32::MAX,
+            user_account_control: u32::MAX,
+            account_expires: ts,
+            last_logon: ts,
+            critical_system_object: true,
+            has_service_principal_name: true,
+            member_of: vec![text.clone(); crate::directory::entry::MAX_MEMBER_OF],
+            is_computer: true,
+        };
+        let read = v1::DirectoryRead {
+            directory: text.clone(),
+            read_id: uuid::Uuid::new_v4().to_string(),
+            part: u32::MAX,
+            parts: u32::MAX,
+            read_at: ts,
+            error: text,
+        };
+        let users = vec![user; crate::directory::DEFAULT_USERS_PER_BATCH];
+        let batches = directory_batches(&"a".repeat(128), u64::MAX - 1, vec![(read, users)]);
+        let len = batches[0].encoded_len();
+        assert!(len < 2 * 1024 * 1024, "{len} bytes");
+    }
+
     #[test]
     fn rotation_renumbers_under_a_new_identity() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -432,6 +511,19 @@ mod tests {
         let mut b = AgentState::load_or_create(Some(dir.path())).expect("load");
         assert_eq!(a.agent_id, b.agent_id);
         assert_eq!(b.reserve(1).expect("reserve"), 4);
+        assert_eq!(b.directory, None);
+        b.set_directory("lab.census.test").expect("save");
+        let c = AgentState::load_or_create(Some(dir.path())).expect("load");
+        assert_eq!(c.directory.as_deref(), Some("lab.census.test"));
+        assert_eq!(c.next_sequence, 5, "{c:?}");
+        // A state written before the directory was remembered still loads.
+        fs::write(
+            dir.path().join("agent.json"),
+            r#"{"agent_id": "a", "next_sequence": 9}"#,
+        )
+        .expect("write");
+        let old = AgentState::load_or_create(Some(dir.path())).expect("an older state");
+        assert_eq!((old.directory, old.next_sequence), (None, 9));
         fs::write(dir.path().join("agent.json"), "{").expect("write");
         let err = AgentState::load_or_create(Some(dir.path())).expect_err("corrupt");
         assert!(err.to_string().contains("move it aside"), "{err}");

@@ -1,9 +1,16 @@
-//! The agent's main loop: plan the sweep, sweep each interface on its own OS thread, turn the
-//! answers into observation batches, and deliver them until acknowledged. `--once` does one
-//! sweep and returns when every batch is acknowledged; otherwise it sweeps every interval
-//! (with jitter) until the shutdown token is cancelled.
+//! The agent's main loop: plan the sweep, sweep each interface on its own OS thread, read the
+//! site's Active Directory when `[directory]` is enabled, turn the answers into batches, and
+//! deliver them until acknowledged. `--once` does one sweep (and one read) and returns when
+//! every batch is acknowledged; otherwise it sweeps every interval (with jitter) and reads the
+//! directory every `directory.interval`, as [`Schedule`] says, until the shutdown token is
+//! cancelled. A read spans as many batches as it has parts (at most
+//! [`DEFAULT_USERS_PER_BATCH`] users each, no observations); a failed read is one batch whose
+//! part carries the error.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant, SystemTime},
+};
 
 use census_proto::v1;
 use rand::Rng as _;
@@ -13,6 +20,7 @@ use tracing::{info, warn};
 pub use crate::discovery::SweepSummary;
 use crate::{
     config::{Config, ConfigError},
+    directory::{self, DEFAULT_USERS_PER_BATCH, DirectoryError, DirectoryReadResult},
     discovery::{self, Progress},
     iface,
     report::{self, AgentState, DeliveryError},
@@ -106,13 +114,270 @@ pub async fn scan(
     discovery::sweep(&plan, config, Progress { enabled: progress }, shutdown).await
 }
 
-/// Runs the agent until `shutdown` is cancelled (or, with `once`, until one sweep is
-/// delivered).
+/// What a run did, for `--once`'s summary: the last sweep and the last directory read.
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    pub sweep: SweepSummary,
+    /// `None` when the directory is not enabled (or no read finished).
+    pub directory: Option<DirectorySummary>,
+}
+
+/// One directory read as it was queued for delivery.
+#[derive(Debug)]
+pub struct DirectorySummary {
+    /// `DirectoryRead.directory`: the DNS domain (empty when a failed read never learnt it).
+    pub directory: String,
+    pub read_id: String,
+    pub users: usize,
+    pub pages: u32,
+    pub skipped: u32,
+    /// Batches the read was queued as (one for a failed read, none for a failed read that
+    /// could not be named).
+    pub batches: usize,
+    /// Why the read failed; its failed-read part was queued all the same (unless `batches` is
+    /// 0: the read could not be named).
+    pub error: Option<DirectoryError>,
+}
+
+/// What is due in one turn of the loop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Due {
+    pub sweep: bool,
+    pub directory: bool,
+}
+
+impl Due {
+    pub fn any(self) -> bool {
+        self.sweep || self.directory
+    }
+}
+
+/// When the sweep and the directory read are next due: both at start, then the sweep every
+/// (jittered) sweep interval after the previous one was delivered, and the directory read every
+/// `directory.interval` after the previous read started. I/O-free, so the loop's timing is
+/// tested without waiting.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    next_sweep: Instant,
+    /// `None`: the directory is not read.
+    next_read: Option<Instant>,
+    directory_interval: Duration,
+}
+
+impl Schedule {
+    /// Everything due at `now`; the directory read only when `directory_interval` is given
+    /// (the directory is enabled).
+    pub fn new(now: Instant, directory_interval: Option<Duration>) -> Schedule {
+        Schedule {
+            next_sweep: now,
+            next_read: directory_interval.map(|_| now),
+            directory_interval: directory_interval.unwrap_or_default(),
+        }
+    }
+
+    /// What is due at `now`.
+    pub fn due(&self, now: Instant) -> Due {
+        Due {
+            sweep: now >= self.next_sweep,
+            directory: self.next_read.is_some_and(|t| now >= t),
+        }
+    }
+
+    /// The sweep is done at `now`; the next one `wait` later.
+    pub fn swept(&mut self, now: Instant, wait: Duration) {
+        self.next_sweep = now + wait;
+    }
+
+    /// A read started at `started` (whatever came of it): the next one is an interval later.
+    /// A failed read waits as long: retrying a refused bind sooner could lock the bind account
+    /// out under the domain's lockout policy.
+    pub fn read_started(&mut self, started: Instant) {
+        if self.next_read.is_some() {
+            self.next_read = Some(started + self.directory_interval);
+        }
+    }
+
+    /// When the next thing is due.
+    pub fn next_due(&self) -> Instant {
+        self.next_read
+            .map_or(self.next_sweep, |r| r.min(self.next_sweep))
+    }
+}
+
+/// What one turn of the loop produced: its batches, numbered from the agent's state, and what
+/// was swept and read.
+#[derive(Debug, Default)]
+pub struct Cycle {
+    pub batches: Vec<v1::ObservationBatch>,
+    pub sweep: Option<SweepSummary>,
+    pub directory: Option<DirectorySummary>,
+}
+
+/// One turn of the loop: the sweep and the directory read, whichever is `due`, at the same
+/// time, then their batches (the sweep's first), numbered with sequences reserved from
+/// `state`. `directory_name` names the directory in a failed read's part when the read itself
+/// did not get as far as learning it.
+///
+/// The read runs concurrently with the sweep rather than before or after it: it waits on the
+/// domain controller, not on this host (the LDAP client is async and its CPU work, decoding
+/// entries, is small), while the sweep's timing-sensitive part (ARP) sends and times replies
+/// on its own OS threads, so neither delays the other, and a cycle takes as long as the longer
+/// of the two instead of their sum. If the sweep fails, the read is dropped with it (the agent
+/// is stopping). Cancelling `shutdown` ends both at once, and then nothing is queued.
+pub async fn cycle(
+    plan: &SweepPlan,
+    config: &Config,
+    due: Due,
+    progress: Progress,
+    state: &mut AgentState,
+    directory_name: Option<&str>,
+    shutdown: &CancellationToken,
+) -> Result<Cycle, AgentError> {
+    let sweep = async {
+        if due.sweep {
+            discovery::sweep(plan, config, progress, shutdown)
+                .await
+                .map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    let read = async {
+        if !due.directory {
+            return Ok::<_, AgentError>(None);
+        }
+        let read_at = SystemTime::now();
+        let result = directory::read(&config.directory, shutdown).await;
+        Ok(Some((read_at, result)))
+    };
+    let (swept, read) = tokio::try_join!(sweep, read)?;
+    if shutdown.is_cancelled() {
+        return Ok(Cycle::default());
+    }
+
+    let (observations, sweep) = match swept {
+        Some((observations, summary)) => (observations, Some(summary)),
+        None => (Vec::new(), None),
+    };
+    let (parts, directory) = match read {
+        Some((read_at, result)) => {
+            let (parts, summary) = directory_parts(result, read_at, directory_name);
+            (parts, Some(summary))
+        }
+        None => (Vec::new(), None),
+    };
+    let observation_batches = report::batch_count(observations.len());
+    let total = observation_batches + parts.len() as u64;
+    let first = state.reserve(total).map_err(AgentError::State)?;
+    let mut batches = report::into_batches(&state.agent_id, first, observations);
+    batches.extend(report::directory_batches(
+        &state.agent_id,
+        first + observation_batches,
+        parts,
+    ));
+    Ok(Cycle {
+        batches,
+        sweep,
+        directory,
+    })
+}
+
+/// A read's outcome as the parts to send: every user in parts of at most
+/// [`DEFAULT_USERS_PER_BATCH`], or, for a failed read, one part with the error (logged here,
+/// one warn line) so the collector keeps the previous users and marks them stale. The failed
+/// part is named `directory_name`; without a name (no base DN configured and no complete read
+/// yet) it is not sent, since the collector keeps users by directory name and refuses a part
+/// without one.
+pub fn directory_parts(
+    result: Result<DirectoryReadResult, DirectoryError>,
+    read_at: SystemTime,
+    directory_name: Option<&str>,
+) -> (
+    Vec<(v1::DirectoryRead, Vec<v1::DirectoryUser>)>,
+    DirectorySummary,
+) {
+    let read_id = uuid::Uuid::new_v4().to_string();
+    match result {
+        Ok(read) => {
+            let mut summary = DirectorySummary {
+                directory: read.directory.clone(),
+                read_id: read_id.clone(),
+                users: read.users.len(),
+                pages: read.pages,
+                skipped: read.skipped,
+                batches: 0,
+                error: None,
+            };
+            let parts = read.into_parts(&read_id, DEFAULT_USERS_PER_BATCH);
+            summary.batches = parts.len();
+            info!(
+                directory = %summary.directory,
+                read_id = %summary.read_id,
+                users = summary.users,
+                batches = summary.batches,
+                "directory read queued"
+            );
+            (parts, summary)
+        }
+        Err(error) => {
+            let name = directory_name
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned);
+            let Some(name) = name else {
+                // The collector keeps users by directory name: a failed read it cannot place
+                // would be refused (and no earlier users of ours can be under a name we never
+                // learnt).
+                warn!(
+                    %read_id,
+                    error = %error,
+                    "directory read failed, and no read has named the directory yet: not \
+                     reported to the collector (set directory.base_dn to name it)"
+                );
+                return (
+                    Vec::new(),
+                    DirectorySummary {
+                        directory: String::new(),
+                        read_id,
+                        users: 0,
+                        pages: 0,
+                        skipped: 0,
+                        batches: 0,
+                        error: Some(error),
+                    },
+                );
+            };
+            // The error names the URL, the bind account and what to fix; never the password.
+            warn!(
+                directory = %name,
+                %read_id,
+                error = %error,
+                "directory read failed: reporting it so the collector marks the previous users stale"
+            );
+            let part = directory::failed_read(&name, &read_id, read_at, &error);
+            let summary = DirectorySummary {
+                directory: name,
+                read_id,
+                users: 0,
+                pages: 0,
+                skipped: 0,
+                batches: 1,
+                error: Some(error),
+            };
+            (vec![(part, Vec::new())], summary)
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` is cancelled (or, with `once`, until one sweep, and one
+/// directory read when `[directory]` is enabled, are delivered). A failed directory read is no
+/// error here: its failed-read part is delivered like any batch, and the summary carries the
+/// error for `--once` to report.
 pub async fn run(
     config: Config,
     options: RunOptions,
     shutdown: CancellationToken,
-) -> Result<SweepSummary, AgentError> {
+) -> Result<RunSummary, AgentError> {
     config.validate()?;
     let token = config.token()?;
     let url = config.collector.clone().ok_or(ConfigError::NoCollector)?;
@@ -120,6 +385,13 @@ pub async fn run(
     let mut state =
         AgentState::load_or_create(config.state_dir.as_deref()).map_err(AgentError::State)?;
     info!(agent_id = %state.agent_id, collector = %url, "agent starting");
+    if config.directory.enabled {
+        info!(
+            url = config.directory.url.as_deref().unwrap_or_default(),
+            interval = %humantime::format_duration(config.directory.interval),
+            "will read the directory at start and every interval"
+        );
+    }
 
     // With --once a collector that is not there is an error now, before any packet is sent.
     let mut channel = match report::connect(&url, CONNECT_TIMEOUT).await {
@@ -131,54 +403,89 @@ pub async fn run(
         }
     };
 
-    // Batches swept but not yet acknowledged, by sequence.
+    // Batches swept or read but not yet acknowledged, by sequence.
     let mut pending: BTreeMap<u64, v1::ObservationBatch> = BTreeMap::new();
-    let mut last = SweepSummary::default();
+    let mut summary = RunSummary::default();
+    let mut schedule = Schedule::new(
+        Instant::now(),
+        config
+            .directory
+            .enabled
+            .then_some(config.directory.interval),
+    );
+    // What a failed read's part names, so the collector marks the right directory's users
+    // stale: the configured base DN's domain (what a complete read names too), else what the
+    // last complete read named (kept in the state), else nothing (the read never worked).
+    let configured_directory = config
+        .directory
+        .base_dn
+        .as_deref()
+        .map(str::trim)
+        .filter(|b| !b.is_empty())
+        .map(directory::convert::domain_of);
+    let attempts = if options.once {
+        ONCE_DELIVERY_ATTEMPTS
+    } else {
+        1
+    };
     loop {
-        let (observations, summary) = discovery::sweep(
-            &plan,
-            &config,
-            Progress {
-                enabled: options.progress,
-            },
-            &shutdown,
-        )
-        .await?;
-        if shutdown.is_cancelled() {
-            break;
+        let started = Instant::now();
+        let due = schedule.due(started);
+        if due.any() {
+            let directory_name = configured_directory.clone().or(state.directory.clone());
+            let done = cycle(
+                &plan,
+                &config,
+                due,
+                Progress {
+                    enabled: options.progress,
+                },
+                &mut state,
+                directory_name.as_deref(),
+                &shutdown,
+            )
+            .await?;
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if due.directory {
+                schedule.read_started(started);
+            }
+            pending.extend(done.batches.into_iter().map(|b| (b.sequence, b)));
+            if let Some(s) = done.sweep {
+                summary.sweep = s;
+            }
+            if let Some(d) = done.directory {
+                if d.error.is_none() {
+                    state
+                        .set_directory(&d.directory)
+                        .map_err(AgentError::State)?;
+                }
+                summary.directory = Some(d);
+            }
+            flush(
+                &url,
+                &token,
+                &mut channel,
+                &mut state,
+                &mut pending,
+                attempts,
+                &shutdown,
+            )
+            .await?;
+            if options.once {
+                break;
+            }
+            if due.sweep {
+                let jitter = rand::rng().random_range(0.9..1.1);
+                let wait = config.interval.mul_f64(jitter);
+                schedule.swept(Instant::now(), wait);
+                info!(next_in = ?wait, pending = pending.len(), "sweep done");
+            }
         }
-        let first = state
-            .reserve(report::batch_count(observations.len()))
-            .map_err(AgentError::State)?;
-        for b in report::into_batches(&state.agent_id, first, observations) {
-            pending.insert(b.sequence, b);
-        }
-        last = summary;
-
-        let attempts = if options.once {
-            ONCE_DELIVERY_ATTEMPTS
-        } else {
-            1
-        };
-        flush(
-            &url,
-            &token,
-            &mut channel,
-            &mut state,
-            &mut pending,
-            attempts,
-            &shutdown,
-        )
-        .await?;
-        if options.once {
-            break;
-        }
-        let jitter = rand::rng().random_range(0.9..1.1);
-        let wait = config.interval.mul_f64(jitter);
-        info!(next_in = ?wait, pending = pending.len(), "sweep done");
         tokio::select! {
             () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(wait) => {}
+            () = tokio::time::sleep_until(schedule.next_due().into()) => {}
         }
     }
     if options.once && (shutdown.is_cancelled() || !pending.is_empty()) {
@@ -192,7 +499,7 @@ pub async fn run(
             "stopping with undelivered batches (an on-disk queue arrives with the production issue)"
         );
     }
-    Ok(last)
+    Ok(summary)
 }
 
 /// Delivers pending batches, retrying with backoff up to `attempts` times. Retryable failures
@@ -219,8 +526,9 @@ async fn flush(
             let batches: Vec<_> = pending.values().cloned().collect();
             let (acked, delivered, result) =
                 report::deliver(ch.clone(), url, token, &batches, ACK_TIMEOUT).await;
+            let mut users = 0;
             for seq in &acked {
-                pending.remove(seq);
+                users += pending.remove(seq).map_or(0, |b| b.users.len());
             }
             if !acked.is_empty() {
                 info!(
@@ -229,6 +537,7 @@ async fn flush(
                     duplicates = delivered.duplicates,
                     observations = delivered.observations,
                     rejected = delivered.rejected_observations,
+                    users,
                     "delivered"
                 );
             }
@@ -266,4 +575,256 @@ async fn flush(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DirectorySettings;
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn everything_is_due_at_start_then_each_on_its_own_interval() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(t0, Some(60 * MIN));
+        assert_eq!(
+            s.due(t0),
+            Due {
+                sweep: true,
+                directory: true
+            }
+        );
+        s.read_started(t0);
+        s.swept(t0 + MIN, 15 * MIN);
+        assert!(!s.due(t0 + MIN).any(), "nothing due right after");
+        assert_eq!(s.next_due(), t0 + 16 * MIN, "the sweep comes first");
+        assert_eq!(
+            s.due(t0 + 16 * MIN),
+            Due {
+                sweep: true,
+                directory: false
+            }
+        );
+        s.swept(t0 + 17 * MIN, 15 * MIN);
+        s.swept(t0 + 32 * MIN, 15 * MIN);
+        s.swept(t0 + 47 * MIN, 15 * MIN);
+        assert_eq!(
+            s.next_due(),
+            t0 + 60 * MIN,
+            "then the read, an interval after it started"
+        );
+        assert_eq!(
+            s.due(t0 + 60 * MIN),
+            Due {
+                sweep: false,
+                directory: true
+            },
+            "a read falls due between sweeps"
+        );
+        s.read_started(t0 + 60 * MIN);
+        assert_eq!(s.next_due(), t0 + 62 * MIN);
+        assert!(!s.due(t0 + 61 * MIN).directory);
+        assert!(s.due(t0 + 120 * MIN).directory);
+    }
+
+    #[test]
+    fn without_a_directory_only_the_sweep_is_due() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(t0, None);
+        assert_eq!(
+            s.due(t0),
+            Due {
+                sweep: true,
+                directory: false
+            }
+        );
+        s.read_started(t0);
+        s.swept(t0, 15 * MIN);
+        assert_eq!(s.next_due(), t0 + 15 * MIN);
+        assert!(!s.due(t0 + 365 * 24 * 60 * MIN).directory);
+    }
+
+    fn user(n: u8) -> v1::DirectoryUser {
+        v1::DirectoryUser {
+            object_guid: vec![n; 16],
+            sam_account_name: format!("u{n}"),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_read_becomes_parts_and_a_failure_one_part_with_the_error() {
+        let read_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let read = DirectoryReadResult {
+            directory: "lab.census.test".into(),
+            base_dn: "DC=lab,DC=census,DC=test".into(),
+            read_at,
+            users: (0..=250u8).map(user).collect(),
+            pages: 6,
+            skipped: 2,
+        };
+        let (parts, summary) = directory_parts(Ok(read), read_at, None);
+        assert_eq!(
+            parts.len(),
+            3,
+            "251 users at {DEFAULT_USERS_PER_BATCH} a batch"
+        );
+        assert_eq!(
+            (
+                summary.users,
+                summary.pages,
+                summary.skipped,
+                summary.batches
+            ),
+            (251, 6, 2, 3)
+        );
+        assert!(summary.error.is_none());
+        assert!(
+            parts
+                .iter()
+                .all(|(r, _)| r.read_id == summary.read_id && r.directory == "lab.census.test")
+        );
+
+        let error = DirectoryError::BindRefused {
+            bind_dn: "census@lab.census.test".into(),
+            hint: String::new(),
+        };
+        let (parts, summary) = directory_parts(Err(error), read_at, Some("lab.census.test"));
+        assert_eq!(parts.len(), 1);
+        let (read, users) = &parts[0];
+        assert!(users.is_empty());
+        assert_eq!((read.part, read.parts), (1, 1));
+        assert_eq!(read.directory, "lab.census.test", "named by the caller");
+        assert_eq!(
+            read.read_at,
+            Some(census_proto::convert::timestamp(read_at))
+        );
+        assert!(read.error.contains("refused the bind"), "{}", read.error);
+        assert_eq!(summary.batches, 1);
+        assert!(summary.error.is_some());
+        // Unnamed (no base DN, no complete read yet): the collector could not place it.
+        for name in [None, Some(""), Some(" ")] {
+            let (parts, summary) = directory_parts(Err(DirectoryError::Cancelled), read_at, name);
+            assert!(parts.is_empty(), "{name:?}");
+            assert_eq!(summary.batches, 0);
+            assert!(summary.error.is_some());
+        }
+    }
+
+    #[test]
+    fn parts_become_batches_with_consecutive_sequences_after_the_sweep() {
+        let header = v1::DirectoryRead {
+            directory: "lab.census.test".into(),
+            read_id: "r1".into(),
+            ..Default::default()
+        };
+        let parts = directory::to_batches_parts(&header, (0..=250u8).map(user).collect(), 100);
+        let batches = report::directory_batches("agent-1", 42, parts);
+        assert_eq!(
+            batches.iter().map(|b| b.sequence).collect::<Vec<_>>(),
+            [42, 43, 44]
+        );
+        for (i, b) in batches.iter().enumerate() {
+            let read = b
+                .directory_read
+                .as_ref()
+                .expect("every batch names its part");
+            assert_eq!(read.part as usize, i + 1);
+            assert_eq!(read.parts, 3);
+            assert!(b.observations.is_empty());
+            assert_eq!(b.agent_id, "agent-1");
+            assert_eq!(b.agent_version, env!("CARGO_PKG_VERSION"));
+            assert!(b.sent_at.is_some());
+        }
+        assert_eq!(
+            batches.iter().map(|b| b.users.len()).collect::<Vec<_>>(),
+            [100, 100, 51]
+        );
+    }
+
+    /// A read due alone, against a port where nothing listens: the cycle reserves one
+    /// sequence, queues the failed-read part, and sweeps nothing.
+    #[tokio::test]
+    async fn a_cycle_with_a_failed_read_queues_one_numbered_batch() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let password = tmp.path().join("pw");
+        std::fs::write(&password, "pw\n").expect("write");
+        // A port that was just free: the connection is refused at once.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a loopback port")
+            .port();
+        let config = Config {
+            directory: DirectorySettings {
+                enabled: true,
+                url: Some(format!("ldaps://127.0.0.1:{port}")),
+                bind_dn: Some("census@lab.census.test".into()),
+                password_file: Some(password),
+                insecure_skip_verify: true,
+                timeout_ms: 2000,
+                ..DirectorySettings::default()
+            },
+            ..Config::default()
+        };
+        let mut state = AgentState::load_or_create(Some(tmp.path())).expect("state");
+        state.reserve(6).expect("reserve");
+        let due = Due {
+            sweep: false,
+            directory: true,
+        };
+        let done = cycle(
+            &SweepPlan::default(),
+            &config,
+            due,
+            Progress { enabled: false },
+            &mut state,
+            Some("lab.census.test"),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("a failed read is no cycle error");
+        assert!(done.sweep.is_none());
+        assert_eq!(done.batches.len(), 1);
+        let b = &done.batches[0];
+        assert_eq!(
+            (b.sequence, b.agent_id.as_str()),
+            (7, state.agent_id.as_str())
+        );
+        let read = b.directory_read.as_ref().expect("the part");
+        assert!(
+            read.error.starts_with("cannot reach ldaps://127.0.0.1:"),
+            "{}",
+            read.error
+        );
+        assert_eq!(read.directory, "lab.census.test");
+        assert!(b.users.is_empty() && b.observations.is_empty());
+        let summary = done.directory.expect("a read was due");
+        assert!(matches!(
+            summary.error,
+            Some(DirectoryError::Unreachable { .. })
+        ));
+        let reloaded = AgentState::load_or_create(Some(tmp.path())).expect("reload");
+        assert_eq!(
+            reloaded.next_sequence, 8,
+            "the sequence is reserved on disk"
+        );
+
+        // Cancelled before it starts: nothing is queued and no sequence is used.
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let done = cycle(
+            &SweepPlan::default(),
+            &config,
+            due,
+            Progress { enabled: false },
+            &mut state,
+            None,
+            &cancel,
+        )
+        .await
+        .expect("cancelled");
+        assert!(done.batches.is_empty() && done.directory.is_none());
+        assert_eq!(state.next_sequence, 8);
+    }
 }

@@ -3,7 +3,8 @@
 //! `testing.rs`), over LDAPS and StartTLS to the DC's 198.18.0.0/15 address.
 //!
 //! One test does every directory assertion, so the DC is provisioned once per test process (and
-//! torn down with its lab at the end of the test, also when it fails).
+//! torn down with its lab at the end of the test, also when it fails). Some reads go through the
+//! run loop's own cycle (`run::cycle`), to check the batches a real read becomes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -35,6 +36,31 @@ struct Case {
     page_size: u32,
     timeout_ms: u64,
     max_users: usize,
+    /// Read through `run::cycle` (the run loop's path) and report the batches it queued.
+    #[serde(default)]
+    via_cycle: bool,
+}
+
+/// The first sequence a cycle case's state hands out.
+const FIRST_SEQUENCE: u64 = 10;
+
+/// The directory a cycle case's failed read is named after.
+const KNOWN_DIRECTORY: &str = "lab.census.test";
+
+/// One batch a cycle queued, for the trip from the child to the parent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Batch {
+    sequence: u64,
+    agent_id: String,
+    observations: usize,
+    /// sAMAccountNames of its users.
+    users: Vec<String>,
+    directory: String,
+    read_id: String,
+    part: u32,
+    parts: u32,
+    error: String,
+    encoded_len: usize,
 }
 
 /// A `DirectoryUser`, for the trip from the child to the parent.
@@ -62,6 +88,9 @@ struct Outcome {
     name: String,
     elapsed_ms: u64,
     result: Result<Read, String>,
+    /// What `run::cycle` queued (cycle cases only).
+    #[serde(default)]
+    batches: Vec<Batch>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,8 +132,18 @@ fn child() {
             page_size: case.page_size,
             timeout_ms: case.timeout_ms,
             max_users: case.max_users,
+            interval: Duration::from_secs(3600),
         };
         let started = Instant::now();
+        if case.via_cycle {
+            let outcome = rt.block_on(read_via_cycle(settings));
+            testing::child_output(&Outcome {
+                name: case.name,
+                elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                ..outcome
+            });
+            continue;
+        }
         let result = rt.block_on(read(&settings, &CancellationToken::new()));
         let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         testing::child_output(&Outcome {
@@ -140,7 +179,76 @@ fn child() {
                         .collect(),
                 })
                 .map_err(|e| e.to_string()),
+            batches: Vec::new(),
         });
+    }
+}
+
+/// A read due alone, through the run loop's cycle, with sequences from [`FIRST_SEQUENCE`].
+async fn read_via_cycle(settings: DirectorySettings) -> Outcome {
+    use prost::Message as _;
+    let config = crate::config::Config {
+        directory: settings,
+        ..crate::config::Config::default()
+    };
+    let mut state = crate::report::AgentState::load_or_create(None).expect("an in-memory state");
+    state.reserve(FIRST_SEQUENCE - 1).expect("in memory");
+    let done = crate::run::cycle(
+        &crate::scope::SweepPlan::default(),
+        &config,
+        crate::run::Due {
+            sweep: false,
+            directory: true,
+        },
+        crate::discovery::Progress { enabled: false },
+        &mut state,
+        Some(KNOWN_DIRECTORY),
+        &CancellationToken::new(),
+    )
+    .await;
+    let (result, batches) = match done {
+        Err(e) => (Err(format!("the cycle failed: {e}")), Vec::new()),
+        Ok(done) => {
+            let result = match done.directory {
+                None => Err("no read happened".to_owned()),
+                Some(d) => match d.error {
+                    Some(e) => Err(e.to_string()),
+                    None => Ok(Read {
+                        directory: d.directory,
+                        base_dn: String::new(),
+                        pages: d.pages,
+                        skipped: d.skipped,
+                        users: Vec::new(),
+                    }),
+                },
+            };
+            let batches = done
+                .batches
+                .iter()
+                .map(|b| {
+                    let read = b.directory_read.clone().unwrap_or_default();
+                    Batch {
+                        sequence: b.sequence,
+                        agent_id: b.agent_id.clone(),
+                        observations: b.observations.len(),
+                        users: b.users.iter().map(|u| u.sam_account_name.clone()).collect(),
+                        directory: read.directory,
+                        read_id: read.read_id,
+                        part: read.part,
+                        parts: read.parts,
+                        error: read.error,
+                        encoded_len: b.encoded_len(),
+                    }
+                })
+                .collect();
+            (result, batches)
+        }
+    };
+    Outcome {
+        name: String::new(),
+        elapsed_ms: 0,
+        result,
+        batches,
     }
 }
 
@@ -254,8 +362,19 @@ fn lab_reads_a_real_active_directory() -> Result<()> {
         page_size: 100,
         timeout_ms: 10_000,
         max_users: 200_000,
+        via_cycle: false,
     };
     let cases = vec![
+        Case {
+            via_cycle: true,
+            page_size: 50,
+            ..case("cycle")
+        },
+        Case {
+            via_cycle: true,
+            password_file: wrong.clone(),
+            ..case("cycle-wrong-password")
+        },
         case("paged"),
         Case {
             url: dc.ldap_url(),
@@ -484,6 +603,69 @@ fn lab_reads_a_real_active_directory() -> Result<()> {
     );
     // Certificate checks off: still reads (a lab option, logged loudly).
     ensure!(ok("insecure")?.users.len() == paged.users.len());
+
+    // --- through the run loop's cycle: batches of at most 100 users, numbered in a row ---
+    let cycle = ok("cycle")?;
+    let batches = &by_name["cycle"].batches;
+    let n = oracle.len();
+    eprintln!(
+        "directory lab: the cycle queued {n} users in {} batches ({} pages of 50)",
+        batches.len(),
+        cycle.pages
+    );
+    ensure!(cycle.directory == domain && cycle.skipped == 0, "{cycle:?}");
+    ensure!(
+        cycle.pages as usize >= n.div_ceil(50),
+        "{} pages of 50 for {n} users",
+        cycle.pages
+    );
+    let k = n.div_ceil(crate::directory::DEFAULT_USERS_PER_BATCH);
+    ensure!(
+        batches.len() == k,
+        "{} batches for {n} users",
+        batches.len()
+    );
+    let read_id = &batches[0].read_id;
+    ensure!(!read_id.is_empty());
+    let mut sent = BTreeSet::new();
+    for (i, b) in batches.iter().enumerate() {
+        ensure!(
+            b.sequence == FIRST_SEQUENCE + i as u64
+                && b.part as usize == i + 1
+                && b.parts as usize == k,
+            "batch {i}: sequence {} part {}/{}",
+            b.sequence,
+            b.part,
+            b.parts
+        );
+        ensure!(b.agent_id == batches[0].agent_id && &b.read_id == read_id);
+        ensure!(b.directory == domain && b.error.is_empty() && b.observations == 0);
+        ensure!(
+            !b.users.is_empty() && b.users.len() <= crate::directory::DEFAULT_USERS_PER_BATCH,
+            "batch {i}: {} users",
+            b.users.len()
+        );
+        ensure!(b.encoded_len < 4 * 1024 * 1024, "{} bytes", b.encoded_len);
+        for u in &b.users {
+            ensure!(sent.insert(u.as_str()), "{u} sent twice");
+        }
+    }
+    ensure!(sent == oracle_names, "the batches hold every user once");
+    // A failed read through the cycle: one batch with the error, named by the caller.
+    let (e, _) = err("cycle-wrong-password")?;
+    ensure!(e.contains("refused the bind"), "{e}");
+    let failed = &by_name["cycle-wrong-password"].batches;
+    ensure!(failed.len() == 1, "{failed:?}");
+    let f = &failed[0];
+    ensure!(
+        f.sequence == FIRST_SEQUENCE
+            && (f.part, f.parts) == (1, 1)
+            && f.users.is_empty()
+            && f.directory == KNOWN_DIRECTORY
+            && f.error == e
+            && !f.read_id.is_empty(),
+        "{f:?}"
+    );
 
     // --- failures, each one clear line ---
     let (e, _) = err("untrusted")?;
