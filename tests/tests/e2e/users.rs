@@ -233,3 +233,309 @@ fn entra_users_are_read_through_pages_and_throttling_and_counted_exactly() -> Re
     );
     Ok(())
 }
+
+/// A FILETIME (100 ns ticks since 1601) `days` ago.
+fn filetime_days_ago(days: u64) -> i64 {
+    let t = SystemTime::now() - std::time::Duration::from_secs(days * 24 * 3600);
+    let unix = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (i64::try_from(unix.as_secs()).unwrap_or(0) + 11_644_473_600) * 10_000_000
+}
+
+/// The person one of whose accounts is `sam` (its name is the UPN `sam@…` or `sam`).
+fn person<'a>(listing: &'a Value, sam: &str) -> Result<&'a Value> {
+    let prefix = format!("{sam}@");
+    listing["users"]
+        .as_array()
+        .and_then(|users| {
+            users.iter().find(|u| {
+                u["accounts"].as_array().is_some_and(|accounts| {
+                    accounts.iter().any(|a| {
+                        a["name"].as_str().is_some_and(|n| {
+                            n.eq_ignore_ascii_case(sam)
+                                || n.to_ascii_lowercase().starts_with(&prefix)
+                        })
+                    })
+                })
+            })
+        })
+        .with_context(|| format!("no user {sam}"))
+}
+
+fn counted_users(collector: &Collector<'_>, client: &str) -> Result<u64> {
+    Ok(collector.counts_of(client)?.users)
+}
+
+#[test]
+fn directory_users_from_samba_and_entra_count_once_per_person() -> Result<()> {
+    use census_collector::graph::{ad_bytes_from_guid_string, immutable_id_from_ad_guid};
+    use census_tests::{
+        lab::SiteSpec,
+        support::{agent_once, token_file},
+    };
+    use std::net::Ipv4Addr;
+
+    if lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let site = lab.add_site(SiteSpec::new(
+        "users",
+        "198.18.41.0/24".parse()?,
+        Ipv4Addr::new(198, 18, 41, 2),
+    ))?;
+    let agent_ns = site.agent().ns().to_owned();
+    let dc = lab.samba_dc(&site, Ipv4Addr::new(198, 18, 41, 10), "corp.census.test")?;
+
+    // Every kind of account the policy is about; all but gina and the bulk users logged on
+    // two days ago, so only the rule meant for each decides it.
+    let password = "Lab-User-Passw0rd!";
+    for name in [
+        "alice",
+        "erin",
+        "bob",
+        "carol",
+        "svc-backup",
+        "dave",
+        "frank",
+        "gina",
+    ] {
+        dc.add_user(name, password)?;
+    }
+    dc.disable_user("bob")?;
+    dc.set_expiry_days("carol", 0)?;
+    dc.add_spn("http/backup.corp.census.test", "svc-backup")?;
+    dc.add_group("Billing Exclusions")?;
+    dc.add_group_members("Billing Exclusions", &["dave"])?;
+    dc.add_computer("ws01")?;
+    dc.add_contact("Erin External")?;
+    let recent = filetime_days_ago(2);
+    for name in [
+        "alice",
+        "erin",
+        "bob",
+        "carol",
+        "svc-backup",
+        "dave",
+        "Administrator",
+    ] {
+        dc.set_last_logon(name, recent)?;
+    }
+    dc.set_last_logon("frank", filetime_days_ago(400))?;
+    let bulk = dc.add_bulk_users("bulk", 1100)?;
+    let persons = dc.search(
+        "(&(objectCategory=person)(objectClass=user))",
+        &["sAMAccountName"],
+    )?;
+    ensure!(persons.len() >= 1100 + 10, "{} persons", persons.len());
+
+    // Entra ID: alice synchronised (joined by SID), erin synchronised (joined by the objectGUID
+    // her immutable id encodes), bob synchronised and disabled in both, a cloud-only member
+    // and a guest.
+    let one = |sam: &str, attr: &str| -> Result<String> {
+        // ldbsearch gives objectGUID and objectSid in their text forms.
+        let e = dc.ldbsearch(&format!("(sAMAccountName={sam})"), &[attr])?;
+        e.first()
+            .and_then(|e| e.get(attr))
+            .map(str::to_owned)
+            .with_context(|| format!("{attr} of {sam}"))
+    };
+    let erin_guid =
+        ad_bytes_from_guid_string(&one("erin", "objectGUID")?).context("erin's objectGUID")?;
+    let mut alice = graph_user(1, "Member", true, &[E3]);
+    alice["onPremisesSecurityIdentifier"] = json!(one("alice", "objectSid")?);
+    alice["onPremisesSyncEnabled"] = json!(true);
+    let mut erin = graph_user(2, "Member", true, &[E3]);
+    erin["onPremisesImmutableId"] = json!(immutable_id_from_ad_guid(&erin_guid));
+    let mut bob = graph_user(3, "Member", false, &[E3]);
+    bob["onPremisesSecurityIdentifier"] = json!(one("bob", "objectSid")?);
+    let zoe = graph_user(4, "Member", true, &[E3]);
+    let partner = graph_user(5, "Guest", true, &[E3]);
+    let graph = GraphLab::start(&lab, &fixture(&[alice, erin, bob, zoe, partner], false))?;
+
+    let data = lab.dir().join("collector");
+    let config = collector_config(&lab, &graph, "corp")?;
+    let collector = Collector::start_with_config(&lab, &data, &config)?;
+    let token = token_file(&lab, &collector.token("corp", "hq")?)?;
+
+    // The agent reads the directory over LDAPS, verified against the lab's CA, in pages of 100.
+    let conf_dir = tempfile::Builder::new()
+        .prefix("agent-config")
+        .tempdir_in(lab.dir())?
+        .keep();
+    let password_file = conf_dir.join("bind.password");
+    std::fs::write(&password_file, dc.admin_password())?;
+    let agent_config = conf_dir.join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "[directory]\nenabled = true\nurl = \"{}\"\nbind_dn = \"{}\"\npassword_file = {:?}\nca_file = {:?}\npage_size = 100\n",
+            dc.url(),
+            dc.admin_upn(),
+            password_file,
+            dc.ca_file()
+        ),
+    )?;
+    let url = collector.url();
+    let config_arg = agent_config.display().to_string();
+    let token_arg = token.display().to_string();
+    // The state directory keeps the agent's identity and the directory its last read named,
+    // which names a failed read for the collector.
+    let state = conf_dir.join("state");
+    std::fs::create_dir_all(&state)?;
+    let state_arg = state.display().to_string();
+    let agent_args = [
+        "--state-dir",
+        state_arg.as_str(),
+        "--config",
+        config_arg.as_str(),
+        "--scope",
+        "198.18.41.0/24",
+        "--disable",
+        "snmp,mdns",
+        "--collector",
+        url.as_str(),
+        "--token-file",
+        token_arg.as_str(),
+    ];
+    let out = agent_once(&lab, &agent_ns, agent_args)?;
+    ensure!(
+        out.status.success(),
+        "agent run --once: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    collector.census_ok(["users", "refresh", "--client", "corp"])?;
+
+    let listing = collector.users("corp")?;
+    let ad_source = listing["sources"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["source"] == "ad:corp.census.test"))
+        .context("the AD source")?;
+    ensure!(
+        ad_source["accounts"] == persons.len() && ad_source["stale"] == false,
+        "every person of the directory read, through the paging: {ad_source} vs {}",
+        persons.len()
+    );
+    ensure!(
+        listing["users"].as_array().is_some_and(|u| !u
+            .iter()
+            .any(|u| u["name"].as_str().is_some_and(|n| n.starts_with("ws01")))),
+        "computers are not users"
+    );
+    for (sam, why) in [
+        ("bob", "disabled"),
+        ("carol", "expired"),
+        ("svc-backup", "service account"),
+        ("frank", "stale: last logon"),
+        ("gina", "never logged on"),
+        ("Administrator", "critical system object"),
+        ("bulk00000", "never logged on"),
+    ] {
+        let p = person(&listing, sam)?;
+        ensure!(
+            p["counted"] == false && p["reason"].as_str().is_some_and(|r| r.contains(why)),
+            "{sam}: {p}"
+        );
+    }
+    // Hybrid users are one person each, joined on a stable key, counted once.
+    let alice = person(&listing, "alice")?;
+    ensure!(
+        alice["counted"] == true
+            && alice["accounts"].as_array().map(Vec::len) == Some(2)
+            && alice["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("joined on sid:S-1-5-21-")),
+        "{alice}"
+    );
+    let erin = person(&listing, "erin")?;
+    ensure!(
+        erin["accounts"].as_array().map(Vec::len) == Some(2)
+            && erin["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("joined on guid:")),
+        "{erin}"
+    );
+    let bob = person(&listing, "bob")?;
+    ensure!(
+        bob["accounts"].as_array().map(Vec::len) == Some(2) && bob["counted"] == false,
+        "{bob}"
+    );
+    // alice, erin, dave (no exclusion group yet) and zoe (cloud only).
+    ensure!(counted_users(&collector, "corp")? == 4, "{listing}");
+
+    // The policy: the exclusion group, then no stale-logon rule, then service accounts.
+    let set = |args: &[&str]| -> Result<()> {
+        let mut full = vec!["users", "policy", "set", "--client", "corp"];
+        full.extend_from_slice(args);
+        collector.census_ok(full).map(drop)
+    };
+    set(&["--exclusion-groups", "Billing Exclusions"])?;
+    ensure!(counted_users(&collector, "corp")? == 3);
+    let dave = person(&collector.users("corp")?, "dave")?.clone();
+    ensure!(
+        dave["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("member of exclusion group CN=Billing Exclusions")),
+        "{dave}"
+    );
+    set(&["--stale-logon-days", "0"])?;
+    // + frank, gina and the bulk users.
+    let without_stale = 3 + 2 + bulk.len() as u64;
+    ensure!(counted_users(&collector, "corp")? == without_stale);
+    set(&["--count-service-accounts", "true"])?;
+    ensure!(counted_users(&collector, "corp")? == without_stale + 1);
+    let policy = collector.census_ok(["users", "policy", "show", "--client", "corp", "--json"])?;
+    ensure!(policy.contains("\"corp-users-3\""), "{policy}");
+
+    // The snapshot freezes them.
+    let period = this_month();
+    let created = collector.census_ok([
+        "snapshot", "create", "--client", "corp", "--period", &period,
+    ])?;
+    ensure!(
+        created.contains(&format!("{} users", without_stale + 1)),
+        "{created}"
+    );
+
+    // A wrong bind password: the agent says so in one line and exits 77; the collector keeps
+    // every user, marked stale.
+    std::fs::write(&password_file, "not-the-password")?;
+    let out = agent_once(&lab, &agent_ns, agent_args)?;
+    let err = error_lines(&out);
+    ensure!(
+        out.status.code() == Some(77) && err.len() == 1 && err[0].contains("refused the bind"),
+        "{:?}: {err:?}",
+        out.status
+    );
+    let counts = collector.counts_of("corp")?;
+    ensure!(
+        counts.users == without_stale + 1 && counts.users_stale,
+        "{counts:?}"
+    );
+
+    // The directory unreachable: the same, exit 69.
+    std::fs::write(&password_file, dc.admin_password())?;
+    dc.stop()?;
+    let out = agent_once(&lab, &agent_ns, agent_args)?;
+    let err = error_lines(&out);
+    ensure!(
+        out.status.code() == Some(69) && err.len() == 1,
+        "{:?}: {err:?}",
+        out.status
+    );
+    let listing = collector.users("corp")?;
+    let ad_source = listing["sources"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["source"] == "ad:corp.census.test"))
+        .context("the AD source")?;
+    ensure!(
+        ad_source["stale"] == true
+            && ad_source["accounts"] == persons.len()
+            && ad_source["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("cannot reach")),
+        "{ad_source}"
+    );
+    ensure!(counted_users(&collector, "corp")? == without_stale + 1);
+    Ok(())
+}
