@@ -76,19 +76,16 @@ struct Server {
 }
 
 impl Server {
-    fn fixture(&self) -> Result<Fixture, Response> {
-        let text = std::fs::read_to_string(&self.fixture).map_err(|e| {
-            reply(
+    /// The fixture as it is now; an unreadable one is a 500 naming why.
+    fn fixture(&self) -> Result<Fixture, Box<Response>> {
+        let broken = |message: String| {
+            Box::new(reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                json!({"error": {"code": "fixture", "message": e.to_string()}}),
-            )
-        })?;
-        serde_json::from_str(&text).map_err(|e| {
-            reply(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                json!({"error": {"code": "fixture", "message": e.to_string()}}),
-            )
-        })
+                json!({"error": {"code": "fixture", "message": message}}),
+            ))
+        };
+        let text = std::fs::read_to_string(&self.fixture).map_err(|e| broken(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| broken(e.to_string()))
     }
 
     /// The token number of a request's bearer token, if it is one of ours.
@@ -122,7 +119,7 @@ async fn token(
 ) -> Response {
     let f = match server.fixture() {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or_default();
     if !tenant.eq_ignore_ascii_case(&f.tenant) {
@@ -170,7 +167,7 @@ async fn skus(State(server): State<Arc<Server>>, headers: HeaderMap) -> Response
             println!("skus: {}", f.skus.len());
             reply(StatusCode::OK, json!({"value": f.skus}))
         }
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -184,7 +181,7 @@ async fn users(
     };
     let f = match server.fixture() {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let top: usize = q
         .get("$top")

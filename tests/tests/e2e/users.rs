@@ -74,7 +74,7 @@ fn this_month() -> String {
     census_collector::snapshot::rfc3339(now)[..7].to_owned()
 }
 
-fn users_where<'a>(listing: &'a Value, counted: bool) -> Vec<&'a Value> {
+fn users_where(listing: &Value, counted: bool) -> Vec<&Value> {
     listing["users"]
         .as_array()
         .map(|a| a.iter().filter(|u| u["counted"] == counted).collect())
