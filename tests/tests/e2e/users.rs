@@ -422,6 +422,10 @@ fn directory_users_from_samba_and_entra_count_once_per_person() -> Result<()> {
             .any(|u| u["name"].as_str().is_some_and(|n| n.starts_with("ws01")))),
         "computers are not users"
     );
+    ensure!(
+        !listing.to_string().contains("Erin External"),
+        "contacts are not users"
+    );
     for (sam, why) in [
         ("bob", "disabled"),
         ("carol", "expired"),
