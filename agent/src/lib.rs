@@ -12,6 +12,8 @@
 //! - [`classify`]: MAC vendors and device categories, from the evidence.
 //! - [`report`]: turns sweep results into observation batches and delivers them over gRPC.
 //! - [`run`]: the agent's main loop, driven by a shutdown token.
+//! - [`service`]: `install` / `uninstall` as a systemd unit or a Windows service, and the
+//!   Windows service entry (Stop and Shutdown cancel the same shutdown token as signals).
 //! - [`signal`]: the shutdown trigger (Unix signals, Windows console events).
 //! - [`telemetry`]: tracing set-up.
 //! - `fuzzing` (hidden): thin wrappers the cargo-fuzz targets in `agent/fuzz/` and the corpus
@@ -30,6 +32,7 @@ pub mod probe;
 pub mod report;
 pub mod run;
 pub mod scope;
+pub mod service;
 pub mod signal;
 pub mod telemetry;
 #[cfg(all(test, unix))]

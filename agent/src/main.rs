@@ -16,6 +16,7 @@ use census_agent::{
     directory::{self, DirectoryError},
     report::DeliveryError,
     run::{self, AgentError, RunOptions},
+    service::{self, ServiceError},
     signal, telemetry,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -82,6 +83,73 @@ enum Command {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Install the agent as a service: a systemd unit on Linux, a Windows service on Windows.
+    ///
+    /// Linux: places this binary in /usr/local/bin, the unit in /etc/systemd/system and an
+    /// example config in /etc/census/agent.toml if there is none (an existing config is never
+    /// overwritten), then runs systemctl daemon-reload and enable. Windows: places the binary in
+    /// %ProgramFiles%\Census, the example config in %ProgramData%\Census, and registers the
+    /// service (automatic start, restart on failure).
+    Install {
+        #[command(flatten)]
+        paths: ServicePaths,
+        /// Also start the service now (only if its config validates).
+        #[arg(long)]
+        now: bool,
+    },
+    /// Stop and remove the service and its binary; config and state stay unless --purge.
+    Uninstall {
+        #[command(flatten)]
+        paths: ServicePaths,
+        /// Also remove the config, the enrollment token and the state directory.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Run as the Windows service (what `install` registers: the service control manager
+    /// starts it; Stop and Shutdown stop the agent as SIGTERM does).
+    #[cfg(windows)]
+    #[command(hide = true)]
+    Service {
+        #[command(flatten)]
+        settings: Settings,
+    },
+}
+
+/// Where `install` puts things (and `uninstall` removes them from): the platform's places by
+/// default; tests point them at a temp dir.
+#[derive(Debug, Args)]
+struct ServicePaths {
+    /// The systemd unit directory (Linux) [default: /etc/systemd/system].
+    #[arg(long)]
+    unit_dir: Option<PathBuf>,
+    /// Where the binary goes [default: /usr/local/bin; Windows: %ProgramFiles%\Census].
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// The config file; the enrollment token (agent.token) is beside it [default:
+    /// /etc/census/agent.toml; Windows: %ProgramData%\Census\agent.toml].
+    #[arg(long)]
+    config_path: Option<PathBuf>,
+    /// The state directory, removed by uninstall --purge [default: /var/lib/census-agent;
+    /// Windows: %ProgramData%\Census\state].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Only place (or remove) the files; do not run systemctl (Linux).
+    #[arg(long)]
+    no_systemctl: bool,
+}
+
+impl ServicePaths {
+    fn request(self, now: bool, purge: bool) -> service::Request {
+        service::Request {
+            unit_dir: self.unit_dir,
+            bin_dir: self.bin_dir,
+            config_path: self.config_path,
+            state_dir: self.state_dir,
+            systemctl: !self.no_systemctl,
+            now,
+            purge,
+        }
+    }
 }
 
 /// Settings: a config file, overridden by `CENSUS_AGENT_*` variables, overridden by flags.
@@ -248,6 +316,60 @@ fn exit_code(e: &AgentError) -> u8 {
         AgentError::Delivery(DeliveryError::Refused(_)) | AgentError::Permission(_) => EX_NOPERM,
         AgentError::Interrupted { .. } => EX_TEMPFAIL,
         _ => 1,
+    }
+}
+
+/// `install` / `uninstall`: what was done, one line each on stdout, or one error line.
+fn service_command(result: Result<Vec<String>, ServiceError>) -> ExitCode {
+    match result {
+        Ok(done) => {
+            for line in done {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let code = match &e {
+                ServiceError::NotRoot(_) => EX_NOPERM,
+                ServiceError::NoSystemd => EX_UNAVAILABLE,
+                ServiceError::Path { .. } | ServiceError::NotStarted(_) => EX_USAGE,
+                _ => 1,
+            };
+            fail(code, e)
+        }
+    }
+}
+
+/// `census-agent service`: the Windows service entry. The body is `census-agent run`'s: the
+/// config resolved the same way, `run::run` with the root shutdown token, which the service's
+/// Stop and Shutdown cancel. A bad config is logged and reported as the service's exit code
+/// (64), not left to look like a service that never answered.
+#[cfg(windows)]
+fn windows_service(settings: Settings) -> ExitCode {
+    let result = service::windows::run_as_service(move |shutdown| {
+        let config = match settings.resolve() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "bad configuration");
+                return EX_USAGE;
+            }
+        };
+        let Ok(runtime) = runtime() else {
+            return 1;
+        };
+        runtime.block_on(async move {
+            match run::run(config, RunOptions::default(), shutdown).await {
+                Ok(_) => 0,
+                Err(e) => {
+                    tracing::error!(error = %e, "the agent stopped");
+                    exit_code(&e)
+                }
+            }
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, e),
     }
 }
 
@@ -488,6 +610,14 @@ fn main() -> ExitCode {
                 Err(e) => fail(EX_USAGE, e),
             }
         }
+        Command::Install { paths, now } => {
+            service_command(service::install(&paths.request(now, false)))
+        }
+        Command::Uninstall { paths, purge } => {
+            service_command(service::uninstall(&paths.request(false, purge)))
+        }
+        #[cfg(windows)]
+        Command::Service { settings } => windows_service(settings),
         Command::Scan { settings, json } => scan(&settings, json),
         Command::Users { settings, json } => users(&settings, json),
         Command::Run { settings, once } => {

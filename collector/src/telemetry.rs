@@ -7,11 +7,17 @@ use tracing_subscriber::{EnvFilter, fmt};
 pub fn init(json: bool) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("warn,census_collector=info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Under systemd, stderr goes to journald (which sets JOURNAL_STREAM): it stamps every line
+    // itself and shows colour codes as garbage, so neither is written there.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(!journald && std::io::IsTerminal::is_terminal(&std::io::stderr()));
     // A second init (tests) is harmless: keep the first subscriber.
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
+    let _ = match (json, journald) {
+        (true, _) => builder.json().try_init(),
+        (false, true) => builder.without_time().try_init(),
+        (false, false) => builder.try_init(),
     };
 }
