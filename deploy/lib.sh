@@ -11,6 +11,10 @@ CENSUS_LAB_PACKAGES+=(samba samba-ad-dc samba-ad-provision winbind ldb-tools lda
 # What every build needs, lab or not: ring (rustls's crypto, for the agent's LDAPS) builds C for
 # the Windows check of the agent.
 CENSUS_BUILD_PACKAGES=(gcc-mingw-w64-x86-64-win32)
+# What the tests use beyond the lab: systemd-analyze (package systemd) verifies the units in
+# deploy/systemd/ (agent/tests/service.rs; skipped with a note where it is missing). Only the
+# tool is used: nothing is started, and the tests never run systemctl.
+CENSUS_TEST_PACKAGES=(systemd)
 
 # Installs the Debian packages named as arguments that are missing.
 census_install_debs() {

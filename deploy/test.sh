@@ -16,6 +16,8 @@ else
     census_install_debs "${CENSUS_LAB_PACKAGES[@]}"
 fi
 census_install_debs "${CENSUS_BUILD_PACKAGES[@]}"
+census_install_debs "${CENSUS_TEST_PACKAGES[@]}" \
+    || echo "census: systemd-analyze is missing: the systemd units will not be verified"
 census_install_rust_parts
 
 step "cargo fmt --check"
