@@ -312,7 +312,56 @@ async fn sweep_arp(
     Ok(out)
 }
 
-#[cfg(not(unix))]
+/// Windows: neighbour resolution through the IP Helper API (no capture driver), one
+/// interface after another, each a paced, bounded pool of blocking calls
+/// (`probe/iphelper.rs`). Only answers to our own resolutions are reported: first-hand.
+#[cfg(windows)]
+async fn sweep_arp(
+    plan: &SweepPlan,
+    config: &Config,
+    progress: Progress,
+    cancel: &CancellationToken,
+) -> Result<Vec<ArpFound>, AgentError> {
+    use crate::probe::iphelper::{self, WinArpError};
+
+    if !config.arp.enabled {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for p in &plan.on_link {
+        progress.say(format_args!(
+            "ARP: resolving {} addresses on {} at {} per second",
+            p.targets.len(),
+            p.interface.name,
+            config.arp.rate
+        ));
+        let found = iphelper::arp_sweep(
+            &p.interface,
+            &p.targets,
+            config.arp.rate,
+            config.arp.retries,
+            cancel,
+        )
+        .await
+        .map_err(|e| match e {
+            WinArpError::PermissionDenied => AgentError::Permission(e.to_string()),
+            WinArpError::Failed { .. } => AgentError::Sweep(e.to_string()),
+        })?;
+        info!(interface = %found.interface, probed = found.probed, replies = found.replies.len(), requests = found.requests_sent, "ARP sweep");
+        progress.say(format_args!(
+            "ARP: {} answered on {}",
+            found.replies.len(),
+            found.interface
+        ));
+        out.push(found);
+        if cancel.is_cancelled() {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(not(any(unix, windows)))]
 async fn sweep_arp(
     plan: &SweepPlan,
     config: &Config,
@@ -323,7 +372,7 @@ async fn sweep_arp(
         return Ok(Vec::new());
     }
     Err(AgentError::Sweep(
-        "ARP sweeps on Windows need the IP Helper backend, which is not built yet".into(),
+        "ARP sweeps are supported on Linux and Windows only".into(),
     ))
 }
 

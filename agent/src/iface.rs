@@ -1,6 +1,8 @@
 //! The host's network interfaces as the agent sees them: name, index, MAC, IPv4 subnets and
 //! state. This is what the scope module matches configured CIDRs against and what the ARP
-//! sweep sends from. Listing goes through `pnet` on Unix; Windows has no backend yet.
+//! sweep sends from. Listing goes through `pnet` on Unix and the IP Helper API on Windows
+//! (`probe/iphelper.rs`); routes come from `/proc/net/route` on Linux and the IP Helper API on
+//! Windows.
 
 use std::net::Ipv4Addr;
 
@@ -39,6 +41,9 @@ pub enum IfaceError {
     /// This platform has no interface listing backend.
     #[error("listing network interfaces is not supported on this platform yet")]
     Unsupported,
+    /// The OS refused to list them.
+    #[error("{0}")]
+    Os(String),
 }
 
 /// Lists this host's interfaces, in the order the OS reports them.
@@ -53,8 +58,17 @@ pub fn list() -> Result<Vec<Interface>, IfaceError> {
         .collect())
 }
 
-/// Lists this host's interfaces. Windows has no backend yet (pnet needs Npcap there).
-#[cfg(not(unix))]
+/// Lists this host's interfaces through the IP Helper API (pnet would need Npcap there).
+#[cfg(windows)]
+pub fn list() -> Result<Vec<Interface>, IfaceError> {
+    use crate::probe::iphelper;
+    iphelper::sys::adapters()
+        .map(|all| all.into_iter().map(iphelper::interface).collect())
+        .map_err(|e| IfaceError::Os(format!("GetAdaptersAddresses: {e}")))
+}
+
+/// Other platforms have no backend.
+#[cfg(not(any(unix, windows)))]
 pub fn list() -> Result<Vec<Interface>, IfaceError> {
     Err(IfaceError::Unsupported)
 }
@@ -98,8 +112,9 @@ impl Route {
     }
 }
 
-/// This host's IPv4 routes (the main table), from `/proc/net/route` on Linux. Other platforms
-/// have no backend yet: no routes, so only on-link scopes can be planned there.
+/// This host's IPv4 routes (the main table), from `/proc/net/route` on Linux and
+/// `GetIpForwardTable2` on Windows. Other platforms have no backend yet: no routes, so only
+/// on-link scopes can be planned there. A table that cannot be read is no routes.
 pub fn routes() -> Vec<Route> {
     #[cfg(target_os = "linux")]
     {
@@ -107,7 +122,15 @@ pub fn routes() -> Vec<Route> {
             .map(|text| parse_proc_route(&text))
             .unwrap_or_default()
     }
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(windows)]
+    {
+        use crate::probe::iphelper;
+        match iphelper::sys::routes() {
+            Ok(raw) => iphelper::routes(&raw, &list().unwrap_or_default()),
+            Err(_) => Vec::new(),
+        }
+    }
+    #[cfg(not(any(target_os = "linux", windows)))]
     {
         Vec::new()
     }

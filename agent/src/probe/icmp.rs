@@ -7,6 +7,7 @@
 //! - `icmp.rs` (this file): the public API, validation, the sweep loop, the surge-ping echoer.
 //! - `icmp/rounds.rs`: which target is asked in which round; request identifiers.
 //! - `icmp/pace.rs`: the send pacer.
+//! - `icmp/windows.rs`: the echoer on Windows (`IcmpSendEcho2`; no raw socket, no driver).
 //!
 //! surge-ping's sharp edges, and what this module does about them:
 //! - `Pinger::ping` returns `Ok` for any ICMP packet matched to the request, including an
@@ -24,12 +25,14 @@
 
 mod pace;
 mod rounds;
+#[cfg(windows)]
+mod windows;
 
 use std::{
     collections::BTreeMap,
     future::Future,
     io,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::Ipv4Addr,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -156,7 +159,11 @@ pub async fn sweep(
             ..IcmpSweepResult::default()
         });
     }
+    #[cfg(not(windows))]
     let echoer = SurgeEchoer::open()?;
+    // Each request holds a blocking thread on Windows: fewer in flight.
+    #[cfg(windows)]
+    let (echoer, cfg) = (windows::IcmpApiEchoer, &windows::bounded(cfg));
     Ok(run(&echoer, plan, cfg, RequestIds::random(), cancel).await)
 }
 
@@ -209,13 +216,17 @@ trait Echoer {
     ) -> impl Future<Output = Answer> + Send + 'static;
 }
 
-/// The real echoer: one surge-ping `Client` (one socket) shared by every request.
+/// The real echoer on Unix: one surge-ping `Client` (one socket) shared by every request.
+#[cfg(not(windows))]
 struct SurgeEchoer {
     client: surge_ping::Client,
 }
 
+#[cfg(not(windows))]
 impl SurgeEchoer {
     fn open() -> Result<Self, IcmpError> {
+        use std::net::SocketAddr;
+
         // A Linux ping socket (DGRAM) where `net.ipv4.ping_group_range` allows one, else raw.
         let config = surge_ping::Config::builder()
             .kind(surge_ping::ICMP::V4)
@@ -234,6 +245,7 @@ impl SurgeEchoer {
 }
 
 /// Maps a socket error to ours, keeping the permission error to one line.
+#[cfg(not(windows))]
 fn open_error(e: io::Error) -> IcmpError {
     if e.kind() == io::ErrorKind::PermissionDenied {
         let source = e.raw_os_error().map_or_else(
@@ -246,6 +258,7 @@ fn open_error(e: io::Error) -> IcmpError {
     }
 }
 
+#[cfg(not(windows))]
 impl Echoer for SurgeEchoer {
     fn echo(
         &self,
@@ -257,7 +270,10 @@ impl Echoer for SurgeEchoer {
         let client = self.client.clone();
         async move {
             let mut pinger = client
-                .pinger(IpAddr::V4(target), surge_ping::PingIdentifier(ident))
+                .pinger(
+                    std::net::IpAddr::V4(target),
+                    surge_ping::PingIdentifier(ident),
+                )
                 .await;
             pinger.timeout(timeout);
             match pinger.ping(surge_ping::PingSequence(seq), &PAYLOAD).await {
