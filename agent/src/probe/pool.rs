@@ -261,7 +261,7 @@ mod tests {
             g.enter();
             std::thread::sleep(Duration::from_millis(20));
             g.leave();
-            if t % 3 == 0 {
+            if t.is_multiple_of(3) {
                 Outcome::Found(t * 10)
             } else {
                 Outcome::Silent
@@ -279,12 +279,12 @@ mod tests {
         assert_eq!(r.calls, 40);
         let found: Vec<(usize, u32)> = r.found.iter().map(|(i, v, _)| (*i, *v)).collect();
         let want: Vec<(usize, u32)> = (0..40)
-            .filter(|t| t % 3 == 0)
+            .filter(|t: &u32| t.is_multiple_of(3))
             .map(|t| (t as usize, t * 10))
             .collect();
         assert_eq!(found, want);
         let max = gauge.max.load(Ordering::SeqCst);
-        assert!(max <= 4 && max >= 2, "at most 4 calls at once, saw {max}");
+        assert!((2..=4).contains(&max), "at most 4 calls at once, saw {max}");
         assert!(!r.cancelled);
     }
 

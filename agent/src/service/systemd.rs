@@ -467,8 +467,10 @@ mod tests {
     #[test]
     fn paths_a_unit_cannot_name_are_refused() {
         for bad in ["/opt/my census", "/opt/100%", "relative/dir", "/opt/a\"b"] {
-            let mut p = Paths::default();
-            p.bin_dir = bad.into();
+            let p = Paths {
+                bin_dir: bad.into(),
+                ..Paths::default()
+            };
             let e = render_unit(AGENT_UNIT, &p).expect_err(bad);
             assert!(e.to_string().starts_with(bad), "{e}");
         }
