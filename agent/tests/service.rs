@@ -210,8 +210,8 @@ fn the_units_pass_systemd_analyze_verify() {
             .arg("verify")
             .arg(format!("./{name}"))
             .current_dir(site.path("units"))
-            // Verification loads no units of this machine's configuration beyond what the
-            // unit names (network-online.target, multi-user.target), and changes nothing.
+            // Verification only reads (the unit, and the targets it names); it starts and
+            // changes nothing. Plain messages, for the assertion below.
             .env("SYSTEMD_LOG_COLOR", "0")
             .output()
             .expect("systemd-analyze runs");

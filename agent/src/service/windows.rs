@@ -9,7 +9,7 @@
 //!
 //! Layout on disk: the binary in `%ProgramFiles%\Census`, config, token and state in
 //! `%ProgramData%\Census` (readable by SYSTEM and Administrators only). The service runs as
-//! LocalSystem: the IP Helper calls that resolve neighbours need an administrator.
+//! LocalSystem: resolving neighbours through the IP Helper API may need an administrator.
 
 use std::{
     ffi::{OsStr, OsString},
