@@ -1,5 +1,7 @@
 //! `census-agent`: parse the command line, start tracing, load and validate the config, then
-//! run until SIGINT/SIGTERM (or, with `--once`, until one sweep is delivered).
+//! run until SIGINT/SIGTERM (or, with `--once`, until one sweep is delivered). `install` and
+//! `uninstall` set the agent up as a service (`service.rs`); on Windows the hidden `service`
+//! command is what the registered service runs: the same `run`, stopped by the service's Stop.
 //!
 //! Exit codes: 0 done; 64 bad flags or config; 69 collector unreachable; 75 `--once` stopped
 //! (a signal) before every batch was acknowledged; 77 a credential was refused or raw sockets
