@@ -202,11 +202,9 @@ async fn serve(config: Config) -> ExitCode {
     if prepared.operator_token_created {
         info!(path = %prepared.operator_token_path.display(), "operator token created; `census` needs it (--operator-token-file)");
     }
-    // Printed on stdout so scripts (and tests, with --listen HOST:0) learn the bound address.
-    if let Ok(addr) = listener.local_addr() {
-        println!("listening on {addr}");
-    }
     let shutdown = CancellationToken::new();
+    // Printed on stdout so scripts (and tests, with --listen HOST:0) learn the bound
+    // addresses; the metrics line first, so whoever waits for "listening on" has both.
     if let Some(listener) = metrics_listener {
         if let Ok(addr) = listener.local_addr() {
             println!("metrics on http://{addr}/metrics");
@@ -217,6 +215,9 @@ async fn serve(config: Config) -> ExitCode {
             std::sync::Arc::new(move || m.render()),
             shutdown.clone(),
         );
+    }
+    if let Ok(addr) = listener.local_addr() {
+        println!("listening on {addr}");
     }
     let _ = std::io::stdout().flush();
     signal::spawn_shutdown_on_signal(shutdown.clone());
