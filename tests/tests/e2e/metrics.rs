@@ -2,7 +2,8 @@
 //! sweeping a site and delivering, and the collector's counters read over HTTP from inside the
 //! lab: batches stored equal the batches the agent had acknowledged, observations stored equal
 //! the site's devices, nothing refused, the stream closed, the store's size and the queries
-//! counted. The agent's own endpoint answers inside its namespace.
+//! counted. The agent's own endpoint answers inside its namespace. Duplicates and refusals,
+//! which a healthy agent does not cause, are sent by hand to an in-process collector.
 
 use std::{
     net::Ipv4Addr,
@@ -10,10 +11,16 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use census_proto::{
+    convert,
+    v1::{self, ingest_service_client::IngestServiceClient},
+};
 use census_tests::{
     lab::{HostSpec, Lab, SiteSpec, lab_skipped},
     support::{self, Collector, HttpResponse},
 };
+
+use crate::in_process::{Running, authed, start};
 
 const HOSTS: u32 = 6;
 
@@ -243,5 +250,88 @@ fn the_agent_serves_its_metrics_in_its_namespace() -> Result<()> {
     let from_site = support::http_get(&lab, host.ns(), "http://198.18.0.2:7402/metrics");
     assert!(from_site.is_err(), "{from_site:?}");
     agent.kill()?;
+    Ok(())
+}
+
+/// A batch of one ARP observation of `mac` at 198.18.0.10.
+fn batch(sequence: u64, mac: [u8; 6]) -> v1::ObservationBatch {
+    v1::ObservationBatch {
+        agent_id: "metrics-agent".into(),
+        sequence,
+        observations: vec![v1::Observation {
+            observed_at: Some(convert::timestamp(std::time::SystemTime::now())),
+            method: v1::Method::Arp as i32,
+            addresses: vec![v1::IpAddress {
+                address: "198.18.0.10".into(),
+                answered: true,
+                ..Default::default()
+            }],
+            macs: vec![mac.to_vec()],
+            ..Default::default()
+        }],
+        agent_version: "test".into(),
+        ..Default::default()
+    }
+}
+
+/// Sends `batches` on one Report stream; the number of acks before the stream ended.
+async fn send(c: &Running, token: &str, batches: Vec<v1::ObservationBatch>) -> Result<usize> {
+    let mut ingest = IngestServiceClient::new(c.channel().await?);
+    let n = batches.len();
+    let mut acks = ingest
+        .report(authed(token, tokio_stream::iter(batches)))
+        .await?
+        .into_inner();
+    let mut got = 0;
+    while got < n {
+        match tokio::time::timeout(Duration::from_secs(10), acks.message()).await? {
+            Ok(Some(_)) => got += 1,
+            Ok(None) | Err(_) => break,
+        }
+    }
+    Ok(got)
+}
+
+#[tokio::test]
+async fn duplicates_and_refusals_are_counted_by_reason() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let c = start(dir.path()).await?;
+    let token = c.token("acme", "hq").await?;
+    let mac = [0, 0x16, 0x3e, 0x6d, 0, 1];
+    let first = batch(1, mac);
+    assert_eq!(send(&c, &token, vec![first.clone()]).await?, 1);
+    // A resend after a lost ack: acknowledged as a duplicate, not stored again.
+    assert_eq!(send(&c, &token, vec![first]).await?, 1);
+    // The same sequence number with other content: refused as a conflict, ending the stream.
+    assert_eq!(
+        send(&c, &token, vec![batch(1, [0, 0x16, 0x3e, 0x6d, 0, 2])]).await?,
+        0
+    );
+    // Sequence numbers start at 1: refused as invalid.
+    assert_eq!(send(&c, &token, vec![batch(0, mac)]).await?, 0);
+
+    let m = &c.metrics;
+    assert_eq!(m.batches_received.get(), 4);
+    assert_eq!(m.batches_stored.get(), 1);
+    assert_eq!(m.batches_duplicate.get(), 1);
+    assert_eq!(m.observations_stored.get(), 1);
+    let refused = |reason: &str| m.batches_refused.with_label_values(&[reason]).get();
+    assert_eq!(refused("conflict"), 1);
+    assert_eq!(refused("invalid"), 1);
+    assert_eq!(
+        refused("unauthenticated") + refused("malformed") + refused("error"),
+        0
+    );
+    let page = m.render();
+    assert!(
+        page.contains("\ncensus_collector_batches_refused_total{reason=\"conflict\"} 1\n"),
+        "{page}"
+    );
+    // Every stream has ended.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while m.report_streams.get() != 0 {
+        assert!(std::time::Instant::now() < deadline, "streams still open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Ok(())
 }
