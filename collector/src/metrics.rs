@@ -123,7 +123,6 @@ macro_rules! metric {
 
 impl Metrics {
     /// A fresh set of metrics; the store's size is read from `data_dir` at each render.
-    #[allow(clippy::too_many_lines)]
     pub fn new(data_dir: Option<&Path>) -> Arc<Self> {
         let r = Registry::new();
         let r = &r;

@@ -145,7 +145,6 @@ fn collector_metrics_match_what_the_agent_delivered() -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     };
     let count = |name: &str| value(&page, name);
-    #[allow(clippy::cast_precision_loss)]
     let (sent, hosts) = (sent as f64, f64::from(HOSTS));
     assert_eq!(count("census_collector_batches_received_total")?, sent);
     assert_eq!(count("census_collector_batches_stored_total")?, sent);
