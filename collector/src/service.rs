@@ -224,7 +224,13 @@ impl IngestService for Collector {
                             // A message over the size limit or one that does not decode ends
                             // this stream only; tell the agent why. (An agent that went away
                             // is no refused batch.)
-                            if matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::Internal | tonic::Code::InvalidArgument) {
+                            if matches!(
+                                status.code(),
+                                tonic::Code::OutOfRange
+                                    | tonic::Code::ResourceExhausted
+                                    | tonic::Code::Internal
+                                    | tonic::Code::InvalidArgument
+                            ) {
                                 this.metrics.batches_received.inc();
                                 this.metrics.refused(RefusedReason::Malformed);
                             }

@@ -308,19 +308,24 @@ async fn duplicates_and_refusals_are_counted_by_reason() -> Result<()> {
     );
     // Sequence numbers start at 1: refused as invalid.
     assert_eq!(send(&c, &token, vec![batch(0, mac)]).await?, 0);
+    // Over the 4 MiB message limit: refused as malformed, ending the stream.
+    let mut big = batch(2, mac);
+    big.observations[0].names.push(v1::Name {
+        value: "x".repeat(5 * 1024 * 1024),
+        source: v1::NameSource::MdnsHost as i32,
+    });
+    assert_eq!(send(&c, &token, vec![big]).await?, 0);
 
     let m = &c.metrics;
-    assert_eq!(m.batches_received.get(), 4);
+    assert_eq!(m.batches_received.get(), 5);
     assert_eq!(m.batches_stored.get(), 1);
     assert_eq!(m.batches_duplicate.get(), 1);
     assert_eq!(m.observations_stored.get(), 1);
     let refused = |reason: &str| m.batches_refused.with_label_values(&[reason]).get();
     assert_eq!(refused("conflict"), 1);
     assert_eq!(refused("invalid"), 1);
-    assert_eq!(
-        refused("unauthenticated") + refused("malformed") + refused("error"),
-        0
-    );
+    assert_eq!(refused("malformed"), 1);
+    assert_eq!(refused("unauthenticated") + refused("error"), 0);
     let page = m.render();
     assert!(
         page.contains("\ncensus_collector_batches_refused_total{reason=\"conflict\"} 1\n"),
