@@ -3,6 +3,7 @@
 //! checks everything that does not need the network and says in one line what to fix.
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -43,6 +44,10 @@ pub struct Config {
     /// Time between sweeps, e.g. "15m".
     #[serde(default = "default_interval", with = "humantime_serde_compat")]
     pub interval: Duration,
+    /// Address and port of the agent's Prometheus metrics endpoint (`GET /metrics`, plain
+    /// HTTP, no authentication), e.g. `127.0.0.1:7402`; `None`, the default, serves none.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// ARP tuning.
     #[serde(default)]
     pub arp: ArpSettings,
@@ -499,6 +504,7 @@ impl Default for Config {
             allow_large_scope: false,
             state_dir: None,
             interval: default_interval(),
+            metrics_listen: None,
             arp: ArpSettings::default(),
             icmp: IcmpSettings::default(),
             snmp: SnmpSettings::default(),
@@ -867,6 +873,11 @@ mod tests {
         assert_eq!(c.interval, Duration::from_secs(900));
         assert!(!c.directory.enabled);
         assert_eq!(c.directory.interval, Duration::from_secs(3600));
+        assert_eq!(
+            c.metrics_listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 7402)))
+        );
+        assert_eq!(Config::default().metrics_listen, None);
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - [`directory`]: the site's Active Directory users, read over LDAPS with paged searches.
 //! - [`classify`]: MAC vendors and device categories, from the evidence.
 //! - [`report`]: turns sweep results into observation batches and delivers them over gRPC.
+//! - [`metrics_http`]: the Prometheus endpoint (`GET /metrics` on `metrics_listen`) and the
+//!   page it renders from the delivery path's counters.
 //! - [`run`]: the agent's main loop, driven by a shutdown token.
 //! - [`service`]: `install` / `uninstall` as a systemd unit or a Windows service, and the
 //!   Windows service entry (Stop and Shutdown cancel the same shutdown token as signals).
@@ -31,6 +33,7 @@ pub mod discovery;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod iface;
+pub mod metrics_http;
 pub mod probe;
 pub mod report;
 pub mod run;

@@ -11,11 +11,12 @@
 //! not trusted or names another host, too many users), 69 the directory unreachable, silent or
 //! failing TLS, 77 the bind refused, 75 stopped by a signal, 1 otherwise (a failed search).
 
-use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
+use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
 use census_agent::{
     config::{self, Config, ConfigError},
     directory::{self, DirectoryError},
+    metrics_http::{self, AgentMetrics},
     report::DeliveryError,
     run::{self, AgentError, RunOptions},
     service::{self, ServiceError},
@@ -217,6 +218,10 @@ struct Settings {
     /// Turn discovery methods off, comma-separated: arp, icmp, snmp, mdns.
     #[arg(long, env = "CENSUS_AGENT_DISABLE", value_delimiter = ',', value_parser = ["arp", "icmp", "snmp", "mdns"])]
     disable: Vec<String>,
+    /// Serve Prometheus metrics (GET /metrics, plain HTTP) on this address while `run` runs,
+    /// e.g. 127.0.0.1:7402 [default: none, no metrics served].
+    #[arg(long, env = "CENSUS_AGENT_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -293,6 +298,9 @@ impl Settings {
         }
         if let Some(v) = self.mdns_window_ms {
             c.mdns.window_ms = v;
+        }
+        if self.metrics_listen.is_some() {
+            c.metrics_listen = self.metrics_listen;
         }
         for method in &self.disable {
             match method.as_str() {
@@ -634,6 +642,9 @@ fn main() -> ExitCode {
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 signal::spawn_shutdown_on_signal(shutdown.clone());
+                if let Err(code) = serve_metrics(config.metrics_listen, &shutdown).await {
+                    return code;
+                }
                 let progress = once && std::io::stderr().is_terminal();
                 match run::run(config, RunOptions { once, progress }, shutdown).await {
                     Ok(summary) => {
@@ -668,6 +679,29 @@ fn main() -> ExitCode {
                 }
             })
         }
+    }
+}
+
+/// Serves the agent's metrics on `listen`, if set, until `shutdown`. The page reads the
+/// delivery path's counters through [`metrics_http::AgentCounters`]; until they are wired here
+/// it shows only the build and the start time ([`metrics_http::NotWired`]).
+async fn serve_metrics(
+    listen: Option<SocketAddr>,
+    shutdown: &CancellationToken,
+) -> Result<(), ExitCode> {
+    let Some(listen) = listen else {
+        return Ok(());
+    };
+    let metrics = AgentMetrics::new(Arc::new(metrics_http::NotWired));
+    match metrics_http::serve(listen, move || metrics.render(), shutdown.clone()).await {
+        // serve logs the address it listens on.
+        Ok(_serving) => Ok(()),
+        Err(e) => Err(fail(
+            1,
+            format!(
+                "cannot serve metrics on {listen}: {e} (choose another address with --metrics-listen)"
+            ),
+        )),
     }
 }
 

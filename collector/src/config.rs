@@ -57,6 +57,11 @@ pub struct Config {
         with = "crate::graph::humantime_serde_compat"
     )]
     pub graph_interval: Duration,
+    /// Address and port of the Prometheus metrics endpoint (`GET /metrics`, plain HTTP, no
+    /// authentication); `None`, the default, serves none. Keep it on loopback or a
+    /// monitoring network.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Per-client settings, by client name: `[clients.acme.graph]` reads acme's Entra ID users.
     #[serde(default)]
     pub clients: BTreeMap<String, ClientSettings>,
@@ -98,6 +103,7 @@ impl Default for Config {
             max_batch_observations: DEFAULT_MAX_BATCH_OBSERVATIONS,
             cache_mb: DEFAULT_CACHE_MB,
             graph_interval: DEFAULT_GRAPH_INTERVAL,
+            metrics_listen: None,
             clients: BTreeMap::new(),
         }
     }
@@ -133,6 +139,10 @@ pub enum ConfigError {
     CacheSize(u64),
     #[error("graph_interval must be between 1m and 7days, got {0}")]
     GraphInterval(String),
+    #[error(
+        "metrics_listen {metrics} is the gRPC listen address too: give the metrics endpoint a port of its own"
+    )]
+    MetricsListen { metrics: SocketAddr },
     #[error("clients.{client}: {message}")]
     Client { client: String, message: String },
 }
@@ -176,6 +186,12 @@ impl Config {
             return Err(ConfigError::GraphInterval(
                 humantime::format_duration(self.graph_interval).to_string(),
             ));
+        }
+        if let Some(m) = self.metrics_listen
+            && m == self.listen
+            && m.port() != 0
+        {
+            return Err(ConfigError::MetricsListen { metrics: m });
         }
         self.graph_tenants()?;
         Ok(())
@@ -267,5 +283,31 @@ mod tests {
         let c: Config = toml::from_str(include_str!("../../deploy/config/collector.toml"))
             .expect("deploy/config/collector.toml parses");
         assert_eq!(c.listen.port(), 7400);
+        assert_eq!(
+            c.metrics_listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 7401)))
+        );
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_need_a_port_of_their_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, format!("data_dir = {:?}\n", dir.path())).expect("write");
+        let c = Config::from_file(&path).expect("parses");
+        assert_eq!(c.metrics_listen, None);
+        let same = Config {
+            metrics_listen: Some(c.listen),
+            ..c.clone()
+        };
+        assert!(matches!(
+            same.validate(),
+            Err(ConfigError::MetricsListen { .. })
+        ));
+        let own = Config {
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
+            ..c
+        };
+        own.validate().expect("valid");
     }
 }

@@ -23,6 +23,7 @@ use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::{
     graph::{GraphError, GraphHttp, GraphLimits, GraphSettings, read_tenant},
+    metrics::Metrics,
     store::{Store, StoreError},
     users::{
         self, SourceKind,
@@ -53,6 +54,8 @@ pub struct EntraReader {
     interval: Duration,
     /// One lock per client: reads of one client take turns.
     running: BTreeMap<String, tokio::sync::Mutex<()>>,
+    /// Counts reads by result (`census_collector_entra_reads_total`), when given.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl EntraReader {
@@ -72,7 +75,15 @@ impl EntraReader {
             tenants,
             interval,
             running,
+            metrics: None,
         })
+    }
+
+    /// Counts every read's result in `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Whether the reader has nothing to do.
@@ -112,6 +123,10 @@ impl EntraReader {
             r = read_tenant(&settings, &self.http) => r,
             () = shutdown.cancelled() => return Err(EntraError::Cancelled),
         };
+        if let Some(m) = &self.metrics {
+            let result = if result.is_ok() { "ok" } else { "failed" };
+            m.entra_reads.with_label_values(&[result]).inc();
+        }
         let outcome = match result {
             Ok(tenant) => Ok(ReadData {
                 accounts: tenant

@@ -16,6 +16,7 @@
 //! - [`store`]: the [`store::Store`] trait, the sled store and the in-memory store.
 //! - [`auth`]: enrollment tokens and the operator token.
 //! - [`service`]: the `census.v1` gRPC services (ingest, query, admin).
+//! - [`metrics`]: the collector's Prometheus metrics, their gRPC layer and their HTTP endpoint.
 //! - [`server`]: wires store and services into a tonic server with health and reflection.
 //! - [`cli`]: the `census` command-line client.
 //! - [`signal`], [`telemetry`]: shutdown signals and tracing set-up.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod entra;
 pub mod graph;
 pub mod identity;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod server;

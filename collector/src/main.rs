@@ -5,6 +5,7 @@ use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use census_collector::{
     config::Config,
+    metrics,
     server::{self, RunError},
     signal, telemetry,
 };
@@ -72,6 +73,10 @@ struct Settings {
     /// Time between two reads of each configured client's Entra ID users, e.g. 30m [default: 1h].
     #[arg(long, env = "CENSUS_COLLECTOR_GRAPH_INTERVAL", value_parser = humantime::parse_duration)]
     graph_interval: Option<std::time::Duration>,
+    /// Serve Prometheus metrics (GET /metrics, plain HTTP) on this address, e.g.
+    /// 127.0.0.1:7401 [default: none, no metrics served].
+    #[arg(long, env = "CENSUS_COLLECTOR_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -97,6 +102,9 @@ impl Settings {
         }
         if let Some(v) = self.graph_interval {
             config.graph_interval = v;
+        }
+        if let Some(v) = self.metrics_listen {
+            config.metrics_listen = Some(v);
         }
         config.validate()?;
         Ok(config)
@@ -126,6 +134,9 @@ fn main() -> ExitCode {
                         .map(|d| d.display().to_string())
                         .unwrap_or_default()
                 );
+                if let Some(m) = config.metrics_listen {
+                    println!("metrics served on http://{m}/metrics");
+                }
                 for (client, graph) in config.graph_tenants().unwrap_or_default() {
                     println!(
                         "client {client}: Entra ID tenant {} every {}, secret from {}",
@@ -169,6 +180,20 @@ async fn serve(config: Config) -> ExitCode {
             );
         }
     };
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => match metrics::http::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                return fail(
+                    1,
+                    format!(
+                        "cannot serve metrics on {addr}: {e} (choose another address with --metrics-listen)"
+                    ),
+                );
+            }
+        },
+        None => None,
+    };
     let prepared = match server::prepare(&config) {
         Ok(p) => p,
         Err(e @ RunError::Config(_)) => return fail(EX_USAGE, e),
@@ -177,12 +202,24 @@ async fn serve(config: Config) -> ExitCode {
     if prepared.operator_token_created {
         info!(path = %prepared.operator_token_path.display(), "operator token created; `census` needs it (--operator-token-file)");
     }
-    // Printed on stdout so scripts (and tests, with --listen HOST:0) learn the bound address.
+    let shutdown = CancellationToken::new();
+    // Printed on stdout so scripts (and tests, with --listen HOST:0) learn the bound
+    // addresses; the metrics line first, so whoever waits for "listening on" has both.
+    if let Some(listener) = metrics_listener {
+        if let Ok(addr) = listener.local_addr() {
+            println!("metrics on http://{addr}/metrics");
+        }
+        let m = std::sync::Arc::clone(&prepared.metrics);
+        metrics::http::serve(
+            listener,
+            std::sync::Arc::new(move || m.render()),
+            shutdown.clone(),
+        );
+    }
     if let Ok(addr) = listener.local_addr() {
         println!("listening on {addr}");
-        let _ = std::io::stdout().flush();
     }
-    let shutdown = CancellationToken::new();
+    let _ = std::io::stdout().flush();
     signal::spawn_shutdown_on_signal(shutdown.clone());
     match server::run(&config, prepared, listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

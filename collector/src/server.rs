@@ -16,6 +16,7 @@ use crate::{
     config::{Config, ConfigError},
     entra::{EntraError, EntraReader},
     graph::GraphLimits,
+    metrics::{Metrics, grpc::GrpcMetricsLayer},
     service::{Collector, Limits},
     store::{
         Store, StoreError,
@@ -51,6 +52,9 @@ pub struct Prepared {
     /// Where the operator token is, and whether it was made by this start.
     pub operator_token_path: std::path::PathBuf,
     pub operator_token_created: bool,
+    /// The collector's metrics (served by [`crate::metrics::http`] when `metrics_listen` is
+    /// set; counted either way).
+    pub metrics: Arc<Metrics>,
 }
 
 /// Validates the config, opens the store and loads (or makes) the operator token.
@@ -73,6 +77,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, RunError> {
         operator,
         operator_token_path,
         operator_token_created,
+        metrics: Metrics::new(Some(dir)),
     })
 }
 
@@ -86,6 +91,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let tenants = config.graph_tenants()?;
     let store = Arc::clone(&prepared.store);
+    let metrics = Arc::clone(&prepared.metrics);
     let mut collector = Collector::new(
         prepared.store,
         prepared.operator,
@@ -93,14 +99,14 @@ pub async fn run(
             max_batch_observations: config.max_batch_observations,
         },
         shutdown.clone(),
-    );
+    )
+    .with_metrics(Arc::clone(&metrics));
     if !tenants.is_empty() {
         info!(clients = tenants.len(), interval = %humantime::format_duration(config.graph_interval), "reading Entra ID users");
-        let reader = Arc::new(EntraReader::new(
-            tenants,
-            config.graph_interval,
-            GraphLimits::default(),
-        )?);
+        let reader = Arc::new(
+            EntraReader::new(tenants, config.graph_interval, GraphLimits::default())?
+                .with_metrics(Arc::clone(&metrics)),
+        );
         reader.spawn(store, shutdown.clone());
         collector = collector.with_entra(reader);
     }
@@ -142,6 +148,7 @@ pub async fn run(
         // One connection (one agent, or a leaked token) cannot hold unbounded streams.
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
+        .layer(GrpcMetricsLayer::new(metrics))
         .add_service(health)
         .add_service(reflection)
         .add_service(ingest)

@@ -26,6 +26,7 @@ use crate::{
     auth::{self, AuthError, OperatorToken},
     entra::EntraReader,
     identity::{self, EditError, Event, EventKind},
+    metrics::{Metrics, RefusedReason},
     model::{self, DeviceRecord, Scope},
     policy::{self, Policy, PolicyRules, RandomizedRule},
     snapshot::{self, Period, Snapshot},
@@ -53,6 +54,8 @@ pub struct Collector {
     storing: Arc<tokio::sync::Semaphore>,
     /// Reads clients' Entra ID users, when any is configured.
     entra: Option<Arc<EntraReader>>,
+    /// What ingest and the streams count (served when `metrics_listen` is set).
+    metrics: Arc<Metrics>,
 }
 
 fn now_ms() -> u64 {
@@ -93,7 +96,15 @@ impl Collector {
                 std::thread::available_parallelism().map_or(4, |n| n.get() * 2),
             )),
             entra: None,
+            metrics: Metrics::new(None),
         }
+    }
+
+    /// Counts into `metrics` (the server's, which it serves) instead of a set of its own.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Serves `RefreshUsers` with `reader` (its schedule is started by the server).
@@ -196,6 +207,7 @@ impl IngestService for Collector {
         let span = info_span!("report", client = %scope.client, site = %scope.site);
         tokio::spawn(
             async move {
+                let _open = this.metrics.stream_opened();
                 debug!("agent stream opened");
                 loop {
                     let next = tokio::select! {
@@ -210,12 +222,24 @@ impl IngestService for Collector {
                         Some(Ok(batch)) => batch,
                         Some(Err(status)) => {
                             // A message over the size limit or one that does not decode ends
-                            // this stream only; tell the agent why.
+                            // this stream only; tell the agent why. (An agent that went away
+                            // is no refused batch.)
+                            if matches!(
+                                status.code(),
+                                tonic::Code::OutOfRange
+                                    | tonic::Code::ResourceExhausted
+                                    | tonic::Code::Internal
+                                    | tonic::Code::InvalidArgument
+                            ) {
+                                this.metrics.batches_received.inc();
+                                this.metrics.refused(RefusedReason::Malformed);
+                            }
                             warn!(%status, "agent stream failed");
                             let _ = tx.send(Err(status)).await;
                             break;
                         }
                     };
+                    this.metrics.batches_received.inc();
                     // The token is checked again for every batch, so a revocation also ends
                     // streams that are already open.
                     let reply = match this.agent_scope(&token).await {
@@ -225,6 +249,7 @@ impl IngestService for Collector {
                     };
                     let failed = reply.is_err();
                     if let Err(status) = &reply {
+                        this.metrics.refused(RefusedReason::of(status));
                         warn!(%status, "batch refused");
                     }
                     if tx.send(reply).await.is_err() || failed {
@@ -263,19 +288,22 @@ impl Collector {
             digest: batch_digest(&batch),
         };
         let scope2 = scope.clone();
+        let timer = self.metrics.batch_store_seconds.start_timer();
         // Fails only once closed, which it never is.
         let _slot = self
             .storing
             .acquire()
             .await
             .map_err(|_| Status::unavailable("collector is shutting down"))?;
-        let outcome = self
+        let (outcome, part) = self
             .blocking(move |s| {
                 // A batch carries observations, a part of a directory read, or both; each is
                 // stored at most once under the batch's id.
                 let devices = (!clean.is_empty() || directory.is_none())
                     .then(|| s.apply_batch(&scope2, &id, &clean))
                     .transpose()?;
+                // A newly stored directory part, for the metrics: (failed read, users).
+                let mut new_part = None;
                 let users = match directory {
                     Some((part, skipped)) => {
                         let (outcome, applied) = s.apply_directory_part(&scope2, &id, &part)?;
@@ -283,11 +311,14 @@ impl Collector {
                         if let Some(crate::users::apply::Outcome::Applied { present, added, removed }) = applied {
                             info!(source = %part.source, users = present, added, removed, "directory users stored");
                         }
+                        if outcome == BatchOutcome::Stored {
+                            new_part = Some((part.error.is_some(), part.accounts.len()));
+                        }
                         Some(outcome)
                     }
                     None => None,
                 };
-                Ok(match (devices, users) {
+                let outcome = match (devices, users) {
                     (Some(BatchOutcome::Conflict), _) | (_, Some(BatchOutcome::Conflict)) => {
                         BatchOutcome::Conflict
                     }
@@ -295,9 +326,29 @@ impl Collector {
                         BatchOutcome::Stored
                     }
                     _ => BatchOutcome::Duplicate,
-                })
+                };
+                Ok((outcome, new_part))
             })
             .await?;
+        timer.observe_duration();
+        match outcome {
+            BatchOutcome::Stored => {
+                self.metrics.batches_stored.inc();
+                self.metrics.observations_stored.inc_by(u64::from(stored));
+                self.metrics.observations_rejected.inc_by(rejected as u64);
+                if let Some((failed, users)) = part {
+                    let result = if failed { "failed" } else { "ok" };
+                    self.metrics
+                        .directory_parts
+                        .with_label_values(&[result])
+                        .inc();
+                    self.metrics.directory_users.inc_by(users as u64);
+                }
+            }
+            BatchOutcome::Duplicate => self.metrics.batches_duplicate.inc(),
+            // Counted as refused where the stream answers it.
+            BatchOutcome::Conflict => {}
+        }
         let status = match outcome {
             BatchOutcome::Stored => v1::AckStatus::Stored,
             BatchOutcome::Duplicate => v1::AckStatus::Duplicate,

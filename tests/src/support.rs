@@ -158,6 +158,10 @@ pub struct Collector<'lab> {
     data_dir: PathBuf,
     addr: SocketAddr,
     config: Option<PathBuf>,
+    /// Flags given after the usual ones, kept for restarts.
+    extra: Vec<std::ffi::OsString>,
+    /// Where it serves `/metrics`, when started with `--metrics-listen`.
+    metrics: Option<SocketAddr>,
 }
 
 impl<'lab> Collector<'lab> {
@@ -170,6 +174,25 @@ impl<'lab> Collector<'lab> {
             SocketAddr::from((lab.collector_ip(), 0)),
             None,
             None,
+            &[],
+        )
+    }
+
+    /// Starts a collector as [`Collector::start`] does, with `extra` flags after the usual
+    /// ones (e.g. `--metrics-listen 198.19.0.1:0`).
+    pub fn start_with_args<S: AsRef<OsStr>>(
+        lab: &'lab Lab,
+        data_dir: &Path,
+        extra: &[S],
+    ) -> Result<Self> {
+        let extra: Vec<std::ffi::OsString> = extra.iter().map(|a| a.as_ref().to_owned()).collect();
+        Self::launch(
+            lab,
+            data_dir,
+            SocketAddr::from((lab.collector_ip(), 0)),
+            None,
+            None,
+            &extra,
         )
     }
 
@@ -181,6 +204,7 @@ impl<'lab> Collector<'lab> {
             SocketAddr::from((lab.collector_ip(), 0)),
             None,
             Some(config),
+            &[],
         )
     }
 
@@ -193,6 +217,7 @@ impl<'lab> Collector<'lab> {
             SocketAddr::from((lab.collector_ip(), port)),
             None,
             None,
+            &[],
         )
     }
 
@@ -204,6 +229,7 @@ impl<'lab> Collector<'lab> {
         listen: SocketAddr,
         rebind_until: Option<Instant>,
         config: Option<&Path>,
+        extra: &[std::ffi::OsString],
     ) -> Result<Self> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
@@ -221,6 +247,7 @@ impl<'lab> Collector<'lab> {
             if let Some(c) = config {
                 args.extend([OsStr::new("--config"), c.as_os_str()]);
             }
+            args.extend(extra.iter().map(std::ffi::OsString::as_os_str));
             let proc = lab.spawn(lab.core_ns(), args)?;
             let deadline = Instant::now() + Duration::from_secs(30);
             let addr = loop {
@@ -248,12 +275,25 @@ impl<'lab> Collector<'lab> {
             };
             match addr {
                 Some(addr) => {
+                    // Printed before "listening on" when metrics are served.
+                    let metrics = proc
+                        .log()
+                        .lines()
+                        .find_map(|l| {
+                            l.strip_prefix("metrics on http://")?
+                                .strip_suffix("/metrics")
+                        })
+                        .map(|a| a.trim().parse())
+                        .transpose()
+                        .context("parsing the collector's metrics address")?;
                     return Ok(Collector {
                         lab,
                         proc,
                         data_dir: data_dir.to_owned(),
                         addr,
                         config: config.map(Path::to_owned),
+                        extra: extra.to_vec(),
+                        metrics,
                     });
                 }
                 None => std::thread::sleep(Duration::from_millis(200)),
@@ -268,6 +308,19 @@ impl<'lab> Collector<'lab> {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// `http://ADDR/metrics`, when started with `--metrics-listen`.
+    pub fn metrics_url(&self) -> Option<String> {
+        self.metrics.map(|a| format!("http://{a}/metrics"))
+    }
+
+    /// The collector's metrics page, fetched from the core namespace.
+    pub fn metrics(&self) -> Result<HttpResponse> {
+        let url = self
+            .metrics_url()
+            .context("the collector was started without --metrics-listen")?;
+        http_get(self.lab, self.lab.core_ns(), &url)
     }
 
     pub fn proc(&self) -> &Proc {
@@ -289,6 +342,7 @@ impl<'lab> Collector<'lab> {
             self.addr,
             Some(Instant::now() + REBIND),
             self.config.as_deref(),
+            &self.extra,
         )
     }
 
@@ -368,6 +422,68 @@ impl<'lab> Collector<'lab> {
         let out = self.census_ok(["devices", "--client", client, "--json"])?;
         serde_json::from_str(&out).with_context(|| format!("parsing census devices --json: {out}"))
     }
+}
+
+/// An HTTP response read by [`http_get`].
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names in lower case, values trimmed.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first value of header `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The value of the Prometheus sample `name` (with its labels as rendered, e.g.
+    /// `m_total{reason="x"}`) in a text-format page, if present.
+    pub fn sample(&self, name: &str) -> Option<f64> {
+        self.body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+}
+
+/// GETs `url` (`http://HOST:PORT/PATH`) from inside namespace `ns` with `census-http-get`;
+/// any status is returned, a failure to connect is an error.
+pub fn http_get(lab: &Lab, ns: &str, url: &str) -> Result<HttpResponse> {
+    let out = lab.exec_timeout(
+        ns,
+        [bin("census-http-get")?.as_os_str(), OsStr::new(url)],
+        Duration::from_secs(20),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        bail!(
+            "GET {url} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            text
+        );
+    };
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("GET {url}: no status line in {head:?}"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: body.to_owned(),
+    })
 }
 
 /// Writes `token` to a fresh file in the lab's directory, for `--token-file`.

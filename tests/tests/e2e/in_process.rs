@@ -1,10 +1,10 @@
 //! A collector served in-process on 127.0.0.1:0, for the tests that speak gRPC to it directly
 //! (no namespaces needed: nothing is swept), and the calls those tests share.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Result;
-use census_collector::{config::Config, server};
+use census_collector::{config::Config, metrics::Metrics, server};
 use census_proto::v1::{
     self, admin_service_client::AdminServiceClient, query_service_client::QueryServiceClient,
 };
@@ -16,6 +16,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The operator token the collector wrote into its data directory.
     pub operator: String,
+    /// What the collector counts (the page `/metrics` would serve: `metrics.render()`).
+    pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -37,6 +39,7 @@ pub async fn start(dir: &Path) -> Result<Running> {
     let operator = std::fs::read_to_string(&prepared.operator_token_path)?
         .trim()
         .to_owned();
+    let metrics = Arc::clone(&prepared.metrics);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
@@ -51,6 +54,7 @@ pub async fn start(dir: &Path) -> Result<Running> {
     Ok(Running {
         addr,
         operator,
+        metrics,
         shutdown,
         task,
     })

@@ -11,4 +11,5 @@ mod identity;
 mod in_process;
 mod ingest;
 mod lab;
+mod metrics;
 mod users;
