@@ -10,7 +10,12 @@
 //! - [`discovery`]: one sweep with every method, merged into one observation per device.
 //! - [`directory`]: the site's Active Directory users, read over LDAPS with paged searches.
 //! - [`classify`]: MAC vendors and device categories, from the evidence.
-//! - [`report`]: turns sweep results into observation batches and delivers them over gRPC.
+//! - [`report`]: turns sweep results into observation batches and delivers them over gRPC;
+//!   the agent's identity and sequence numbers (`agent.json`).
+//! - [`queue`]: the on-disk (sled) queue every batch waits in until acknowledged, with its
+//!   cap; the crash windows are written down there.
+//! - [`metrics`]: the agent's counters (sweeps, replies, batches queued/sent/acknowledged/
+//!   dropped), for a metrics endpoint to read.
 //! - [`run`]: the agent's main loop, driven by a shutdown token.
 //! - [`signal`]: the shutdown trigger (Unix signals, Windows console events).
 //! - [`telemetry`]: tracing set-up.
@@ -26,7 +31,9 @@ pub mod discovery;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod iface;
+pub mod metrics;
 pub mod probe;
+pub mod queue;
 pub mod report;
 pub mod run;
 pub mod scope;
