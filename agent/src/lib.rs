@@ -14,6 +14,7 @@
 //!   the agent's identity and sequence numbers (`agent.json`).
 //! - [`queue`]: the on-disk (sled) queue every batch waits in until acknowledged, with its
 //!   cap; the crash windows are written down there.
+//! - [`delivery`]: sends the queue to the collector, in order, backing off with jitter.
 //! - [`metrics`]: the agent's counters (sweeps, replies, batches queued/sent/acknowledged/
 //!   dropped), for a metrics endpoint to read.
 //! - [`run`]: the agent's main loop, driven by a shutdown token.
@@ -26,6 +27,7 @@
 
 pub mod classify;
 pub mod config;
+pub mod delivery;
 pub mod directory;
 pub mod discovery;
 #[doc(hidden)]

@@ -1,9 +1,10 @@
 //! `census-agent`: parse the command line, start tracing, load and validate the config, then
 //! run until SIGINT/SIGTERM (or, with `--once`, until one sweep is delivered).
 //!
-//! Exit codes: 0 done; 64 bad flags or config; 69 collector unreachable; 75 `--once` stopped
-//! (a signal) before every batch was acknowledged; 77 a credential was refused or raw sockets
-//! are not allowed; 1 anything else. A failed directory read (`users`, or `run --once` after
+//! Exit codes: 0 done; 64 bad flags or config (or a state directory, or queue in it, that
+//! cannot be used); 69 collector unreachable; 75 `--once` stopped (a signal) before every
+//! batch was acknowledged (with a state directory, what is left stays queued for the next
+//! run); 77 a credential was refused or raw sockets are not allowed; 1 anything else. A failed directory read (`users`, or `run --once` after
 //! delivering everything, the failed read included) exits by the same scheme, see
 //! [`directory_exit_code`]: 64 its settings (URL, password file, CA file, a certificate that is
 //! not trusted or names another host, too many users), 69 the directory unreachable, silent or
@@ -14,6 +15,7 @@ use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 use census_agent::{
     config::{self, Config, ConfigError},
     directory::{self, DirectoryError},
+    queue::QueueError,
     report::DeliveryError,
     run::{self, AgentError, RunOptions},
     signal, telemetry,
@@ -243,7 +245,10 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 
 fn exit_code(e: &AgentError) -> u8 {
     match e {
-        AgentError::Config(_) | AgentError::Scope(_) | AgentError::State(_) => EX_USAGE,
+        AgentError::Config(_)
+        | AgentError::Scope(_)
+        | AgentError::State(_)
+        | AgentError::Queue(QueueError::Open { .. } | QueueError::State(_)) => EX_USAGE,
         AgentError::Delivery(DeliveryError::Unreachable { .. }) => EX_UNAVAILABLE,
         AgentError::Delivery(DeliveryError::Refused(_)) | AgentError::Permission(_) => EX_NOPERM,
         AgentError::Interrupted { .. } => EX_TEMPFAIL,
