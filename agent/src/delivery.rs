@@ -165,6 +165,15 @@ impl Deliverer {
                 .map(|q| (q.batch.sequence, q.batch.users.len()))
                 .collect();
             let batches: Vec<_> = window.into_iter().map(|q| q.batch).collect();
+            if let (Some(first), Some(last)) = (batches.first(), batches.last()) {
+                info!(
+                    batches = batches.len(),
+                    agent_id = %first.agent_id,
+                    first = first.sequence,
+                    last = last.sequence,
+                    "sending queued batches"
+                );
+            }
             self.metrics.sent(batches.len() as u64);
             let (acked, delivered, result) = report::deliver(
                 channel.clone(),

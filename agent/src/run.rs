@@ -275,6 +275,7 @@ pub async fn cycle(
     };
     let observation_batches = report::batch_count(observations.len());
     let total = observation_batches + parts.len() as u64;
+    let observation_count = observations.len();
     let queued = queue
         .push(total, |agent_id, first| {
             let mut batches = report::into_batches(agent_id, first, observations);
@@ -286,6 +287,16 @@ pub async fn cycle(
             batches
         })
         .map_err(AgentError::Queue)?;
+    if let (Some(first), Some(last)) = (queued.first(), queued.last()) {
+        info!(
+            batches = queued.len(),
+            observations = observation_count,
+            first,
+            last,
+            queued = queue.len(),
+            "batches queued"
+        );
+    }
     Ok(Cycle {
         queued,
         sweep,
