@@ -186,10 +186,11 @@ impl Deliverer {
             drop(batches);
             if !acked.is_empty() {
                 let done: Vec<u64> = acked.iter().filter_map(|s| keys.get(s).copied()).collect();
-                self.queue.remove(&done).map_err(AgentError::Queue)?;
                 self.acknowledged += acked.len() as u64;
                 self.metrics
                     .acknowledged(acked.len() as u64, delivered.duplicates);
+                // Logged before the batches leave the queue: whoever sees the queue empty has
+                // the line already (a crash in between only resends them, as duplicates).
                 info!(
                     batches = acked.len(),
                     stored = delivered.stored,
@@ -197,9 +198,10 @@ impl Deliverer {
                     observations = delivered.observations,
                     rejected = delivered.rejected_observations,
                     users = acked.iter().filter_map(|s| users.get(s)).sum::<usize>(),
-                    queued = self.queue.len(),
+                    queued = self.queue.len().saturating_sub(done.len()),
                     "delivered"
                 );
+                self.queue.remove(&done).map_err(AgentError::Queue)?;
             }
             result?;
             self.channel = Some(channel);
