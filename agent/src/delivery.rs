@@ -25,7 +25,7 @@ use std::{
 use rand::Rng as _;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     metrics::Metrics,
@@ -183,6 +183,18 @@ impl Deliverer {
                 ACK_TIMEOUT,
             )
             .await;
+            // The collector takes a stream's batches one after the other and stops at the first
+            // it refuses: the first one not acknowledged.
+            let refused = batches
+                .iter()
+                .find(|b| !acked.contains(&b.sequence))
+                .map(|b| Refused {
+                    key: keys.get(&b.sequence).copied(),
+                    agent_id: b.agent_id.clone(),
+                    sequence: b.sequence,
+                    observations: b.observations.len() as u64,
+                    users: b.users.len() as u64,
+                });
             drop(batches);
             if !acked.is_empty() {
                 let done: Vec<u64> = acked.iter().filter_map(|s| keys.get(s).copied()).collect();
@@ -203,9 +215,44 @@ impl Deliverer {
                 );
                 self.queue.remove(&done).map_err(AgentError::Queue)?;
             }
+            if let (Err(DeliveryError::Rejected(reason)), Some(refused)) = (&result, refused) {
+                self.set_aside(&refused, reason)?;
+            }
             result?;
             self.channel = Some(channel);
         }
+    }
+}
+
+/// A batch the collector refused as invalid.
+#[derive(Debug)]
+struct Refused {
+    key: Option<u64>,
+    agent_id: String,
+    sequence: u64,
+    observations: u64,
+    users: u64,
+}
+
+impl Deliverer {
+    /// Takes a batch the collector refused out of the queue: it would be refused again on every
+    /// attempt, and hold up every batch behind it for ever (also across restarts). Never
+    /// silently: an error line and the `batches_rejected` counter.
+    fn set_aside(&self, refused: &Refused, reason: &str) -> Result<(), AgentError> {
+        let Some(key) = refused.key else {
+            return Ok(());
+        };
+        self.queue.remove(&[key]).map_err(AgentError::Queue)?;
+        self.metrics.rejected(1, refused.observations);
+        error!(
+            agent_id = %refused.agent_id,
+            sequence = refused.sequence,
+            observations = refused.observations,
+            users = refused.users,
+            %reason,
+            "the collector refused a batch as invalid: removed from the queue, never to be delivered"
+        );
+        Ok(())
     }
 }
 
@@ -220,8 +267,10 @@ pub enum Mode {
 
 /// Delivers what is queued, as `mode` says. Retryable failures (the collector unreachable, a
 /// stream cut) back off; a conflict (our sequence numbers already used with other content)
-/// continues under a new agent id at once; a refused token or a rejected batch ends delivery
-/// with that error. Returns `Ok` when `shutdown` is cancelled.
+/// continues under a new agent id at once; a batch the collector refuses as invalid is taken out
+/// of the queue (see [`Deliverer::set_aside`]) and delivery goes on after a back-off, except
+/// with `--once`, which then ends with that error; a refused token ends delivery with that error. Returns `Ok` when
+/// `shutdown` is cancelled.
 pub async fn deliver(
     d: &mut Deliverer,
     mode: Mode,
@@ -277,7 +326,12 @@ pub async fn deliver(
                 rotated_at = Some(d.acknowledged);
                 warn!(old_agent_id = %old, new_agent_id = %new, %reason, queued = d.queue.len(), "sequence numbers already used: continuing under a new agent id");
             }
-            e if e.is_retryable() && !last => {
+            // A refused batch is set aside already; the rest waits a back-off all the same, so
+            // a collector that refuses everything does not empty the queue in a moment.
+            e if (e.is_retryable()
+                || (mode == Mode::Forever && matches!(e, DeliveryError::Rejected(_))))
+                && !last =>
+            {
                 d.metrics.delivery_failed();
                 let wait = backoff.next_wait();
                 warn!(

@@ -25,6 +25,8 @@ pub struct Metrics {
     batches_dropped: AtomicU64,
     observations_dropped: AtomicU64,
     batches_corrupt: AtomicU64,
+    batches_rejected: AtomicU64,
+    observations_rejected: AtomicU64,
     delivery_failures: AtomicU64,
     queue_batches: AtomicU64,
     queue_bytes: AtomicU64,
@@ -58,6 +60,9 @@ pub struct Snapshot {
     pub observations_dropped: u64,
     /// Queue entries that could not be read back (removed and logged).
     pub batches_corrupt: u64,
+    /// Batches (and observations) the collector refused as invalid (removed and logged).
+    pub batches_rejected: u64,
+    pub observations_rejected: u64,
     /// Delivery attempts that failed (each is followed by a back-off).
     pub delivery_failures: u64,
     /// Batches and bytes queued now.
@@ -90,6 +95,8 @@ impl Metrics {
             batches_dropped: AtomicU64::new(0),
             observations_dropped: AtomicU64::new(0),
             batches_corrupt: AtomicU64::new(0),
+            batches_rejected: AtomicU64::new(0),
+            observations_rejected: AtomicU64::new(0),
             delivery_failures: AtomicU64::new(0),
             queue_batches: AtomicU64::new(0),
             queue_bytes: AtomicU64::new(0),
@@ -114,6 +121,8 @@ impl Metrics {
             batches_dropped: self.batches_dropped.load(Relaxed),
             observations_dropped: self.observations_dropped.load(Relaxed),
             batches_corrupt: self.batches_corrupt.load(Relaxed),
+            batches_rejected: self.batches_rejected.load(Relaxed),
+            observations_rejected: self.observations_rejected.load(Relaxed),
             delivery_failures: self.delivery_failures.load(Relaxed),
             queue_batches: self.queue_batches.load(Relaxed),
             queue_bytes: self.queue_bytes.load(Relaxed),
@@ -158,6 +167,11 @@ impl Metrics {
 
     pub(crate) fn corrupt(&self, batches: u64) {
         self.batches_corrupt.fetch_add(batches, Relaxed);
+    }
+
+    pub(crate) fn rejected(&self, batches: u64, observations: u64) {
+        self.batches_rejected.fetch_add(batches, Relaxed);
+        self.observations_rejected.fetch_add(observations, Relaxed);
     }
 
     pub(crate) fn delivery_failed(&self) {
