@@ -160,7 +160,8 @@ impl Due {
 }
 
 /// When the sweep and the directory read are next due: both at start, then the sweep every
-/// (jittered) sweep interval after the previous one was delivered, and the directory read every
+/// (jittered) sweep interval after the previous one was delivered (or found the collector away:
+/// its batches then wait in the queue, and the sweeps go on), and the directory read every
 /// `directory.interval` after the previous read started. I/O-free, so the loop's timing is
 /// tested without waiting.
 #[derive(Debug, Clone)]
