@@ -460,8 +460,9 @@ impl Queue {
         let kept_new = insert.len() as u64;
         let kept_bytes: u64 = insert.iter().map(|(_, v)| v.len() as u64).sum();
         inner.store.apply(&remove, insert, true)?;
-        inner.len = inner.len - dropped_count + kept_new;
-        inner.bytes = inner.bytes - removed_bytes + kept_bytes;
+        // Saturating: an entry written behind our back (see `load`) may be among those dropped.
+        inner.len = inner.len.saturating_sub(dropped_count) + kept_new;
+        inner.bytes = inner.bytes.saturating_sub(removed_bytes) + kept_bytes;
         self.metrics.queued(count, observations);
         if dropped.batches > 0 {
             self.metrics.dropped(dropped.batches, dropped.observations);
