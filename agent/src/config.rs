@@ -38,8 +38,8 @@ pub struct Config {
     /// Allow scopes larger than a /16.
     #[serde(default)]
     pub allow_large_scope: bool,
-    /// Where the agent keeps its identity and sequence numbers. Without it, each run is a new
-    /// agent to the collector.
+    /// Where the agent keeps its identity, sequence numbers and delivery queue. Without it,
+    /// each run is a new agent to the collector, and undelivered batches live in memory only.
     pub state_dir: Option<PathBuf>,
     /// Time between sweeps, e.g. "15m".
     #[serde(default = "default_interval", with = "humantime_serde_compat")]
@@ -63,6 +63,71 @@ pub struct Config {
     /// The site's Active Directory, read over LDAP for users (off unless enabled).
     #[serde(default)]
     pub directory: DirectorySettings,
+    /// The delivery queue: its cap and the longest wait between delivery attempts.
+    #[serde(default)]
+    pub queue: QueueSettings,
+}
+
+/// The delivery queue (`[queue]`): batches wait in it, on disk in the state directory, until
+/// the collector acknowledges them (see `queue.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSettings {
+    /// The most the queued batches may take, in MiB (their encoded size). Reaching it drops
+    /// the oldest batches, with a warn line and a counter.
+    #[serde(default = "default_queue_max_mb")]
+    pub max_mb: u64,
+    /// The longest wait between delivery attempts while the collector cannot be reached, e.g.
+    /// "5m": waits start at 1 s and double up to this, each with jitter.
+    #[serde(default = "default_queue_retry_max", with = "humantime_serde_compat")]
+    pub retry_max: Duration,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        QueueSettings {
+            max_mb: default_queue_max_mb(),
+            retry_max: default_queue_retry_max(),
+        }
+    }
+}
+
+/// The range of `queue.max_mb`: at least room for two of the largest batches (a gRPC message
+/// is at most 4 MiB), at most 1 TiB.
+pub const QUEUE_MAX_MB: std::ops::RangeInclusive<u64> = 8..=1_048_576;
+/// The range of `queue.retry_max`.
+pub const QUEUE_RETRY_MAX: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3600);
+
+impl QueueSettings {
+    /// The cap in bytes.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_mb.saturating_mul(1024 * 1024)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check(
+            "queue.max_mb",
+            self.max_mb,
+            QUEUE_MAX_MB,
+            "between 8 and 1048576 (MiB)",
+        )?;
+        if !QUEUE_RETRY_MAX.contains(&self.retry_max) {
+            return Err(ConfigError::OutOfRange {
+                key: "queue.retry_max",
+                range: "between 1s and 1h",
+                value: humantime::format_duration(self.retry_max).to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn default_queue_max_mb() -> u64 {
+    256
+}
+fn default_queue_retry_max() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// ARP sweep tuning.
@@ -510,6 +575,7 @@ impl Default for Config {
             snmp: SnmpSettings::default(),
             mdns: MdnsSettings::default(),
             directory: DirectorySettings::default(),
+            queue: QueueSettings::default(),
         }
     }
 }
@@ -644,6 +710,7 @@ impl Config {
             return Err(ConfigError::NoToken);
         }
         self.validate_sweep()?;
+        self.queue.validate()?;
         self.directory.validate()
     }
 
@@ -878,6 +945,34 @@ mod tests {
             Some(SocketAddr::from(([127, 0, 0, 1], 7402)))
         );
         assert_eq!(Config::default().metrics_listen, None);
+        assert_eq!(c.queue, QueueSettings::default());
+    }
+
+    #[test]
+    fn queue_settings_are_parsed_and_checked() {
+        let c: Config =
+            toml::from_str("[queue]\nmax_mb = 64\nretry_max = \"30s\"\n").expect("parses");
+        assert_eq!(c.queue.max_bytes(), 64 * 1024 * 1024);
+        assert_eq!(c.queue.retry_max, Duration::from_secs(30));
+        let d = Config::default().queue;
+        assert_eq!((d.max_mb, d.retry_max), (256, Duration::from_secs(300)));
+        let mut c = valid();
+        c.validate().expect("defaults are valid");
+        c.queue.max_mb = 4;
+        assert_eq!(
+            c.validate().expect_err("too small").to_string(),
+            "queue.max_mb must be between 8 and 1048576 (MiB), got 4"
+        );
+        c.queue.max_mb = 8;
+        c.queue.retry_max = Duration::from_secs(7200);
+        assert_eq!(
+            c.validate().expect_err("too long").to_string(),
+            "queue.retry_max must be between 1s and 1h, got 2h"
+        );
+        let bad = toml::from_str::<Config>("[queue]\nmax_bytes = 1\n")
+            .expect_err("unknown key")
+            .to_string();
+        assert!(bad.contains("max_bytes"), "{bad}");
     }
 
     #[test]

@@ -10,9 +10,15 @@
 //! - [`discovery`]: one sweep with every method, merged into one observation per device.
 //! - [`directory`]: the site's Active Directory users, read over LDAPS with paged searches.
 //! - [`classify`]: MAC vendors and device categories, from the evidence.
-//! - [`report`]: turns sweep results into observation batches and delivers them over gRPC.
 //! - [`metrics_http`]: the Prometheus endpoint (`GET /metrics` on `metrics_listen`) and the
 //!   page it renders from the delivery path's counters.
+//! - [`report`]: turns sweep results into observation batches and delivers them over gRPC;
+//!   the agent's identity and sequence numbers (`agent.json`).
+//! - [`queue`]: the on-disk (sled) queue every batch waits in until acknowledged, with its
+//!   cap; the crash windows are written down there.
+//! - [`delivery`]: sends the queue to the collector, in order, backing off with jitter.
+//! - [`metrics`]: the agent's counters (sweeps, replies, batches queued/sent/acknowledged/
+//!   dropped), for a metrics endpoint to read.
 //! - [`run`]: the agent's main loop, driven by a shutdown token.
 //! - [`service`]: `install` / `uninstall` as a systemd unit or a Windows service, and the
 //!   Windows service entry (Stop and Shutdown cancel the same shutdown token as signals).
@@ -28,13 +34,16 @@
 
 pub mod classify;
 pub mod config;
+pub mod delivery;
 pub mod directory;
 pub mod discovery;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod iface;
 pub mod metrics_http;
+pub mod metrics;
 pub mod probe;
+pub mod queue;
 pub mod report;
 pub mod run;
 pub mod scope;

@@ -3,9 +3,10 @@
 //! `uninstall` set the agent up as a service (`service.rs`); on Windows the hidden `service`
 //! command is what the registered service runs: the same `run`, stopped by the service's Stop.
 //!
-//! Exit codes: 0 done; 64 bad flags or config; 69 collector unreachable; 75 `--once` stopped
-//! (a signal) before every batch was acknowledged; 77 a credential was refused or raw sockets
-//! are not allowed; 1 anything else. A failed directory read (`users`, or `run --once` after
+//! Exit codes: 0 done; 64 bad flags or config (or a state directory, or queue in it, that
+//! cannot be used); 69 collector unreachable; 75 `--once` stopped (a signal) before every
+//! batch was acknowledged (with a state directory, what is left stays queued for the next
+//! run); 77 a credential was refused or raw sockets are not allowed; 1 anything else. A failed directory read (`users`, or `run --once` after
 //! delivering everything, the failed read included) exits by the same scheme, see
 //! [`directory_exit_code`]: 64 its settings (URL, password file, CA file, a certificate that is
 //! not trusted or names another host, too many users), 69 the directory unreachable, silent or
@@ -17,6 +18,7 @@ use census_agent::{
     config::{self, Config, ConfigError},
     directory::{self, DirectoryError},
     metrics_http::{self, AgentMetrics},
+    queue::QueueError,
     report::DeliveryError,
     run::{self, AgentError, RunOptions},
     service::{self, ServiceError},
@@ -321,7 +323,10 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 
 fn exit_code(e: &AgentError) -> u8 {
     match e {
-        AgentError::Config(_) | AgentError::Scope(_) | AgentError::State(_) => EX_USAGE,
+        AgentError::Config(_)
+        | AgentError::Scope(_)
+        | AgentError::State(_)
+        | AgentError::Queue(QueueError::Open { .. } | QueueError::State(_)) => EX_USAGE,
         AgentError::Delivery(DeliveryError::Unreachable { .. }) => EX_UNAVAILABLE,
         AgentError::Delivery(DeliveryError::Refused(_)) | AgentError::Permission(_) => EX_NOPERM,
         AgentError::Interrupted { .. } => EX_TEMPFAIL,
@@ -682,9 +687,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Serves the agent's metrics on `listen`, if set, until `shutdown`. The page reads the
-/// delivery path's counters through [`metrics_http::AgentCounters`]; until they are wired here
-/// it shows only the build and the start time ([`metrics_http::NotWired`]).
+/// Serves the agent's metrics on `listen`, if set, until `shutdown`: the page reads the
+/// agent's counters ([`census_agent::metrics::global`]) at each scrape.
 async fn serve_metrics(
     listen: Option<SocketAddr>,
     shutdown: &CancellationToken,
@@ -692,7 +696,7 @@ async fn serve_metrics(
     let Some(listen) = listen else {
         return Ok(());
     };
-    let metrics = AgentMetrics::new(Arc::new(metrics_http::NotWired));
+    let metrics = AgentMetrics::new(Arc::new(census_agent::metrics::GlobalCounters));
     match metrics_http::serve(listen, move || metrics.render(), shutdown.clone()).await {
         // serve logs the address it listens on.
         Ok(_serving) => Ok(()),

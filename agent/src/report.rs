@@ -3,7 +3,8 @@
 //!
 //! A batch is named by (agent id, sequence). The agent keeps both in its state directory so a
 //! restarted agent never reuses a sequence number (the collector would take the new batch for
-//! a replay of the old one and drop it).
+//! a replay of the old one and drop it). Batches wait in the queue (`queue.rs`, which owns the
+//! [`AgentState`]) until [`deliver`] has them acknowledged.
 
 use std::{
     collections::BTreeSet,
@@ -360,6 +361,8 @@ async fn deliver_inner(
         Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange => {
             DeliveryError::Rejected(s.message().to_owned())
         }
+        // The collector's answer to a sequence number it holds with other content.
+        Code::FailedPrecondition => DeliveryError::Conflict(s.message().to_owned()),
         Code::Unavailable => DeliveryError::Unreachable {
             url: url.to_owned(),
             reason: format!(

@@ -1,14 +1,15 @@
 //! The agent's main loop: plan the sweep, sweep each interface on its own OS thread, read the
-//! site's Active Directory when `[directory]` is enabled, turn the answers into batches, and
-//! deliver them until acknowledged. `--once` does one sweep (and one read) and returns when
-//! every batch is acknowledged; otherwise it sweeps every interval (with jitter) and reads the
-//! directory every `directory.interval`, as [`Schedule`] says, until the shutdown token is
-//! cancelled. A read spans as many batches as it has parts (at most
+//! site's Active Directory when `[directory]` is enabled, turn the answers into batches, queue
+//! them (`queue.rs`), and deliver them until acknowledged (`delivery.rs`). `--once` does one
+//! sweep (and one read) and returns when every queued batch, earlier runs' included, is
+//! acknowledged; otherwise it sweeps every interval (with jitter) and reads the directory every
+//! `directory.interval`, as [`Schedule`] says, until the shutdown token is cancelled, while a
+//! delivery task sends what is queued. A read spans as many batches as it has parts (at most
 //! [`DEFAULT_USERS_PER_BATCH`] users each, no observations); a failed read is one batch whose
 //! part carries the error.
 
 use std::{
-    collections::BTreeMap,
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -20,17 +21,18 @@ use tracing::{info, warn};
 pub use crate::discovery::SweepSummary;
 use crate::{
     config::{Config, ConfigError},
+    delivery::{self, Deliverer, Mode},
     directory::{self, DEFAULT_USERS_PER_BATCH, DirectoryError, DirectoryReadResult},
     discovery::{self, Progress},
     iface,
-    report::{self, AgentState, DeliveryError},
+    metrics::{self, Metrics},
+    queue::{Queue, QueueError},
+    report::{self, DeliveryError},
     scope::{self, ScopeError, SweepPlan},
 };
 
-/// How long `--once` waits for the collector to come back before giving up.
+/// How many attempts `--once` makes to deliver (backing off between them) before giving up.
 const ONCE_DELIVERY_ATTEMPTS: u32 = 5;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the agent stopped. Each kind maps to its own exit code in the binary.
 #[derive(Debug, thiserror::Error)]
@@ -44,15 +46,20 @@ pub enum AgentError {
     #[error("cannot use the state directory: {0}")]
     State(std::io::Error),
     #[error(transparent)]
+    Queue(QueueError),
+    #[error(transparent)]
     Delivery(#[from] DeliveryError),
     #[error("{0}")]
     Sweep(String),
     #[error("sweep needs raw socket access: {0}")]
     Permission(String),
     #[error(
-        "stopped before every batch was acknowledged ({pending} batches undelivered): run again to sweep and deliver anew"
+        "stopped before every batch was acknowledged ({pending} batches undelivered{}",
+        if *kept { "; they stay queued in the state directory and the next run delivers them first)" } else { ": run again to sweep and deliver anew)" }
     )]
-    Interrupted { pending: usize },
+    Interrupted { pending: usize, kept: bool },
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// How the agent runs.
@@ -153,7 +160,8 @@ impl Due {
 }
 
 /// When the sweep and the directory read are next due: both at start, then the sweep every
-/// (jittered) sweep interval after the previous one was delivered, and the directory read every
+/// (jittered) sweep interval after the previous one was delivered (or found the collector away:
+/// its batches then wait in the queue, and the sweeps go on), and the directory read every
 /// `directory.interval` after the previous read started. I/O-free, so the loop's timing is
 /// tested without waiting.
 #[derive(Debug, Clone)]
@@ -204,18 +212,18 @@ impl Schedule {
     }
 }
 
-/// What one turn of the loop produced: its batches, numbered from the agent's state, and what
-/// was swept and read.
+/// What one turn of the loop produced: the sequences of the batches it queued, and what was
+/// swept and read.
 #[derive(Debug, Default)]
 pub struct Cycle {
-    pub batches: Vec<v1::ObservationBatch>,
+    pub queued: Vec<u64>,
     pub sweep: Option<SweepSummary>,
     pub directory: Option<DirectorySummary>,
 }
 
 /// One turn of the loop: the sweep and the directory read, whichever is `due`, at the same
-/// time, then their batches (the sweep's first), numbered with sequences reserved from
-/// `state`. `directory_name` names the directory in a failed read's part when the read itself
+/// time, then their batches (the sweep's first) queued in `queue`, numbered with sequences it
+/// reserves. `directory_name` names the directory in a failed read's part when the read itself
 /// did not get as far as learning it.
 ///
 /// The read runs concurrently with the sweep rather than before or after it: it waits on the
@@ -229,7 +237,7 @@ pub async fn cycle(
     config: &Config,
     due: Due,
     progress: Progress,
-    state: &mut AgentState,
+    queue: &Queue,
     directory_name: Option<&str>,
     shutdown: &CancellationToken,
 ) -> Result<Cycle, AgentError> {
@@ -268,15 +276,30 @@ pub async fn cycle(
     };
     let observation_batches = report::batch_count(observations.len());
     let total = observation_batches + parts.len() as u64;
-    let first = state.reserve(total).map_err(AgentError::State)?;
-    let mut batches = report::into_batches(&state.agent_id, first, observations);
-    batches.extend(report::directory_batches(
-        &state.agent_id,
-        first + observation_batches,
-        parts,
-    ));
+    let observation_count = observations.len();
+    let queued = queue
+        .push(total, |agent_id, first| {
+            let mut batches = report::into_batches(agent_id, first, observations);
+            batches.extend(report::directory_batches(
+                agent_id,
+                first + observation_batches,
+                parts,
+            ));
+            batches
+        })
+        .map_err(AgentError::Queue)?;
+    if let (Some(first), Some(last)) = (queued.first(), queued.last()) {
+        info!(
+            batches = queued.len(),
+            observations = observation_count,
+            first,
+            last,
+            queued = queue.len(),
+            "batches queued"
+        );
+    }
     Ok(Cycle {
-        batches,
+        queued,
         sweep,
         directory,
     })
@@ -370,9 +393,13 @@ pub fn directory_parts(
 }
 
 /// Runs the agent until `shutdown` is cancelled (or, with `once`, until one sweep, and one
-/// directory read when `[directory]` is enabled, are delivered). A failed directory read is no
-/// error here: its failed-read part is delivered like any batch, and the summary carries the
-/// error for `--once` to report.
+/// directory read when `[directory]` is enabled, are delivered, with whatever earlier runs left
+/// in the queue). A failed directory read is no error here: its failed-read part is delivered
+/// like any batch, and the summary carries the error for `--once` to report.
+///
+/// Every batch goes through the queue (`queue.rs`). Without `once`, a delivery task of its own
+/// ([`delivery::deliver`]) sends what is queued while the loop sweeps and reads on its schedule,
+/// so a collector that is away for hours only makes the queue longer.
 pub async fn run(
     config: Config,
     options: RunOptions,
@@ -382,9 +409,29 @@ pub async fn run(
     let token = config.token()?;
     let url = config.collector.clone().ok_or(ConfigError::NoCollector)?;
     let plan = plan(&config)?;
-    let mut state =
-        AgentState::load_or_create(config.state_dir.as_deref()).map_err(AgentError::State)?;
-    info!(agent_id = %state.agent_id, collector = %url, "agent starting");
+    let metrics = metrics::global();
+    let queue = Arc::new(
+        Queue::open(
+            config.state_dir.as_deref(),
+            config.queue.max_bytes(),
+            metrics,
+        )
+        .map_err(AgentError::Queue)?,
+    );
+    info!(agent_id = %queue.agent_id(), collector = %url, queued = queue.len(), "agent starting");
+    if !queue.is_empty() {
+        info!(
+            batches = queue.len(),
+            bytes = queue.bytes(),
+            "batches queued by an earlier run: delivering them first"
+        );
+    }
+    if !queue.is_durable() && !options.once {
+        warn!(
+            "no state directory: this run is a new agent, and batches wait for the collector in \
+             memory only (lost if the agent stops); set --state-dir to keep them on disk"
+        );
+    }
     if config.directory.enabled {
         info!(
             url = config.directory.url.as_deref().unwrap_or_default(),
@@ -394,7 +441,7 @@ pub async fn run(
     }
 
     // With --once a collector that is not there is an error now, before any packet is sent.
-    let mut channel = match report::connect(&url, CONNECT_TIMEOUT).await {
+    let channel = match report::connect(&url, delivery::CONNECT_TIMEOUT).await {
         Ok(c) => Some(c),
         Err(e) if options.once => return Err(e.into()),
         Err(e) => {
@@ -402,17 +449,7 @@ pub async fn run(
             None
         }
     };
-
-    // Batches swept or read but not yet acknowledged, by sequence.
-    let mut pending: BTreeMap<u64, v1::ObservationBatch> = BTreeMap::new();
-    let mut summary = RunSummary::default();
-    let mut schedule = Schedule::new(
-        Instant::now(),
-        config
-            .directory
-            .enabled
-            .then_some(config.directory.interval),
-    );
+    let deliverer = Deliverer::new(url, token, queue.clone(), channel, metrics);
     // What a failed read's part names, so the collector marks the right directory's users
     // stale: the configured base DN's domain (what a complete read names too), else what the
     // last complete read named (kept in the state), else nothing (the read never worked).
@@ -423,164 +460,240 @@ pub async fn run(
         .map(str::trim)
         .filter(|b| !b.is_empty())
         .map(directory::convert::domain_of);
-    let attempts = if options.once {
-        ONCE_DELIVERY_ATTEMPTS
-    } else {
-        1
+    let mut turns = Turns {
+        plan: &plan,
+        config: &config,
+        queue: &queue,
+        configured_directory,
+        progress: Progress {
+            enabled: options.progress,
+        },
+        summary: RunSummary::default(),
+        metrics,
     };
-    loop {
+    if options.once {
+        run_once(turns, deliverer, &shutdown).await
+    } else {
+        let outcome = run_forever(&mut turns, deliverer, &shutdown).await;
+        if !queue.is_empty() {
+            if queue.is_durable() {
+                warn!(
+                    batches = queue.len(),
+                    "stopping with batches queued: they stay in the state directory, and the \
+                     next start delivers them"
+                );
+            } else {
+                warn!(
+                    batches = queue.len(),
+                    "stopping with batches undelivered, and lost: no state directory"
+                );
+            }
+        }
+        outcome.map(|()| turns.summary)
+    }
+}
+
+/// How long a stopping agent waits for the delivery task to finish the window it is sending.
+const DELIVERY_DRAIN: Duration = Duration::from_secs(5);
+
+/// `run --once`: one sweep (and read) queued, then everything queued delivered.
+async fn run_once(
+    mut turns: Turns<'_>,
+    mut deliverer: Deliverer,
+    shutdown: &CancellationToken,
+) -> Result<RunSummary, AgentError> {
+    let due = Due {
+        sweep: true,
+        directory: turns.config.directory.enabled,
+    };
+    let queue = turns.queue.clone();
+    let interrupted = |queue: &Queue| AgentError::Interrupted {
+        pending: queue.len(),
+        kept: queue.is_durable(),
+    };
+    if !turns.turn(due, shutdown).await? {
+        return Err(interrupted(&queue));
+    }
+    let delivered = delivery::deliver(
+        &mut deliverer,
+        Mode::Once {
+            attempts: ONCE_DELIVERY_ATTEMPTS,
+        },
+        turns.config.queue.retry_max,
+        shutdown,
+    )
+    .await;
+    if let Err(e) = delivered {
+        if queue.is_durable() && !queue.is_empty() {
+            warn!(
+                batches = queue.len(),
+                "batches stay queued in the state directory: the next run delivers them first"
+            );
+        }
+        return Err(e);
+    }
+    if shutdown.is_cancelled() || !queue.is_empty() {
+        return Err(interrupted(&queue));
+    }
+    Ok(turns.summary)
+}
+
+/// `run`: sweeps and reads on their schedule until `shutdown`, with delivery as a task of its
+/// own. A fatal delivery error (the token refused, a batch rejected) ends the run.
+async fn run_forever(
+    turns: &mut Turns<'_>,
+    mut deliverer: Deliverer,
+    shutdown: &CancellationToken,
+) -> Result<(), AgentError> {
+    let config = turns.config;
+    let queue = turns.queue.clone();
+    let status = deliverer.status.clone();
+    let stop = shutdown.child_token();
+    let retry_max = config.queue.retry_max;
+    let mut task = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            delivery::deliver(&mut deliverer, Mode::Forever, retry_max, &stop).await
+        })
+    };
+    let mut schedule = Schedule::new(
+        Instant::now(),
+        config
+            .directory
+            .enabled
+            .then_some(config.directory.interval),
+    );
+    let ended = |r: Result<Result<(), AgentError>, tokio::task::JoinError>| match r {
+        Ok(r) => r,
+        Err(e) => Err(AgentError::Internal(format!(
+            "the delivery task failed: {e}"
+        ))),
+    };
+    let outcome: Result<(), AgentError> = 'run: loop {
         let started = Instant::now();
         let due = schedule.due(started);
         if due.any() {
-            let directory_name = configured_directory.clone().or(state.directory.clone());
-            let done = cycle(
-                &plan,
-                &config,
-                due,
-                Progress {
-                    enabled: options.progress,
-                },
-                &mut state,
-                directory_name.as_deref(),
-                &shutdown,
-            )
-            .await?;
-            if shutdown.is_cancelled() {
-                break;
+            let turn = tokio::select! {
+                r = &mut task => break 'run ended(r).and(Err(AgentError::Internal("the delivery task stopped".into()))),
+                r = turns.turn(due, shutdown) => r,
+            };
+            match turn {
+                Err(e) => break 'run Err(e),
+                Ok(false) => break 'run Ok(()),
+                Ok(true) => {}
             }
             if due.directory {
                 schedule.read_started(started);
             }
-            pending.extend(done.batches.into_iter().map(|b| (b.sequence, b)));
-            if let Some(s) = done.sweep {
-                summary.sweep = s;
-            }
-            if let Some(d) = done.directory {
-                if d.error.is_none() {
-                    state
-                        .set_directory(&d.directory)
-                        .map_err(AgentError::State)?;
-                }
-                summary.directory = Some(d);
-            }
-            flush(
-                &url,
-                &token,
-                &mut channel,
-                &mut state,
-                &mut pending,
-                attempts,
-                &shutdown,
-            )
-            .await?;
-            if options.once {
-                break;
-            }
             if due.sweep {
+                // The sweep is done once delivered, or once the collector is known to be away
+                // (delivery then carries on by itself on its back-off schedule), but at most an
+                // interval after it was queued: the next one is due an interval after that.
+                let deadline = tokio::time::Instant::now() + config.interval;
+                loop {
+                    let changed = queue.changed();
+                    if queue.is_empty()
+                        || status.backing_off()
+                        || shutdown.is_cancelled()
+                        || tokio::time::Instant::now() >= deadline
+                    {
+                        break;
+                    }
+                    tokio::select! {
+                        r = &mut task => break 'run ended(r).and(Err(AgentError::Internal("the delivery task stopped".into()))),
+                        () = changed => {}
+                        () = tokio::time::sleep_until(deadline) => {}
+                        () = shutdown.cancelled() => {}
+                    }
+                }
                 let jitter = rand::rng().random_range(0.9..1.1);
                 let wait = config.interval.mul_f64(jitter);
                 schedule.swept(Instant::now(), wait);
-                info!(next_in = ?wait, pending = pending.len(), "sweep done");
+                info!(next_in = ?wait, pending = queue.len(), "sweep done");
             }
         }
         tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = shutdown.cancelled() => break 'run Ok(()),
+            r = &mut task => break 'run ended(r).and(Err(AgentError::Internal("the delivery task stopped".into()))),
             () = tokio::time::sleep_until(schedule.next_due().into()) => {}
         }
+    };
+    stop.cancel();
+    if !task.is_finished() {
+        // Let the window on the wire be acknowledged; what is not, is resent next time.
+        if tokio::time::timeout(DELIVERY_DRAIN, &mut task)
+            .await
+            .is_err()
+        {
+            warn!(
+                "delivery did not finish within {DELIVERY_DRAIN:?} of stopping: unacknowledged \
+                 batches are sent again next time"
+            );
+            task.abort();
+        }
     }
-    if options.once && (shutdown.is_cancelled() || !pending.is_empty()) {
-        return Err(AgentError::Interrupted {
-            pending: pending.len(),
-        });
-    }
-    if !pending.is_empty() {
-        warn!(
-            batches = pending.len(),
-            "stopping with undelivered batches (an on-disk queue arrives with the production issue)"
-        );
-    }
-    Ok(summary)
+    outcome
 }
 
-/// Delivers pending batches, retrying with backoff up to `attempts` times. Retryable failures
-/// are kept for the next call unless this was the last attempt of a `--once` run.
-async fn flush(
-    url: &str,
-    token: &str,
-    channel: &mut Option<tonic::transport::Channel>,
-    state: &mut AgentState,
-    pending: &mut BTreeMap<u64, v1::ObservationBatch>,
-    attempts: u32,
-    shutdown: &CancellationToken,
-) -> Result<(), AgentError> {
-    let mut backoff = Duration::from_millis(500);
-    for attempt in 1..=attempts {
-        if pending.is_empty() {
-            return Ok(());
+/// What the loop's turns share: what to sweep and read, the queue, the summary so far.
+struct Turns<'a> {
+    plan: &'a SweepPlan,
+    config: &'a Config,
+    queue: &'a Arc<Queue>,
+    configured_directory: Option<String>,
+    progress: Progress,
+    summary: RunSummary,
+    metrics: &'static Metrics,
+}
+
+impl Turns<'_> {
+    /// Sweeps and reads what is `due`, queues the batches, and records what was done. Returns
+    /// false when `shutdown` came first (nothing is queued then).
+    async fn turn(&mut self, due: Due, shutdown: &CancellationToken) -> Result<bool, AgentError> {
+        let directory_name = self
+            .configured_directory
+            .clone()
+            .or_else(|| self.queue.directory());
+        let done = cycle(
+            self.plan,
+            self.config,
+            due,
+            self.progress,
+            self.queue,
+            directory_name.as_deref(),
+            shutdown,
+        )
+        .await?;
+        if shutdown.is_cancelled() {
+            return Ok(false);
         }
-        let result = async {
-            let ch = match channel.take() {
-                Some(c) => c,
-                None => report::connect(url, CONNECT_TIMEOUT).await?,
-            };
-            let batches: Vec<_> = pending.values().cloned().collect();
-            let (acked, delivered, result) =
-                report::deliver(ch.clone(), url, token, &batches, ACK_TIMEOUT).await;
-            let mut users = 0;
-            for seq in &acked {
-                users += pending.remove(seq).map_or(0, |b| b.users.len());
-            }
-            if !acked.is_empty() {
-                info!(
-                    batches = acked.len(),
-                    stored = delivered.stored,
-                    duplicates = delivered.duplicates,
-                    observations = delivered.observations,
-                    rejected = delivered.rejected_observations,
-                    users,
-                    "delivered"
-                );
-            }
-            if result.is_ok() {
-                *channel = Some(ch);
-            }
-            result
+        if let Some(s) = done.sweep {
+            self.metrics.sweep(&s);
+            self.summary.sweep = s;
         }
-        .await;
-        match result {
-            Ok(()) => return Ok(()),
-            Err(DeliveryError::Conflict(reason)) if attempt < attempts || attempts == 1 => {
-                // Our state was restored or copied: the collector already holds other batches
-                // under our sequence numbers. Continue as a new agent, resending everything.
-                let old = state.agent_id.clone();
-                let batches: Vec<v1::ObservationBatch> =
-                    std::mem::take(pending).into_values().collect();
-                let renumbered = state.rotate(batches).map_err(AgentError::State)?;
-                warn!(old_agent_id = %old, new_agent_id = %state.agent_id, %reason, "sequence numbers already used: continuing under a new agent id");
-                pending.extend(renumbered.into_iter().map(|b| (b.sequence, b)));
+        if let Some(d) = done.directory {
+            self.metrics.directory_read(d.error.is_some());
+            if d.error.is_none() {
+                self.queue
+                    .set_directory(&d.directory)
+                    .map_err(AgentError::Queue)?;
             }
-            Err(e) if e.is_retryable() && attempt < attempts => {
-                warn!(error = %e, attempt, retry_in = ?backoff, "delivery failed; retrying");
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-            Err(e) if e.is_retryable() && attempts == 1 => {
-                warn!(error = %e, pending = pending.len(), "delivery failed; will retry after the next sweep");
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
+            self.summary.directory = Some(d);
         }
+        Ok(true)
     }
-    Ok(())
+}
+
+impl std::fmt::Debug for Turns<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Turns").finish_non_exhaustive()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DirectorySettings;
+    use crate::{config::DirectorySettings, report::AgentState};
 
     const MIN: Duration = Duration::from_secs(60);
 
@@ -767,8 +880,15 @@ mod tests {
             },
             ..Config::default()
         };
-        let mut state = AgentState::load_or_create(Some(tmp.path())).expect("state");
-        state.reserve(6).expect("reserve");
+        AgentState::load_or_create(Some(tmp.path()))
+            .and_then(|mut s| s.reserve(6))
+            .expect("six sequences used before");
+        let queue = Queue::open(
+            Some(tmp.path()),
+            1 << 30,
+            Box::leak(Box::new(Metrics::new())),
+        )
+        .expect("queue");
         let due = Due {
             sweep: false,
             directory: true,
@@ -778,18 +898,20 @@ mod tests {
             &config,
             due,
             Progress { enabled: false },
-            &mut state,
+            &queue,
             Some("lab.census.test"),
             &CancellationToken::new(),
         )
         .await
         .expect("a failed read is no cycle error");
         assert!(done.sweep.is_none());
-        assert_eq!(done.batches.len(), 1);
-        let b = &done.batches[0];
+        assert_eq!(done.queued, [7]);
+        let queued = queue.peek(10, u64::MAX).expect("peek");
+        assert_eq!(queued.len(), 1);
+        let b = &queued[0].batch;
         assert_eq!(
             (b.sequence, b.agent_id.as_str()),
-            (7, state.agent_id.as_str())
+            (7, queue.agent_id().as_str())
         );
         let read = b.directory_read.as_ref().expect("the part");
         assert!(
@@ -804,11 +926,19 @@ mod tests {
             summary.error,
             Some(DirectoryError::Unreachable { .. })
         ));
+        drop(queue);
         let reloaded = AgentState::load_or_create(Some(tmp.path())).expect("reload");
         assert_eq!(
             reloaded.next_sequence, 8,
             "the sequence is reserved on disk"
         );
+        let queue = Queue::open(
+            Some(tmp.path()),
+            1 << 30,
+            Box::leak(Box::new(Metrics::new())),
+        )
+        .expect("reopen");
+        assert_eq!(queue.len(), 1, "and the batch is queued on disk");
 
         // Cancelled before it starts: nothing is queued and no sequence is used.
         let cancel = CancellationToken::new();
@@ -818,13 +948,14 @@ mod tests {
             &config,
             due,
             Progress { enabled: false },
-            &mut state,
+            &queue,
             None,
             &cancel,
         )
         .await
         .expect("cancelled");
-        assert!(done.batches.is_empty() && done.directory.is_none());
-        assert_eq!(state.next_sequence, 8);
+        assert!(done.queued.is_empty() && done.directory.is_none());
+        assert_eq!(queue.next_sequence(), 8);
+        assert_eq!(queue.len(), 1);
     }
 }

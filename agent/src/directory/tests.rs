@@ -191,8 +191,31 @@ async fn read_via_cycle(settings: DirectorySettings) -> Outcome {
         directory: settings,
         ..crate::config::Config::default()
     };
-    let mut state = crate::report::AgentState::load_or_create(None).expect("an in-memory state");
-    state.reserve(FIRST_SEQUENCE - 1).expect("in memory");
+    let queue = crate::queue::Queue::open(
+        None,
+        1 << 30,
+        Box::leak(Box::new(crate::metrics::Metrics::new())),
+    )
+    .expect("an in-memory queue");
+    // Sequences from FIRST_SEQUENCE: reserve the ones before with empty batches, delivered.
+    queue
+        .push(FIRST_SEQUENCE - 1, |id, first| {
+            (first..FIRST_SEQUENCE)
+                .map(|sequence| census_proto::v1::ObservationBatch {
+                    agent_id: id.to_owned(),
+                    sequence,
+                    ..Default::default()
+                })
+                .collect()
+        })
+        .expect("in memory");
+    let earlier: Vec<u64> = queue
+        .peek(usize::MAX, u64::MAX)
+        .expect("peek")
+        .iter()
+        .map(|q| q.key)
+        .collect();
+    queue.remove(&earlier).expect("remove");
     let done = crate::run::cycle(
         &crate::scope::SweepPlan::default(),
         &config,
@@ -201,7 +224,7 @@ async fn read_via_cycle(settings: DirectorySettings) -> Outcome {
             directory: true,
         },
         crate::discovery::Progress { enabled: false },
-        &mut state,
+        &queue,
         Some(KNOWN_DIRECTORY),
         &CancellationToken::new(),
     )
@@ -222,9 +245,10 @@ async fn read_via_cycle(settings: DirectorySettings) -> Outcome {
                     }),
                 },
             };
-            let batches = done
-                .batches
+            let queued = queue.peek(usize::MAX, u64::MAX).unwrap_or_default();
+            let batches = queued
                 .iter()
+                .map(|q| &q.batch)
                 .map(|b| {
                     let read = b.directory_read.clone().unwrap_or_default();
                     Batch {

@@ -4,6 +4,7 @@
 //! saying so. `CENSUS_SKIP_LAB=1` skips them on purpose.
 
 mod billing;
+mod delivery;
 mod directory;
 mod discovery;
 mod foundation;
