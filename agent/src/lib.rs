@@ -40,8 +40,8 @@ pub mod discovery;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod iface;
-pub mod metrics_http;
 pub mod metrics;
+pub mod metrics_http;
 pub mod probe;
 pub mod queue;
 pub mod report;

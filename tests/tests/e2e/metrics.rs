@@ -245,6 +245,32 @@ fn the_agent_serves_its_metrics_in_its_namespace() -> Result<()> {
     );
     assert_eq!(value(&page, &build)?, 1.0);
     assert!(value(&page, "process_start_time_seconds")? > 1.7e9);
+    // The delivery path's counters: once the first sweep is acknowledged, the page shows it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let page = loop {
+        let page = support::http_get(&lab, site.agent().ns(), "http://127.0.0.1:7402/metrics")?;
+        if page
+            .sample("census_agent_batches_acknowledged_total")
+            .unwrap_or(0.0)
+            >= 1.0
+        {
+            break page;
+        }
+        if Instant::now() > deadline || !agent.is_running() {
+            bail!(
+                "no acknowledged batch on the agent's page; its log:\n{}",
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(value(&page, "census_agent_sweeps_total")?, 1.0);
+    assert!(value(&page, "census_agent_replies_total{method=\"arp\"}")? >= 1.0);
+    assert_eq!(
+        value(&page, "census_agent_batches_sent_total")?,
+        value(&page, "census_agent_batches_acknowledged_total")?
+    );
+    assert_eq!(value(&page, "census_agent_batches_dropped_total")?, 0.0);
     // Not reachable from the site: it listens on the agent's loopback only.
     let from_site = support::http_get(&lab, host.ns(), "http://198.18.0.2:7402/metrics");
     assert!(from_site.is_err(), "{from_site:?}");
