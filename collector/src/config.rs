@@ -22,6 +22,7 @@ pub const DEFAULT_MAX_BATCH_OBSERVATIONS: usize = 10_000;
 /// Default bound of the store's page cache, in MiB. sled's memory is several times its cache
 /// (page table, segment bookkeeping), so the default is small: ingest ran as fast with 64 MiB
 /// as with 1 GiB on the collector benchmark, and counts are served from memory of their own.
+/// The write buffer in front of sled (the write-ahead log's) holds up to twice this.
 pub const DEFAULT_CACHE_MB: u64 = 64;
 /// Default time between two reads of a client's Entra ID users.
 pub const DEFAULT_GRAPH_INTERVAL: Duration = Duration::from_secs(60 * 60);

@@ -295,6 +295,39 @@ pub trait Graph {
     fn event(&mut self, seq: u64) -> Result<Option<Event>, Self::Error>;
     /// Stores an event; `seq` 0 asks the graph to assign the next sequence number.
     fn put_event(&mut self, event: &mut Event) -> Result<(), Self::Error>;
+
+    /// Shows `f` a key's record (or `None`) and returns what it returns. The rules use it
+    /// where they only look; a graph that holds records overrides it to lend one instead of
+    /// copying it.
+    fn with_key<R>(
+        &mut self,
+        key: &str,
+        f: impl FnOnce(Option<&KeyRecord>) -> R,
+    ) -> Result<R, Self::Error> {
+        Ok(f(self.key(key)?.as_ref()))
+    }
+    /// Shows `f` a device's record (or `None`), as [`Graph::with_key`] does a key's.
+    fn with_device<R>(
+        &mut self,
+        id: &str,
+        f: impl FnOnce(Option<&DeviceRecord>) -> R,
+    ) -> Result<R, Self::Error> {
+        Ok(f(self.device(id)?.as_ref()))
+    }
+    /// A device's id and keys (or `None`), without the rest of its record: a graph that stores
+    /// records encoded overrides it to decode only those.
+    fn device_keys(&mut self, id: &str) -> Result<Option<(String, Vec<String>)>, Self::Error> {
+        self.with_device(id, |d| d.map(|d| (d.id.clone(), d.keys.clone())))
+    }
+    /// Stores a key's record, handing it over: a graph that keeps records overrides it to keep
+    /// this one instead of a copy.
+    fn put_key_owned(&mut self, key: &str, record: KeyRecord) -> Result<(), Self::Error> {
+        self.put_key(key, &record)
+    }
+    /// Stores a device's record, handing it over (see [`Graph::put_key_owned`]).
+    fn put_device_owned(&mut self, device: DeviceRecord) -> Result<(), Self::Error> {
+        self.put_device(&device)
+    }
 }
 
 // === contributions ===
@@ -456,9 +489,11 @@ fn rebuild<G: Graph>(g: &mut G, client: &str, keys: &[String]) -> Result<DeviceR
     let mut dev = empty(client);
     let mut weak_only = true;
     for k in &keys {
-        if let Some(rec) = g.key(k)? {
-            fold(&mut dev, &rec.contribution);
-        }
+        g.with_key(k, |rec| {
+            if let Some(rec) = rec {
+                fold(&mut dev, &rec.contribution);
+            }
+        })?;
         weak_only &= !is_strong(k);
     }
     dev.weak_only = weak_only;
@@ -470,6 +505,12 @@ fn rebuild<G: Graph>(g: &mut G, client: &str, keys: &[String]) -> Result<DeviceR
     Ok(dev)
 }
 
+/// A device as [`settle`] left it: its id and keys.
+struct Settled {
+    id: String,
+    keys: Vec<String>,
+}
+
 /// Moves `keys` to one device (a new record under the id of their smallest key), writing the
 /// keys and the device, and deleting the devices in `old_ids` that are not the new one.
 fn settle<G: Graph>(
@@ -477,14 +518,14 @@ fn settle<G: Graph>(
     client: &str,
     keys: &[String],
     old_ids: &[String],
-) -> Result<DeviceRecord, G::Error> {
+) -> Result<Settled, G::Error> {
     let dev = rebuild(g, client, keys)?;
     for k in &dev.keys {
-        if let Some(mut rec) = g.key(k)?
-            && rec.device != dev.id
+        if g.with_key(k, |rec| rec.is_some_and(|r| r.device != dev.id))?
+            && let Some(mut rec) = g.key(k)?
         {
             rec.device.clone_from(&dev.id);
-            g.put_key(k, &rec)?;
+            g.put_key_owned(k, rec)?;
         }
     }
     for id in old_ids {
@@ -492,8 +533,12 @@ fn settle<G: Graph>(
             g.delete_device(id)?;
         }
     }
-    g.put_device(&dev)?;
-    Ok(dev)
+    let settled = Settled {
+        id: dev.id.clone(),
+        keys: dev.keys.clone(),
+    };
+    g.put_device_owned(dev)?;
+    Ok(settled)
 }
 
 // === applying observations ===
@@ -554,12 +599,17 @@ pub fn apply<G: Graph>(
         if cut_from.contains(k) {
             continue;
         }
-        let rec = g.key(k)?;
-        if rec.as_ref().is_some_and(|r| r.cut_from.contains(&primary)) {
+        let (cut, device) = g.with_key(k, |rec| {
+            (
+                rec.is_some_and(|r| r.cut_from.contains(&primary)),
+                rec.map(|r| r.device.clone()),
+            )
+        })?;
+        if cut {
             continue;
         }
-        if let Some(r) = &rec {
-            devices.insert(r.device.clone());
+        if let Some(device) = device {
+            devices.insert(device);
         }
         joined.push(k.clone());
     }
@@ -569,17 +619,17 @@ pub fn apply<G: Graph>(
     let mut merged_ids = Vec::new();
     let mut device_keys: Vec<String> = Vec::new();
     for id in &devices {
-        let Some(dev) = g.device(id)? else {
+        let Some((dev_id, dev_keys)) = g.device_keys(id)? else {
             continue;
         };
-        if !dev.keys.contains(&primary) && dev.keys.iter().any(|k| cut_from.contains(k)) {
+        if !dev_keys.contains(&primary) && dev_keys.iter().any(|k| cut_from.contains(k)) {
             // Keep apart what an operator split.
-            joined.retain(|k| !dev.keys.contains(k));
+            joined.retain(|k| !dev_keys.contains(k));
             continue;
         }
-        before.push((dev.id.clone(), dev.keys.clone()));
-        merged_ids.push(dev.id.clone());
-        device_keys.extend(dev.keys.iter().cloned());
+        before.push((dev_id.clone(), dev_keys.clone()));
+        merged_ids.push(dev_id);
+        device_keys.extend(dev_keys);
     }
     let mut all_keys: Vec<String> = joined
         .iter()
@@ -598,12 +648,12 @@ pub fn apply<G: Graph>(
         cut_from: BTreeSet::new(),
     });
     fold(&mut rec.contribution, &contrib);
-    g.put_key(&primary, &rec)?;
+    g.put_key_owned(&primary, rec)?;
     for k in &all_keys {
-        if g.key(k)?.is_none() {
-            g.put_key(
+        if !g.with_key(k, |rec| rec.is_some())? {
+            g.put_key_owned(
                 k,
-                &KeyRecord {
+                KeyRecord {
                     device: String::new(),
                     contribution: empty(&scope.client),
                     cut_from: BTreeSet::new(),
@@ -699,7 +749,7 @@ pub enum EditError {
 pub type EditResult<E> = Result<Result<Event, EditError>, E>;
 
 fn keys_of<G: Graph>(g: &mut G, id: &str) -> Result<Option<Vec<String>>, G::Error> {
-    Ok(g.device(id)?.map(|d| d.keys))
+    Ok(g.device_keys(id)?.map(|(_, keys)| keys))
 }
 
 /// Removes any cut between the two key sets.
@@ -979,6 +1029,28 @@ impl Graph for MemGraph {
             event.seq = self.events.keys().next_back().copied().unwrap_or(0) + 1;
         }
         self.events.insert(event.seq, event.clone());
+        Ok(())
+    }
+    fn with_key<R>(
+        &mut self,
+        key: &str,
+        f: impl FnOnce(Option<&KeyRecord>) -> R,
+    ) -> Result<R, Self::Error> {
+        Ok(f(self.keys.get(key)))
+    }
+    fn with_device<R>(
+        &mut self,
+        id: &str,
+        f: impl FnOnce(Option<&DeviceRecord>) -> R,
+    ) -> Result<R, Self::Error> {
+        Ok(f(self.devices.get(id)))
+    }
+    fn put_key_owned(&mut self, key: &str, record: KeyRecord) -> Result<(), Self::Error> {
+        self.keys.insert(key.to_owned(), record);
+        Ok(())
+    }
+    fn put_device_owned(&mut self, device: DeviceRecord) -> Result<(), Self::Error> {
+        self.devices.insert(device.id.clone(), device);
         Ok(())
     }
 }

@@ -30,11 +30,18 @@
 //! [`overlay::Overlay`] that reads the client's records once and keeps its writes in memory,
 //! under a lock of the client's own (so batches of different clients are worked out on
 //! different cores, and two batches of one client never interleave). The writes then go to the
-//! group commit ([`commit::Pipeline`]): applied with other writers' as one atomic batch, then
-//! made durable by one flush for all of them. Operators' edits take the same lock and path.
+//! commit pipeline ([`commit::Pipeline`]): appended whole to a write-ahead log of the store's
+//! own (`<data dir>/wal/`, see [`wal`]) and put in a write buffer ([`memtable`]) that every
+//! reader of `graph` looks at before sled, in one step. The batch is acknowledged once the log
+//! is `fdatasync`ed up to it, one sync for every writer waiting (group commit). sled is written
+//! behind, by checkpoints: the buffer, each record once however often it changed, in large
+//! batches on a thread of its own; then the log segments it covers are removed. On open, what
+//! the log holds beyond the last checkpoint is written to sled first. Operators' edits take the
+//! same lock and path.
 //!
-//! **Durability.** Every write that is acknowledged to anyone is flushed first: sled's
-//! background flush alone can lose the last half second.
+//! **Durability.** Every write that is acknowledged to anyone is durable first: a `graph`
+//! write in the log, any other write by a sled flush (sled's background flush alone can lose
+//! the last half second).
 //!
 //! **Counting.** `GetCounts` counts from [`counts::CountIndex`], the summaries of a client's
 //! devices in memory, read from the store on the client's first count and kept in step by
@@ -46,8 +53,10 @@
 
 mod commit;
 mod counts;
+mod memtable;
 mod overlay;
 mod users;
+mod wal;
 
 use std::{
     collections::BTreeMap,
@@ -156,28 +165,27 @@ impl SledStore {
     /// Opens (or creates) the store in `dir`, which must exist.
     pub fn open_with(dir: &Path, options: &SledOptions) -> Result<Self, StoreError> {
         let path = dir.join("store");
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(&path)
-            .cache_capacity(options.cache_bytes)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io)
-                    if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().contains("lock") =>
-                {
-                    StoreError::Locked {
-                        path: path.display().to_string(),
-                        reason: io.to_string(),
-                    }
+            .cache_capacity(options.cache_bytes);
+        let db = open_sled(&config).map_err(|e| match e {
+            sled::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("lock") =>
+            {
+                StoreError::Locked {
+                    path: path.display().to_string(),
+                    reason: io.to_string(),
                 }
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
-                    StoreError::Locked {
-                        path: path.display().to_string(),
-                        reason: io.to_string(),
-                    }
+            }
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+                StoreError::Locked {
+                    path: path.display().to_string(),
+                    reason: io.to_string(),
                 }
-                other => StoreError::Engine(other.to_string()),
-            })?;
+            }
+            other => StoreError::Engine(other.to_string()),
+        })?;
         let tree = |name: &str| db.open_tree(name).map_err(engine);
         let store = SledStore {
             clients: tree("clients")?,
@@ -191,7 +199,11 @@ impl SledStore {
             user_policies: tree("user_policies")?,
             users_writer: Arc::new(Mutex::new(())),
             writers: Arc::new(ClientLocks::default()),
-            pipeline: Arc::new(commit::Pipeline::default()),
+            pipeline: Arc::new(commit::Pipeline::open(
+                &dir.join("wal"),
+                &db,
+                commit::Limits::for_cache(options.cache_bytes),
+            )?),
             counts: Arc::new(counts::CountIndex::default()),
             db,
         };
@@ -259,8 +271,7 @@ impl SledStore {
         }
         let mut index = counts::ClientIndex::default();
         let p = graph_prefix(DEVICE, &[client.as_bytes()]);
-        for kv in self.graph.scan_prefix(&p) {
-            let (k, v) = kv.map_err(engine)?;
+        for (k, v) in self.pipeline.scan(client.as_bytes(), &p)? {
             let id = std::str::from_utf8(&k[p.len()..]).map_err(|_| StoreError::Corrupt {
                 key: String::from_utf8_lossy(&k).replace('\0', "/"),
                 reason: "device id is not UTF-8".into(),
@@ -294,6 +305,25 @@ impl ClientLocks {
         // The lock guards no data of its own: a writer that panicked left nothing half-written
         // in the store (its overlay was never committed), so a poisoned lock is still usable.
         self.0[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Opens sled, waiting up to two seconds for its lock: a store closed a moment ago (a restart,
+/// or a test reopening its store) can hold it a few milliseconds longer, until sled's I/O
+/// threads let go of its files. A lock held longer than that is another collector's.
+fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
+    let started = std::time::Instant::now();
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(io))
+                if (io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("could not acquire lock"))
+                    && started.elapsed() < std::time::Duration::from_secs(2) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
     }
 }
 
@@ -416,6 +446,22 @@ fn decode<T: DeserializeOwned>(k: &[u8], bytes: &[u8]) -> Result<T, StoreError> 
         }
         Some((v, _)) => Err(corrupt(format!("unknown format {v}"))),
         None => Err(corrupt("empty value".into())),
+    }
+}
+
+impl SledStore {
+    /// The client's `graph` records under `prefix`, decoded: committed ones included (see
+    /// [`commit::Pipeline::scan`]).
+    fn scan_graph<T: DeserializeOwned>(
+        &self,
+        client: &[u8],
+        prefix: &[u8],
+    ) -> Result<Vec<T>, StoreError> {
+        self.pipeline
+            .scan(client, prefix)?
+            .into_iter()
+            .map(|(k, v)| decode(&k, &v))
+            .collect()
     }
 }
 
@@ -569,13 +615,18 @@ impl Store for SledStore {
         );
         let (outcome, ticket) = {
             let _writer = self.writers.lock(&scope.client);
-            match self.graph.get(&batch_key).map_err(engine)? {
+            match self.pipeline.get(client, &batch_key)? {
                 Some(stored) if stored.get(8..) == Some(&batch.digest[..]) => {
                     (BatchOutcome::Duplicate, None)
                 }
                 Some(_) => (BatchOutcome::Conflict, None),
                 None => {
-                    let mut g = Overlay::new(&self.graph, &self.db, client);
+                    let mut g = Overlay::with_capacity(
+                        &self.pipeline,
+                        &self.db,
+                        client,
+                        observations.len(),
+                    );
                     for obs in observations {
                         identity::apply(&mut g, scope, &batch.agent_id, obs)?;
                     }
@@ -589,33 +640,32 @@ impl Store for SledStore {
                     let mut record = applied_ms.to_be_bytes().to_vec();
                     record.extend_from_slice(&batch.digest);
                     writes.push((batch_key, Some(record)));
-                    let ticket = self.pipeline.submit(writes);
-                    self.pipeline.wait_applied(&self.graph, ticket)?;
+                    let ticket = self.pipeline.commit(client, writes)?;
                     self.counts.update(&scope.client, changes);
                     (BatchOutcome::Stored, Some(ticket))
                 }
             }
         };
         // The acknowledgement promises the batch is on disk: also for a duplicate, whose first
-        // copy may still be on its way there (a resend racing the first flush). Outside the
+        // copy may still be on its way there (a resend racing the first log sync). Outside the
         // client's lock, so its next batch is worked out meanwhile.
         match ticket {
-            Some(t) => self.pipeline.wait_durable(&self.db, t)?,
-            None => self.flush()?,
+            Some(t) => self.pipeline.wait_durable(t)?,
+            None => self.pipeline.sync()?,
         }
         Ok(outcome)
     }
 
     fn devices(&self, client: &str, site: Option<&str>) -> Result<Vec<DeviceRecord>, StoreError> {
         let c = client.as_bytes();
-        let devices: Vec<DeviceRecord> = scan(&self.graph, &graph_prefix(DEVICE, &[c]))?
+        let devices: Vec<DeviceRecord> = self
+            .scan_graph(c, &graph_prefix(DEVICE, &[c]))?
             .into_iter()
             .filter(|d: &DeviceRecord| site.is_none_or(|s| d.sites.iter().any(|x| x == s)))
             .collect();
         let mut owners = BTreeMap::new();
         let owner_prefix = graph_prefix(OWNER, &[c]);
-        for kv in self.graph.scan_prefix(&owner_prefix) {
-            let (k, v) = kv.map_err(engine)?;
+        for (k, v) in self.pipeline.scan(c, &owner_prefix)? {
             let rest = &k[owner_prefix.len()..];
             let mut parts = rest.splitn(2, |b| *b == 0);
             let (Some(site), Some(ip)) = (parts.next(), parts.next()) else {
@@ -634,8 +684,7 @@ impl Store for SledStore {
         }
         let mut virtual_macs = Vec::new();
         let vmac_prefix = graph_prefix(VMAC, &[c]);
-        for kv in self.graph.scan_prefix(&vmac_prefix) {
-            let (k, v) = kv.map_err(engine)?;
+        for (k, v) in self.pipeline.scan(c, &vmac_prefix)? {
             let Some(mac) = std::str::from_utf8(&k[vmac_prefix.len()..])
                 .ok()
                 .and_then(|t| t.parse::<MacAddr>().ok())
@@ -655,7 +704,7 @@ impl Store for SledStore {
 
     fn device(&self, client: &str, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
         let k = graph_key(DEVICE, &[client.as_bytes(), id.as_bytes()]);
-        if self.graph.get(&k).map_err(engine)?.is_none() {
+        if self.pipeline.get(client.as_bytes(), &k)?.is_none() {
             return Ok(None);
         }
         Ok(self.devices(client, None)?.into_iter().find(|d| d.id == id))
@@ -669,25 +718,27 @@ impl Store for SledStore {
     ) -> Result<Result<Event, EditError>, StoreError> {
         let (outcome, ticket) = {
             let _writer = self.writers.lock(client);
-            let mut g = Overlay::new(&self.graph, &self.db, client.as_bytes());
+            let mut g = Overlay::new(&self.pipeline, &self.db, client.as_bytes());
             match run_edit(&mut g, client, edit, at_ms)? {
                 // Refused: the overlay is dropped and nothing was written.
                 Err(refusal) => return Ok(Err(refusal)),
                 Ok(event) => {
                     let (writes, changes) = g.into_writes()?;
-                    let ticket = self.pipeline.submit(writes);
-                    self.pipeline.wait_applied(&self.graph, ticket)?;
+                    let ticket = self.pipeline.commit(client.as_bytes(), writes)?;
                     self.counts.update(client, changes);
                     (event, ticket)
                 }
             }
         };
-        self.pipeline.wait_durable(&self.db, ticket)?;
+        self.pipeline.wait_durable(ticket)?;
         Ok(Ok(outcome))
     }
 
     fn history(&self, client: &str) -> Result<Vec<Event>, StoreError> {
-        scan(&self.graph, &graph_prefix(EVENT, &[client.as_bytes()]))
+        self.scan_graph(
+            client.as_bytes(),
+            &graph_prefix(EVENT, &[client.as_bytes()]),
+        )
     }
 
     fn put_policy(
@@ -835,6 +886,8 @@ mod tests {
         let before = {
             let store = SledStore::open(dir.path()).expect("open");
             store.apply_batch(&scope, &batch, &[obs]).expect("apply");
+            // Everything into sled, where the earlier layout kept it.
+            store.pipeline.checkpoint_now().expect("checkpoint");
             let devices = store.devices("acme", None).expect("devices");
             // Back to the earlier layout: a tree per kind, no kind byte, no summaries.
             for (name, kind) in OLD_TREES {

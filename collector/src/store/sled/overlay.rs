@@ -1,5 +1,6 @@
-//! The identity graph of one client for one batch or edit, over the `graph` tree: records are
-//! read and decoded once, writes are kept in memory and handed over whole at the end.
+//! The identity graph of one client for one batch or edit, over the `graph` tree (as the
+//! commit pipeline shows it: its buffer, then sled): records are read and decoded once, writes
+//! are kept in memory and handed over whole at the end.
 
 use std::{collections::HashMap, net::IpAddr};
 
@@ -7,8 +8,11 @@ use census_proto::convert::MacAddr;
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{
-    DEVICE, EVENT, KEY, OWNER, StoreError, VMAC, commit::Writes, counts::Changes,
-    counts::OwnedSummary, decode, encode, encode_device, engine, graph_key,
+    DEVICE, EVENT, FORMAT_DEVICE, FORMAT_V1, KEY, OWNER, StoreError, VMAC,
+    commit::{Pipeline, Writes},
+    counts::Changes,
+    counts::OwnedSummary,
+    decode, device_summary, encode_device, engine, graph_key,
 };
 use crate::{
     identity::{AddressOwner, Event, Graph, KeyRecord, VirtualMacRecord},
@@ -16,16 +20,20 @@ use crate::{
     policy::DeviceSummary,
 };
 
-/// One client's identity graph for one batch or edit. Each record is read from `graph` and
-/// decoded once, then kept; writes stay here until [`Overlay::into_writes`] hands them over,
+/// One client's identity graph for one batch or edit. Each record is read (from the commit
+/// pipeline's buffer or sled) and decoded once, then kept; writes stay here until [`Overlay::into_writes`] hands them over,
 /// to be committed as one atomic batch (see [`super::commit`]). Dropped without that, it wrote
 /// nothing.
 pub(super) struct Overlay<'a> {
-    graph: &'a sled::Tree,
+    graph: &'a Pipeline,
     db: &'a sled::Db,
     client: &'a [u8],
     keys: HashMap<String, Slot<KeyRecord>>,
     devices: HashMap<String, Slot<DeviceRecord>>,
+    /// Devices read only for their id and keys (see [`Graph::device_keys`]), not in `devices`.
+    heads: HashMap<String, Option<(String, Vec<String>)>>,
+    /// Where records read from the write buffer are copied to be decoded.
+    scratch: Vec<u8>,
     /// These three by their `graph` key.
     owners: HashMap<Vec<u8>, Slot<AddressOwner>>,
     vmacs: HashMap<Vec<u8>, Slot<VirtualMacRecord>>,
@@ -38,11 +46,14 @@ struct Slot<T> {
     dirty: bool,
 }
 
-fn load<T: DeserializeOwned>(graph: &sled::Tree, k: &[u8]) -> Result<Slot<T>, StoreError> {
+fn load<T: DeserializeOwned>(
+    graph: &Pipeline,
+    client: &[u8],
+    k: &[u8],
+    scratch: &mut Vec<u8>,
+) -> Result<Slot<T>, StoreError> {
     let value = graph
-        .get(k)
-        .map_err(engine)?
-        .map(|v| decode(k, &v))
+        .read(client, k, scratch, |v| v.map(|v| decode(k, v)))?
         .transpose()?;
     Ok(Slot {
         value,
@@ -50,20 +61,46 @@ fn load<T: DeserializeOwned>(graph: &sled::Tree, k: &[u8]) -> Result<Slot<T>, St
     })
 }
 
-/// Reads a record by name through the overlay.
-fn read_named<T: Clone + DeserializeOwned>(
-    map: &mut HashMap<String, Slot<T>>,
-    graph: &sled::Tree,
+/// The first fields of a [`DeviceRecord`], in its order: decoding them reads only the front of
+/// a stored record.
+#[derive(serde::Deserialize)]
+struct DeviceHead {
+    id: String,
+    keys: Vec<String>,
+}
+
+/// A stored device record's id and keys.
+fn decode_head(k: &[u8], v: &[u8]) -> Result<(String, Vec<String>), StoreError> {
+    let record = match v.first() {
+        Some(&FORMAT_DEVICE) => &v[device_summary(k, v)?.1..],
+        // Not a device record as this version writes them: decode it whole.
+        _ => {
+            let d: DeviceRecord = decode(k, v)?;
+            return Ok((d.id, d.keys));
+        }
+    };
+    let head: DeviceHead = postcard::from_bytes(record).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(k).replace('\0', "/"),
+        reason: e.to_string(),
+    })?;
+    Ok((head.id, head.keys))
+}
+
+/// A record by name, read into the overlay if it was not yet.
+fn slot_named<'m, T: DeserializeOwned>(
+    map: &'m mut HashMap<String, Slot<T>>,
+    graph: &Pipeline,
+    client: &[u8],
+    scratch: &mut Vec<u8>,
     k: &str,
     storage_key: impl FnOnce() -> Vec<u8>,
-) -> Result<Option<T>, StoreError> {
-    if let Some(slot) = map.get(k) {
-        return Ok(slot.value.clone());
+) -> Result<&'m Slot<T>, StoreError> {
+    if !map.contains_key(k) {
+        let slot = load(graph, client, &storage_key(), scratch)?;
+        map.insert(k.to_owned(), slot);
     }
-    let slot = load(graph, &storage_key())?;
-    let value = slot.value.clone();
-    map.insert(k.to_owned(), slot);
-    Ok(value)
+    map.get(k)
+        .ok_or_else(|| StoreError::Engine("overlay lost a record it just read".into()))
 }
 
 fn write_named<T>(map: &mut HashMap<String, Slot<T>>, k: &str, value: Option<T>) {
@@ -81,13 +118,15 @@ fn write_named<T>(map: &mut HashMap<String, Slot<T>>, k: &str, value: Option<T>)
 /// Reads a record by its `graph` key through the overlay.
 fn read_keyed<T: Clone + DeserializeOwned>(
     map: &mut HashMap<Vec<u8>, Slot<T>>,
-    graph: &sled::Tree,
+    graph: &Pipeline,
+    client: &[u8],
+    scratch: &mut Vec<u8>,
     k: Vec<u8>,
 ) -> Result<Option<T>, StoreError> {
     if let Some(slot) = map.get(&k) {
         return Ok(slot.value.clone());
     }
-    let slot = load(graph, &k)?;
+    let slot = load(graph, client, &k, scratch)?;
     let value = slot.value.clone();
     map.insert(k, slot);
     Ok(value)
@@ -109,19 +148,43 @@ fn stage<T: Serialize>(
     k: Vec<u8>,
     value: Option<&T>,
 ) -> Result<(), StoreError> {
-    writes.push((k, value.map(encode).transpose()?));
+    let value = match value {
+        // Room for a typical record, so encoding does not grow the buffer step by step.
+        Some(v) => Some(
+            postcard::to_extend(v, {
+                let mut out = Vec::with_capacity(256);
+                out.push(FORMAT_V1);
+                out
+            })
+            .map_err(|e| StoreError::Engine(e.to_string()))?,
+        ),
+        None => None,
+    };
+    writes.push((k, value));
     Ok(())
 }
 
 impl<'a> Overlay<'a> {
-    pub(super) fn new(graph: &'a sled::Tree, db: &'a sled::Db, client: &'a [u8]) -> Self {
+    pub(super) fn new(graph: &'a Pipeline, db: &'a sled::Db, client: &'a [u8]) -> Self {
+        Self::with_capacity(graph, db, client, 0)
+    }
+
+    /// An overlay with room for about `observations` observations' records.
+    pub(super) fn with_capacity(
+        graph: &'a Pipeline,
+        db: &'a sled::Db,
+        client: &'a [u8],
+        observations: usize,
+    ) -> Self {
         Overlay {
             graph,
             db,
             client,
-            keys: HashMap::new(),
-            devices: HashMap::new(),
-            owners: HashMap::new(),
+            keys: HashMap::with_capacity(observations * 2),
+            devices: HashMap::with_capacity(observations),
+            heads: HashMap::with_capacity(observations),
+            scratch: Vec::with_capacity(1024),
+            owners: HashMap::with_capacity(observations),
             vmacs: HashMap::new(),
             events: HashMap::new(),
         }
@@ -185,20 +248,14 @@ impl Graph for Overlay<'_> {
     type Error = StoreError;
 
     fn key(&mut self, k: &str) -> Result<Option<KeyRecord>, StoreError> {
-        let c = self.client;
-        read_named(&mut self.keys, self.graph, k, || {
-            graph_key(KEY, &[c, k.as_bytes()])
-        })
+        self.with_key(k, |r| r.cloned())
     }
     fn put_key(&mut self, k: &str, record: &KeyRecord) -> Result<(), StoreError> {
         write_named(&mut self.keys, k, Some(record.clone()));
         Ok(())
     }
     fn device(&mut self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
-        let c = self.client;
-        read_named(&mut self.devices, self.graph, id, || {
-            graph_key(DEVICE, &[c, id.as_bytes()])
-        })
+        self.with_device(id, |d| d.cloned())
     }
     fn put_device(&mut self, device: &DeviceRecord) -> Result<(), StoreError> {
         write_named(&mut self.devices, &device.id, Some(device.clone()));
@@ -214,7 +271,13 @@ impl Graph for Overlay<'_> {
         ip: IpAddr,
     ) -> Result<Option<AddressOwner>, StoreError> {
         let k = self.owner_key(site, ip);
-        read_keyed(&mut self.owners, self.graph, k)
+        read_keyed(
+            &mut self.owners,
+            self.graph,
+            self.client,
+            &mut self.scratch,
+            k,
+        )
     }
     fn put_address_owner(
         &mut self,
@@ -228,7 +291,13 @@ impl Graph for Overlay<'_> {
     }
     fn virtual_mac(&mut self, mac: MacAddr) -> Result<Option<VirtualMacRecord>, StoreError> {
         let k = self.vmac_key(mac);
-        read_keyed(&mut self.vmacs, self.graph, k)
+        read_keyed(
+            &mut self.vmacs,
+            self.graph,
+            self.client,
+            &mut self.scratch,
+            k,
+        )
     }
     fn put_virtual_mac(
         &mut self,
@@ -241,7 +310,66 @@ impl Graph for Overlay<'_> {
     }
     fn event(&mut self, seq: u64) -> Result<Option<Event>, StoreError> {
         let k = self.event_key(seq);
-        read_keyed(&mut self.events, self.graph, k)
+        read_keyed(
+            &mut self.events,
+            self.graph,
+            self.client,
+            &mut self.scratch,
+            k,
+        )
+    }
+    fn with_key<R>(
+        &mut self,
+        k: &str,
+        f: impl FnOnce(Option<&KeyRecord>) -> R,
+    ) -> Result<R, StoreError> {
+        let c = self.client;
+        let slot = slot_named(&mut self.keys, self.graph, c, &mut self.scratch, k, || {
+            graph_key(KEY, &[c, k.as_bytes()])
+        })?;
+        Ok(f(slot.value.as_ref()))
+    }
+    fn with_device<R>(
+        &mut self,
+        id: &str,
+        f: impl FnOnce(Option<&DeviceRecord>) -> R,
+    ) -> Result<R, StoreError> {
+        let c = self.client;
+        let slot = slot_named(
+            &mut self.devices,
+            self.graph,
+            c,
+            &mut self.scratch,
+            id,
+            || graph_key(DEVICE, &[c, id.as_bytes()]),
+        )?;
+        Ok(f(slot.value.as_ref()))
+    }
+    fn device_keys(&mut self, id: &str) -> Result<Option<(String, Vec<String>)>, StoreError> {
+        if let Some(slot) = self.devices.get(id) {
+            return Ok(slot.value.as_ref().map(|d| (d.id.clone(), d.keys.clone())));
+        }
+        if let Some(head) = self.heads.get(id) {
+            return Ok(head.clone());
+        }
+        let k = graph_key(DEVICE, &[self.client, id.as_bytes()]);
+        let head = self
+            .graph
+            .read(self.client, &k, &mut self.scratch, |v| {
+                v.map(|v| decode_head(&k, v))
+            })?
+            .transpose()?;
+        self.heads.insert(id.to_owned(), head.clone());
+        Ok(head)
+    }
+    fn put_key_owned(&mut self, k: &str, record: KeyRecord) -> Result<(), StoreError> {
+        write_named(&mut self.keys, k, Some(record));
+        Ok(())
+    }
+    fn put_device_owned(&mut self, device: DeviceRecord) -> Result<(), StoreError> {
+        let id = device.id.clone();
+        write_named(&mut self.devices, &id, Some(device));
+        Ok(())
     }
     fn put_event(&mut self, event: &mut Event) -> Result<(), StoreError> {
         if event.seq == 0 {
@@ -251,5 +379,45 @@ impl Graph for Overlay<'_> {
         let k = self.event_key(event.seq);
         write_keyed(&mut self.events, k, event);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_head_is_the_front_of_its_record() {
+        let d = DeviceRecord {
+            id: "00112233445566778899".into(),
+            keys: vec!["1mac:00:16:3e:00:00:01".into(), "3serial:ABC".into()],
+            category: "computer".into(),
+            category_reason: "vendor".into(),
+            category_ms: 5,
+            client: "acme".into(),
+            site: "hq".into(),
+            sites: vec!["hq".into()],
+            macs: vec!["00:16:3e:00:00:01".parse().expect("mac")],
+            addresses: Vec::new(),
+            names: vec!["pc".into()],
+            first_seen_ms: 1,
+            last_seen_ms: 9,
+            evidence: Vec::new(),
+            weak_only: false,
+            anomalies: Vec::new(),
+        };
+        let k = graph_key(DEVICE, &[b"acme", d.id.as_bytes()]);
+        let stored = encode_device(&d).expect("encode");
+        assert_eq!(
+            decode_head(&k, &stored).expect("head"),
+            (d.id.clone(), d.keys.clone())
+        );
+        // A record of the plain format is decoded whole.
+        let plain = super::super::encode(&d).expect("encode");
+        assert_eq!(decode_head(&k, &plain).expect("head"), (d.id, d.keys));
+        assert!(matches!(
+            decode_head(&k, &[FORMAT_DEVICE, 0, 0]),
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 }
