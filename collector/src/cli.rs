@@ -980,11 +980,7 @@ async fn policy_command<F: tonic::service::Interceptor>(
                 p.window_days = days;
             }
             if let Some(list) = categories {
-                p.categories = if list.iter().any(|c| c.trim().eq_ignore_ascii_case("all")) {
-                    Vec::new()
-                } else {
-                    list
-                };
+                p.categories = list_or_empty(list, "all");
             }
             if let Some(rule) = randomized {
                 p.randomized = match rule {
@@ -1009,6 +1005,18 @@ async fn policy_command<F: tonic::service::Interceptor>(
         }
     }
     Ok(())
+}
+
+/// A list option where one word ("all", "none", "any") means the empty list.
+fn list_or_empty(list: Vec<String>, empty_word: &str) -> Vec<String> {
+    if list
+        .iter()
+        .any(|x| x.trim().eq_ignore_ascii_case(empty_word))
+    {
+        Vec::new()
+    } else {
+        list
+    }
 }
 
 fn randomized_label(r: i32) -> &'static str {

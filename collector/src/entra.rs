@@ -86,11 +86,6 @@ impl EntraReader {
         self
     }
 
-    /// Whether the reader has nothing to do.
-    pub fn is_empty(&self) -> bool {
-        self.tenants.is_empty()
-    }
-
     /// Reads the client's tenant now and stores the result: the accounts of a complete read,
     /// or the failure (which keeps the accounts and marks the source stale). Returns what the
     /// store did; the read's own error is in the source's status and in the log.

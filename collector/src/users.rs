@@ -96,17 +96,6 @@ fn source_name(kind: SourceKind, directory: &str) -> Result<String, String> {
     Ok(format!("{}{d}", kind.prefix()))
 }
 
-/// The kind of a source by its name.
-pub fn source_kind(source: &str) -> Option<SourceKind> {
-    if source.starts_with("ad:") {
-        Some(SourceKind::ActiveDirectory)
-    } else if source.starts_with("entra:") {
-        Some(SourceKind::EntraId)
-    } else {
-        None
-    }
-}
-
 /// What Active Directory says of an account, as the policy needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdFacts {
@@ -465,18 +454,6 @@ pub struct Person {
     pub accounts: Vec<(Account, Decision)>,
     /// An account comes from a source whose latest read failed.
     pub stale: bool,
-}
-
-impl Person {
-    pub fn sources(&self) -> Vec<&str> {
-        let mut s: Vec<&str> = self
-            .accounts
-            .iter()
-            .map(|(a, _)| a.source.as_str())
-            .collect();
-        s.dedup();
-        s
-    }
 }
 
 /// A client's people at `now_ms`, in id order: accounts joined on any shared key (transitively).

@@ -7,7 +7,9 @@ use census_proto::v1::{
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use super::{Authed, EX_USAGE, Failure, print_json, print_table, status_failure, time};
+use super::{
+    Authed, EX_USAGE, Failure, list_or_empty, print_json, print_table, status_failure, time,
+};
 
 /// `census users [--client C] [--counted|--not-counted] [--json]`, or one of its subcommands.
 #[derive(Debug, Args)]
@@ -236,18 +238,6 @@ fn print_sources(sources: &[v1::UserSource]) {
         })
         .collect();
     print_table(&["SOURCE", "LAST READ", "ACCOUNTS", "STATE"], rows);
-}
-
-/// A list option where one word ("none", "any") means the empty list.
-fn list_or_empty(list: Vec<String>, empty_word: &str) -> Vec<String> {
-    if list
-        .iter()
-        .any(|x| x.trim().eq_ignore_ascii_case(empty_word))
-    {
-        Vec::new()
-    } else {
-        list
-    }
 }
 
 pub(super) async fn run<F: tonic::service::Interceptor>(
