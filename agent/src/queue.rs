@@ -233,6 +233,26 @@ fn raw_key(key: Result<u64, &[u8]>) -> Vec<u8> {
 
 // === impl Queue ===
 
+/// Opens sled, waiting up to two seconds for its lock: a queue closed a moment ago (a restart
+/// in the same process, or a test reopening its queue) can hold the lock a few milliseconds
+/// longer, until sled's flusher thread lets go of its files. A lock held longer than that is
+/// another agent's, and the error says so.
+fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
+    let started = std::time::Instant::now();
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(io))
+                if (io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("could not acquire lock"))
+                    && started.elapsed() < std::time::Duration::from_secs(2) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Queue {
     /// Opens the queue and the agent's state in `state_dir` (creating both if new), or, without
     /// one, an in-memory queue under a new agent identity. `max_bytes` caps the encoded size of
@@ -247,10 +267,8 @@ impl Queue {
             Some(dir) => {
                 let path = dir.join("queue");
                 let open = |path: &Path| -> Result<Store, sled::Error> {
-                    let db = sled::Config::new()
-                        .path(path)
-                        .cache_capacity(CACHE_BYTES)
-                        .open()?;
+                    let db =
+                        open_sled(&sled::Config::new().path(path).cache_capacity(CACHE_BYTES))?;
                     let tree = db.open_tree("batches")?;
                     Ok(Store::Disk { db, tree })
                 };
@@ -754,7 +772,7 @@ mod tests {
         {
             // Damage the queue behind its back: a value that is not a batch, one of an unknown
             // format, and a key that is not a queue position.
-            let db = sled::open(dir.path().join("queue")).expect("sled");
+            let db = open_sled(&sled::Config::new().path(dir.path().join("queue"))).expect("sled");
             let tree = db.open_tree("batches").expect("tree");
             tree.insert(10u64.to_be_bytes(), vec![FORMAT_V1, 0xff, 0xff, 0xff])
                 .expect("insert");

@@ -899,7 +899,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         drop(SledStore::open(dir.path()).expect("open"));
         {
-            let db = sled::open(dir.path().join("store")).expect("sled");
+            let db = super::super::open_sled(&sled::Config::new().path(dir.path().join("store")))
+                .expect("sled");
             let meta = db.open_tree("meta").expect("meta");
             meta.insert(CHECKPOINT, &b"xyz"[..]).expect("insert");
             db.flush().expect("flush");
