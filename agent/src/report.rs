@@ -216,6 +216,7 @@ pub fn directory_batches(
             sent_at: now,
             users,
             directory_read: Some(read),
+            backlog: 0,
         })
         .collect()
 }

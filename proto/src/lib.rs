@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod convert;
+pub mod transport;
 
 /// Generated code for the `census.v1` package.
 #[allow(
@@ -26,3 +27,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cens
 
 /// The `authorization` metadata key carrying `Bearer <token>` on every call.
 pub const AUTHORIZATION: &str = "authorization";
+
+/// Only in the collector's development mode (plaintext, `--dev-plaintext`): the metadata key
+/// carrying the caller's certificate (DER), which TLS would otherwise present. Nothing proves
+/// the caller holds its key, which is why that mode is for development only.
+pub const DEV_CERTIFICATE: &str = "census-dev-certificate-bin";
