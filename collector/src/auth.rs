@@ -1,45 +1,55 @@
-//! Credentials: agents' enrollment tokens and the operator token.
+//! Credentials: single-use enrollment tokens, and the registry of enrolled agents.
 //!
 //! An enrollment token is `cen1_<id>_<secret>`: the id (16 hex digits) names the token in lists
 //! and revocations; the secret (64 hex digits) is shown once and only its SHA-256 is stored. A
-//! token is bound to one client and site when it is made, and that binding is the only source
-//! of an agent's scope.
-//!
-//! The operator token (`cop1_<64 hex digits>`) guards the query and admin services. The
-//! collector makes one on first start and writes it, readable by its owner only, to
-//! `<data dir>/operator.token`; `census` reads it from a flag, a file or the environment.
+//! token is bound to one client and site when it is made, expires (24 hours by default), and
+//! enrolls one agent: the agent trades it, with a CSR, for a certificate ([`crate::pki`]).
+//! From then on the agent is known by that certificate alone, over mutual TLS, and the
+//! [`Registry`] maps the certificate to the agent's client and site, the only source of its
+//! scope. The operator is known by the operator certificate ([`crate::pki::Pki::is_operator`]).
 
 use std::{
-    fs,
-    io::{self, Write as _},
-    path::{Path, PathBuf},
+    collections::HashMap,
+    sync::{Arc, RwLock},
 };
 
 use rand::RngCore as _;
 use sha2::{Digest as _, Sha256};
 
-use crate::model::{Scope, TokenRecord};
+use crate::model::{AgentRecord, Scope, TokenRecord};
 
 const TOKEN_PREFIX: &str = "cen1";
-const OPERATOR_PREFIX: &str = "cop1";
-pub const OPERATOR_TOKEN_FILE: &str = "operator.token";
 
 /// Why a presented credential was refused. Messages are shown to the caller, so they say what
 /// to do, and never echo a secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    #[error("missing credential: send `authorization: Bearer <token>`")]
-    Missing,
-    #[error("malformed credential: expected `Bearer <token>`")]
-    Malformed,
     #[error(
         "unknown or wrong enrollment token: create one with `census token create --client C --site S`"
     )]
     UnknownToken,
-    #[error("enrollment token {0} has been revoked")]
+    #[error("enrollment token {0} has been revoked: create a new one with `census token create`")]
     Revoked(String),
-    #[error("wrong operator token: use the one in <data dir>/operator.token")]
-    WrongOperatorToken,
+    #[error("enrollment token {0} has expired: create a new one with `census token create`")]
+    Expired(String),
+    #[error(
+        "enrollment token {id} was already used (by agent {agent}): tokens enroll one agent; create a new one with `census token create`"
+    )]
+    Used { id: String, agent: String },
+    #[error(
+        "no client certificate: agents enroll first (`census-agent enroll`), operators use the collector's operator credentials"
+    )]
+    NoCertificate,
+    #[error(
+        "this certificate belongs to no enrolled agent: enroll with `census-agent enroll --token ...`"
+    )]
+    UnknownCertificate,
+    #[error(
+        "agent {0} has been revoked: enroll it again with a new token (`census token create`, then `census-agent enroll --force`)"
+    )]
+    AgentRevoked(String),
+    #[error("this call needs the operator's credentials (<collector data dir>/operator)")]
+    NotOperator,
 }
 
 /// A freshly made enrollment token: the secret text for the agent and the record to store.
@@ -64,8 +74,8 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Makes a new enrollment token bound to `scope`.
-pub fn new_token(scope: &Scope, now_ms: u64) -> NewToken {
+/// Makes a new enrollment token bound to `scope`, usable for `ttl_ms`.
+pub fn new_token(scope: &Scope, now_ms: u64, ttl_ms: u64) -> NewToken {
     let id = random_hex(8);
     let secret = random_hex(32);
     NewToken {
@@ -77,6 +87,9 @@ pub fn new_token(scope: &Scope, now_ms: u64) -> NewToken {
             site: scope.site.clone(),
             created_ms: now_ms,
             revoked: false,
+            expires_ms: now_ms.saturating_add(ttl_ms),
+            used_by: None,
+            used_ms: None,
         },
     }
 }
@@ -98,13 +111,22 @@ fn is_hex(s: &str) -> bool {
     s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Checks a token's secret against its stored record.
-pub fn verify_token(record: &TokenRecord, secret: &str) -> Result<Scope, AuthError> {
+/// Checks a token's secret against its stored record, and that it can still enroll.
+pub fn verify_token(record: &TokenRecord, secret: &str, now_ms: u64) -> Result<Scope, AuthError> {
     if !constant_time_eq(&record.secret_sha256, &sha256(secret)) {
         return Err(AuthError::UnknownToken);
     }
     if record.revoked {
         return Err(AuthError::Revoked(record.id.clone()));
+    }
+    if let Some(agent) = &record.used_by {
+        return Err(AuthError::Used {
+            id: record.id.clone(),
+            agent: agent.clone(),
+        });
+    }
+    if now_ms >= record.expires_ms {
+        return Err(AuthError::Expired(record.id.clone()));
     }
     Ok(Scope {
         client: record.client.clone(),
@@ -112,96 +134,107 @@ pub fn verify_token(record: &TokenRecord, secret: &str) -> Result<Scope, AuthErr
     })
 }
 
-/// The bearer credential in a request's metadata.
-pub fn bearer(meta: &tonic::metadata::MetadataMap) -> Result<&str, AuthError> {
-    let value = meta
-        .get(census_proto::AUTHORIZATION)
-        .ok_or(AuthError::Missing)?
-        .to_str()
-        .map_err(|_| AuthError::Malformed)?;
-    value
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or(AuthError::Malformed)
+/// How often an agent's last-seen time and backlog are written to the store (they are kept
+/// in memory between writes, and `census agents` reads memory).
+const SEEN_PERSIST_MS: u64 = 60_000;
+
+/// Enrolled agents by certificate, in memory, written through to the store.
+#[derive(Debug, Default, Clone)]
+pub struct Registry {
+    inner: Arc<RwLock<RegistryInner>>,
 }
 
-/// The operator credential, held as its hash.
-#[derive(Clone)]
-pub struct OperatorToken {
-    sha256: [u8; 32],
+#[derive(Debug, Default)]
+struct RegistryInner {
+    by_cert: HashMap<[u8; 32], AgentRecord>,
+    /// When each agent's record was last written, by id.
+    persisted_ms: HashMap<String, u64>,
 }
 
-impl std::fmt::Debug for OperatorToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("OperatorToken(..)")
+impl Registry {
+    pub fn new(agents: Vec<AgentRecord>) -> Self {
+        let r = Registry::default();
+        for a in agents {
+            r.insert(a);
+        }
+        r
     }
-}
 
-impl OperatorToken {
-    pub fn from_text(text: &str) -> Self {
-        OperatorToken {
-            sha256: sha256(text.trim()),
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, RegistryInner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, RegistryInner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, agent: AgentRecord) {
+        let mut inner = self.write();
+        inner
+            .persisted_ms
+            .insert(agent.id.clone(), agent.last_seen_ms);
+        // A re-enrolled agent id leaves its old certificate behind.
+        inner.by_cert.retain(|_, a| a.id != agent.id);
+        inner.by_cert.insert(agent.cert_sha256, agent);
+    }
+
+    /// The agent a certificate belongs to, if it may still call.
+    pub fn identify(&self, cert_sha256: &[u8; 32]) -> Result<AgentRecord, AuthError> {
+        match self.read().by_cert.get(cert_sha256) {
+            None => Err(AuthError::UnknownCertificate),
+            Some(a) if a.revoked => Err(AuthError::AgentRevoked(a.id.clone())),
+            Some(a) => Ok(a.clone()),
         }
     }
 
-    pub fn check(&self, presented: &str) -> Result<(), AuthError> {
-        if constant_time_eq(&self.sha256, &sha256(presented.trim())) {
-            Ok(())
+    pub fn get(&self, id: &str) -> Option<AgentRecord> {
+        self.read().by_cert.values().find(|a| a.id == id).cloned()
+    }
+
+    /// Whether an id is taken.
+    pub fn contains(&self, id: &str) -> bool {
+        self.get(id).is_some()
+    }
+
+    pub fn list(&self) -> Vec<AgentRecord> {
+        let mut out: Vec<AgentRecord> = self.read().by_cert.values().cloned().collect();
+        out.sort_by(|a, b| (&a.client, &a.site, &a.id).cmp(&(&b.client, &b.site, &b.id)));
+        out
+    }
+
+    /// Notes a batch from the agent with `cert_sha256`; returns its record when it is due to
+    /// be written to the store (a new version, or a minute since the last write).
+    pub fn seen(
+        &self,
+        cert_sha256: &[u8; 32],
+        version: &str,
+        backlog: u64,
+        now_ms: u64,
+    ) -> Option<AgentRecord> {
+        let mut inner = self.write();
+        let agent = inner.by_cert.get_mut(cert_sha256)?;
+        let new_version = !version.is_empty() && agent.version != version;
+        if new_version {
+            version.clone_into(&mut agent.version);
+        }
+        agent.last_seen_ms = agent.last_seen_ms.max(now_ms);
+        agent.backlog = backlog;
+        let agent = agent.clone();
+        let last = inner.persisted_ms.get(&agent.id).copied().unwrap_or(0);
+        if new_version || now_ms.saturating_sub(last) >= SEEN_PERSIST_MS {
+            inner.persisted_ms.insert(agent.id.clone(), now_ms);
+            Some(agent)
         } else {
-            Err(AuthError::WrongOperatorToken)
+            None
         }
-    }
-
-    /// Reads `<data dir>/operator.token`, making it first if it does not exist. Returns the
-    /// token, the file's path, and whether it was made now.
-    pub fn load_or_create(data_dir: &Path) -> io::Result<(Self, PathBuf, bool)> {
-        let path = data_dir.join(OPERATOR_TOKEN_FILE);
-        match fs::read_to_string(&path) {
-            Ok(text) if !text.trim().is_empty() => {
-                return Ok((Self::from_text(&text), path, false));
-            }
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "{} is empty: remove it to have a new operator token made",
-                        path.display()
-                    ),
-                ));
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let text = format!("{OPERATOR_PREFIX}_{}", random_hex(32));
-        // Written whole to a temporary file of this process, then linked into place: a crash
-        // never leaves half a token, and of two first starts at once exactly one token wins.
-        let tmp = data_dir.join(format!("{OPERATOR_TOKEN_FILE}.{}.tmp", std::process::id()));
-        {
-            let mut opts = fs::OpenOptions::new();
-            opts.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-            let mut f = opts.open(&tmp)?;
-            writeln!(f, "{text}")?;
-            f.sync_all()?;
-        }
-        let linked = fs::hard_link(&tmp, &path);
-        let _ = fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Self::load_or_create(data_dir);
-            }
-            Err(e) => return Err(e),
-        }
-        Ok((Self::from_text(&text), path, true))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const DAY: u64 = 24 * 60 * 60 * 1000;
 
     fn scope() -> Scope {
         Scope {
@@ -212,28 +245,39 @@ mod tests {
 
     #[test]
     fn token_round_trip() {
-        let t = new_token(&scope(), 5);
+        let t = new_token(&scope(), 5, DAY);
         let (id, secret) = parse_token(&t.text).expect("parses");
         assert_eq!(id, t.record.id);
-        assert_eq!(verify_token(&t.record, secret), Ok(scope()));
+        assert_eq!(t.record.expires_ms, 5 + DAY);
+        assert_eq!(verify_token(&t.record, secret, 6), Ok(scope()));
         assert!(!t.text.contains(&hex::encode(t.record.secret_sha256)));
     }
 
     #[test]
-    fn wrong_and_revoked_tokens_fail() {
-        let t = new_token(&scope(), 5);
-        let other = new_token(&scope(), 5);
+    fn wrong_revoked_expired_and_used_tokens_fail() {
+        let t = new_token(&scope(), 5, DAY);
+        let other = new_token(&scope(), 5, DAY);
         let (_, other_secret) = parse_token(&other.text).expect("parses");
         assert_eq!(
-            verify_token(&t.record, other_secret),
+            verify_token(&t.record, other_secret, 6),
             Err(AuthError::UnknownToken)
         );
         let (_, secret) = parse_token(&t.text).expect("parses");
         let mut revoked = t.record.clone();
         revoked.revoked = true;
         assert!(matches!(
-            verify_token(&revoked, secret),
+            verify_token(&revoked, secret, 6),
             Err(AuthError::Revoked(_))
+        ));
+        assert!(matches!(
+            verify_token(&t.record, secret, 5 + DAY),
+            Err(AuthError::Expired(_))
+        ));
+        let mut used = t.record.clone();
+        used.used_by = Some("a1".into());
+        assert!(matches!(
+            verify_token(&used, secret, 6),
+            Err(AuthError::Used { .. })
         ));
         for bad in [
             "",
@@ -247,21 +291,53 @@ mod tests {
         }
     }
 
-    #[test]
-    fn operator_token_is_made_once() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (a, path, created) = OperatorToken::load_or_create(dir.path()).expect("create");
-        assert!(created);
-        let (b, _, created) = OperatorToken::load_or_create(dir.path()).expect("load");
-        assert!(!created);
-        let text = fs::read_to_string(&path).expect("read");
-        assert!(a.check(&text).is_ok() && b.check(&text).is_ok());
-        assert_eq!(a.check("cop1_nope"), Err(AuthError::WrongOperatorToken));
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            let mode = fs::metadata(&path).expect("stat").permissions().mode();
-            assert_eq!(mode & 0o777, 0o600);
+    fn agent(id: &str, cert: u8) -> AgentRecord {
+        AgentRecord {
+            id: id.into(),
+            client: "acme".into(),
+            site: "hq".into(),
+            hostname: "box".into(),
+            version: "0.1.0".into(),
+            token_id: "t".into(),
+            enrolled_ms: 1,
+            cert_sha256: [cert; 32],
+            cert_not_after_ms: 2,
+            revoked: false,
+            last_seen_ms: 0,
+            backlog: 0,
         }
+    }
+
+    #[test]
+    fn the_registry_knows_agents_by_certificate_and_honours_revocation() {
+        let r = Registry::new(vec![agent("a1", 1)]);
+        assert_eq!(r.identify(&[1; 32]).map(|a| a.id), Ok("a1".to_owned()));
+        assert_eq!(r.identify(&[2; 32]), Err(AuthError::UnknownCertificate));
+        // Re-enrolled: the old certificate no longer works.
+        r.insert(agent("a1", 2));
+        assert_eq!(r.identify(&[1; 32]), Err(AuthError::UnknownCertificate));
+        let mut revoked = agent("a1", 2);
+        revoked.revoked = true;
+        r.insert(revoked);
+        assert_eq!(
+            r.identify(&[2; 32]),
+            Err(AuthError::AgentRevoked("a1".into()))
+        );
+        assert_eq!(r.list().len(), 1);
+    }
+
+    #[test]
+    fn last_seen_is_written_through_at_most_once_a_minute() {
+        let r = Registry::new(vec![agent("a1", 1)]);
+        let first = r.seen(&[1; 32], "0.1.0", 3, 100_000).expect("first is due");
+        assert_eq!((first.last_seen_ms, first.backlog), (100_000, 3));
+        assert!(r.seen(&[1; 32], "0.1.0", 2, 110_000).is_none());
+        assert_eq!(r.get("a1").map(|a| a.backlog), Some(2), "memory is current");
+        assert!(
+            r.seen(&[1; 32], "0.2.0", 1, 120_000).is_some(),
+            "a new version is due"
+        );
+        assert!(r.seen(&[1; 32], "0.2.0", 0, 180_000).is_some());
+        assert!(r.seen(&[9; 32], "0.2.0", 0, 180_000).is_none(), "unknown");
     }
 }

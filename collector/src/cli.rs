@@ -1,4 +1,4 @@
-//! The `census` command-line client: enrollment tokens, clients, counts, devices and users,
+//! The `census` command-line client: enrollment tokens, agents, clients, counts, devices and users,
 //! counting policies and billing snapshots, over the collector's admin and query services.
 //! Output is a table for people or `--json` for scripts. The users commands are in `users.rs`.
 //!
@@ -9,13 +9,14 @@ use std::{error::Error as _, path::PathBuf, time::Duration};
 
 use census_proto::{
     convert::{self, MacAddr},
+    transport::{self, Authenticate, Credentials},
     v1::{
         self, admin_service_client::AdminServiceClient, query_service_client::QueryServiceClient,
     },
 };
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use tonic::{Code, Request, Status, transport::Channel};
+use tonic::{Code, Status, transport::Channel};
 
 use crate::{
     policy::{self, RandomizedRule},
@@ -36,25 +37,23 @@ pub const EX_NOPERM: u8 = 77;
     about = "Query and administer a Census collector."
 )]
 pub struct Cli {
-    /// The collector's gRPC URL.
+    /// The collector's gRPC URL (https://; http:// only for a collector in development mode).
     #[arg(
         long,
         global = true,
         env = "CENSUS_COLLECTOR_URL",
-        default_value = "http://127.0.0.1:7400"
+        default_value = "https://127.0.0.1:7400"
     )]
     pub collector: String,
-    /// Operator token (prefer --operator-token-file: flags show up in process lists).
+    /// The operator's credentials: the directory the collector makes on first start,
+    /// <data dir>/operator (ca.pem, cert.pem, key.pem).
     #[arg(
         long,
         global = true,
-        env = "CENSUS_OPERATOR_TOKEN",
-        hide_env_values = true
+        env = "CENSUS_CREDENTIALS",
+        default_value = "/var/lib/census-collector/operator"
     )]
-    pub operator_token: Option<String>,
-    /// File holding the operator token: the collector writes it to <data dir>/operator.token.
-    #[arg(long, global = true, env = "CENSUS_OPERATOR_TOKEN_FILE")]
-    pub operator_token_file: Option<PathBuf>,
+    pub credentials: PathBuf,
     /// Seconds to wait for the collector to answer.
     #[arg(long, global = true, default_value_t = 15)]
     pub timeout: u64,
@@ -67,6 +66,17 @@ pub enum Command {
     /// Enrollment tokens for agents.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Enrolled agents: client, site, version, last seen, backlog.
+    Agents {
+        /// Only this client's agents.
+        #[arg(long)]
+        client: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One enrolled agent.
+    #[command(subcommand)]
+    Agent(AgentCommand),
     /// List clients and their sites.
     Clients {
         #[arg(long)]
@@ -257,13 +267,16 @@ const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Make a token binding an agent to a client and site (both created if new). The token is
-    /// printed alone on stdout.
+    /// Make a single-use token that enrolls one agent into a client and site (both created if
+    /// new). The token is printed alone on stdout.
     Create {
         #[arg(long)]
         client: String,
         #[arg(long)]
         site: String,
+        /// How long the token can be used, e.g. 1h, 7d (at most 30 days).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        expires: Duration,
     },
     /// List enrollment tokens (never their secrets).
     List {
@@ -272,8 +285,15 @@ pub enum TokenCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Revoke a token by its id: agents using it are refused from now on.
+    /// Revoke an unused token by its id: it enrolls nothing from now on (to lock out an agent
+    /// it enrolled, use `census agent revoke`).
     Revoke { token_id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Lock an agent out at once: its certificate is refused from its next call or batch on.
+    Revoke { agent_id: String },
 }
 
 /// Parses the command line of `program`; on a usage error prints one line and returns exit code
@@ -329,25 +349,36 @@ impl Failure {
 
 /// Runs the CLI; `Ok` output is already printed.
 pub async fn run(cli: Cli) -> Result<(), Failure> {
-    let token = operator_token(&cli)?;
-    let channel = connect(&cli.collector, Duration::from_secs(cli.timeout.max(1))).await?;
-    let auth = move |mut req: Request<()>| -> Result<Request<()>, Status> {
-        let value = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| Status::unauthenticated("operator token contains invalid characters"))?;
-        req.metadata_mut()
-            .insert(census_proto::AUTHORIZATION, value);
-        Ok(req)
-    };
+    let creds = Credentials::load(&cli.credentials).map_err(|e| {
+        Failure::new(
+            EX_USAGE,
+            format!("cannot use the operator's credentials: {e} (pass --credentials <collector data dir>/operator, or set CENSUS_CREDENTIALS)"),
+        )
+    })?;
+    let channel = connect(
+        &cli.collector,
+        &creds,
+        Duration::from_secs(cli.timeout.max(1)),
+    )
+    .await?;
+    let auth = Authenticate::new(&cli.collector, Some(&creds));
     let mut query = QueryServiceClient::with_interceptor(channel.clone(), auth.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let mut admin = AdminServiceClient::with_interceptor(channel, auth)
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let url = cli.collector.as_str();
     match cli.command {
-        Command::Token(TokenCommand::Create { client, site }) => {
+        Command::Token(TokenCommand::Create {
+            client,
+            site,
+            expires,
+        }) => {
             let r = admin
-                .create_token(v1::CreateTokenRequest { client, site })
+                .create_token(v1::CreateTokenRequest {
+                    client,
+                    site,
+                    expires_in_seconds: expires.as_secs().max(1),
+                })
                 .await
                 .map_err(|s| status_failure(s, url))?
                 .into_inner();
@@ -358,12 +389,16 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 eprintln!("created site {} of client {}", r.site, r.client);
             }
             eprintln!(
-                "token {} binds an agent to client {} site {}; it is shown only now:",
-                r.token_id, r.client, r.site
+                "token {} enrolls one agent into client {} site {} until {}; it is shown only now:",
+                r.token_id,
+                r.client,
+                r.site,
+                time(r.expires_at.as_ref())
             );
             println!("{}", r.token);
         }
         Command::Token(TokenCommand::List { client, json }) => {
+            let now = std::time::SystemTime::now();
             let r = admin
                 .list_tokens(v1::ListTokensRequest {
                     client: client.unwrap_or_default(),
@@ -375,7 +410,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 let rows: Vec<_> = r
                     .tokens
                     .iter()
-                    .map(|t| json!({"token_id": t.token_id, "client": t.client, "site": t.site, "created_at": time(t.created_at.as_ref()), "revoked": t.revoked}))
+                    .map(|t| json!({"token_id": t.token_id, "client": t.client, "site": t.site, "created_at": time(t.created_at.as_ref()), "expires_at": time(t.expires_at.as_ref()), "revoked": t.revoked, "used_by_agent": t.used_by_agent, "used_at": time(t.used_at.as_ref())}))
                     .collect();
                 print_json(&rows);
             } else {
@@ -388,11 +423,15 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                             t.client.clone(),
                             t.site.clone(),
                             time(t.created_at.as_ref()),
-                            if t.revoked { "revoked" } else { "active" }.into(),
+                            time(t.expires_at.as_ref()),
+                            token_state(t, now),
                         ]
                     })
                     .collect();
-                print_table(&["TOKEN ID", "CLIENT", "SITE", "CREATED", "STATE"], rows);
+                print_table(
+                    &["TOKEN ID", "CLIENT", "SITE", "CREATED", "EXPIRES", "STATE"],
+                    rows,
+                );
             }
         }
         Command::Token(TokenCommand::Revoke { token_id }) => {
@@ -403,6 +442,68 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 .await
                 .map_err(|s| status_failure(s, url))?;
             eprintln!("token {token_id} revoked");
+        }
+        Command::Agents { client, json } => {
+            let r = admin
+                .list_agents(v1::ListAgentsRequest {
+                    client: client.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            if json {
+                let rows: Vec<_> = r
+                    .agents
+                    .iter()
+                    .map(|a| json!({"agent_id": a.agent_id, "client": a.client, "site": a.site, "hostname": a.hostname, "version": a.version, "enrolled_at": time(a.enrolled_at.as_ref()), "last_seen": a.last_seen.as_ref().map(|t| time(Some(t))), "backlog": a.backlog, "revoked": a.revoked, "certificate_not_after": time(a.certificate_not_after.as_ref()), "token_id": a.token_id}))
+                    .collect();
+                print_json(&rows);
+            } else {
+                let rows = r
+                    .agents
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.agent_id.clone(),
+                            a.client.clone(),
+                            a.site.clone(),
+                            a.hostname.clone(),
+                            a.version.clone(),
+                            a.last_seen
+                                .as_ref()
+                                .map_or_else(|| "never".into(), |t| time(Some(t))),
+                            a.backlog.to_string(),
+                            if a.revoked { "revoked" } else { "active" }.into(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "AGENT ID",
+                        "CLIENT",
+                        "SITE",
+                        "HOSTNAME",
+                        "VERSION",
+                        "LAST SEEN",
+                        "BACKLOG",
+                        "STATE",
+                    ],
+                    rows,
+                );
+            }
+        }
+        Command::Agent(AgentCommand::Revoke { agent_id }) => {
+            let r = admin
+                .revoke_agent(v1::RevokeAgentRequest {
+                    agent_id: agent_id.clone(),
+                })
+                .await
+                .map_err(|s| status_failure(s, url))?
+                .into_inner();
+            let (client, site) = r.agent.map(|a| (a.client, a.site)).unwrap_or_default();
+            eprintln!(
+                "agent {agent_id} of client {client} site {site} revoked: it is refused from now on"
+            );
         }
         Command::Clients { json } => {
             let r = query
@@ -627,48 +728,27 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
     Ok(())
 }
 
-fn operator_token(cli: &Cli) -> Result<String, Failure> {
-    if let Some(t) = cli
-        .operator_token
-        .as_deref()
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-    {
-        return Ok(t.to_owned());
+/// A token's state at `now`, for `census token list`.
+fn token_state(t: &v1::EnrollmentToken, now: std::time::SystemTime) -> String {
+    let expired = t
+        .expires_at
+        .as_ref()
+        .and_then(convert::system_time)
+        .is_some_and(|e| now >= e);
+    if t.revoked {
+        "revoked".into()
+    } else if !t.used_by_agent.is_empty() {
+        format!("used by {}", t.used_by_agent)
+    } else if expired {
+        "expired".into()
+    } else {
+        "unused".into()
     }
-    let Some(path) = &cli.operator_token_file else {
-        return Err(Failure::new(
-            EX_USAGE,
-            "no operator token: pass --operator-token-file <collector data dir>/operator.token (or set CENSUS_OPERATOR_TOKEN_FILE or CENSUS_OPERATOR_TOKEN)",
-        ));
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Failure::new(
-            EX_USAGE,
-            format!("cannot read operator token file {}: {e}", path.display()),
-        )
-    })?;
-    let t = text.trim();
-    if t.is_empty() {
-        return Err(Failure::new(
-            EX_USAGE,
-            format!("operator token file {} is empty", path.display()),
-        ));
-    }
-    Ok(t.to_owned())
 }
 
-async fn connect(url: &str, timeout: Duration) -> Result<Channel, Failure> {
-    let endpoint = Channel::from_shared(url.to_owned())
-        .map_err(|_| {
-            Failure::new(
-                EX_USAGE,
-                format!(
-                    "{url:?} is not a valid collector URL (expected e.g. http://127.0.0.1:7400)"
-                ),
-            )
-        })?
-        .connect_timeout(timeout)
+async fn connect(url: &str, creds: &Credentials, timeout: Duration) -> Result<Channel, Failure> {
+    let endpoint = transport::endpoint(url, None, Some(creds), timeout)
+        .map_err(|e| Failure::new(EX_USAGE, e.to_string()))?
         .timeout(timeout);
     endpoint.connect().await.map_err(|e| {
         Failure::new(
@@ -678,27 +758,14 @@ async fn connect(url: &str, timeout: Duration) -> Result<Channel, Failure> {
     })
 }
 
-/// An error and its sources on one line: tonic's own message is only "transport error".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
+pub use census_proto::transport::error_chain;
 
 fn status_failure(status: Status, url: &str) -> Failure {
     let msg = status.message().to_owned();
     match status.code() {
         Code::Unauthenticated | Code::PermissionDenied => Failure::new(
             EX_NOPERM,
-            format!("the collector refused the operator token: {msg}"),
+            format!("the collector refused the operator's credentials: {msg}"),
         ),
         Code::Unavailable => Failure::new(
             EX_UNAVAILABLE,

@@ -24,6 +24,8 @@ pub const DEFAULT_MAX_BATCH_OBSERVATIONS: usize = 10_000;
 /// as with 1 GiB on the collector benchmark, and counts are served from memory of their own.
 /// The write buffer in front of sled (the write-ahead log's) holds up to twice this.
 pub const DEFAULT_CACHE_MB: u64 = 64;
+/// Default longest time an agent's stream may go without a whole batch.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default time between two reads of a client's Entra ID users.
 pub const DEFAULT_GRAPH_INTERVAL: Duration = Duration::from_secs(60 * 60);
 /// Shortest and longest `graph_interval` accepted.
@@ -63,6 +65,20 @@ pub struct Config {
     /// monitoring network.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// The longest an agent's Report stream may go without a whole batch arriving (a stalled
+    /// or abandoned stream) before the collector closes it, e.g. "2m".
+    #[serde(
+        default = "default_stream_idle_timeout",
+        with = "crate::graph::humantime_serde_compat"
+    )]
+    pub stream_idle_timeout: Duration,
+    /// Mutual TLS: the server certificate's names and, optionally, the MSP's own CA.
+    #[serde(default)]
+    pub tls: crate::pki::TlsSettings,
+    /// Serve plaintext gRPC, with callers' certificates taken on their word: for development
+    /// only, never across a network. Off by default; the collector says so loudly when on.
+    #[serde(default)]
+    pub dev_plaintext: bool,
     /// Per-client settings, by client name: `[clients.acme.graph]` reads acme's Entra ID users.
     #[serde(default)]
     pub clients: BTreeMap<String, ClientSettings>,
@@ -94,6 +110,9 @@ fn default_cache_mb() -> u64 {
 fn default_graph_interval() -> Duration {
     DEFAULT_GRAPH_INTERVAL
 }
+fn default_stream_idle_timeout() -> Duration {
+    DEFAULT_STREAM_IDLE_TIMEOUT
+}
 
 impl Default for Config {
     fn default() -> Self {
@@ -105,6 +124,9 @@ impl Default for Config {
             cache_mb: DEFAULT_CACHE_MB,
             graph_interval: DEFAULT_GRAPH_INTERVAL,
             metrics_listen: None,
+            stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
+            tls: crate::pki::TlsSettings::default(),
+            dev_plaintext: false,
             clients: BTreeMap::new(),
         }
     }
@@ -144,6 +166,8 @@ pub enum ConfigError {
         "metrics_listen {metrics} is the gRPC listen address too: give the metrics endpoint a port of its own"
     )]
     MetricsListen { metrics: SocketAddr },
+    #[error("stream_idle_timeout must be between 1s and 1h, got {0}")]
+    StreamIdle(String),
     #[error("clients.{client}: {message}")]
     Client { client: String, message: String },
 }
@@ -193,6 +217,12 @@ impl Config {
             && m.port() != 0
         {
             return Err(ConfigError::MetricsListen { metrics: m });
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.stream_idle_timeout)
+        {
+            return Err(ConfigError::StreamIdle(
+                humantime::format_duration(self.stream_idle_timeout).to_string(),
+            ));
         }
         self.graph_tenants()?;
         Ok(())

@@ -14,7 +14,8 @@
 //! - [`policy`]: the versioned counting policy per client, and why each device counts or not.
 //! - [`snapshot`]: billing snapshots per period, their diff and their CSV/JSON export.
 //! - [`store`]: the [`store::Store`] trait, the sled store and the in-memory store.
-//! - [`auth`]: enrollment tokens and the operator token.
+//! - [`auth`]: single-use enrollment tokens and the registry of enrolled agents.
+//! - [`pki`]: the certificate authority: server, operator and agent certificates.
 //! - [`service`]: the `census.v1` gRPC services (ingest, query, admin).
 //! - [`metrics`]: the collector's Prometheus metrics, their gRPC layer and their HTTP endpoint.
 //! - [`server`]: wires store and services into a tonic server with health and reflection.
@@ -31,6 +32,7 @@ pub mod graph;
 pub mod identity;
 pub mod metrics;
 pub mod model;
+pub mod pki;
 pub mod policy;
 pub mod server;
 pub mod service;

@@ -77,6 +77,16 @@ struct Settings {
     /// 127.0.0.1:7401 [default: none, no metrics served].
     #[arg(long, env = "CENSUS_COLLECTOR_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// A name or address agents and operators reach the collector by, for its server
+    /// certificate (repeat for several; added to [tls] server_names).
+    #[arg(long = "server-name", value_name = "NAME")]
+    server_names: Vec<String>,
+    /// Close an agent's stream when no whole batch arrives for this long, e.g. 2m [default: 2m].
+    #[arg(long, env = "CENSUS_COLLECTOR_STREAM_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    stream_idle_timeout: Option<std::time::Duration>,
+    /// DEVELOPMENT ONLY: serve plaintext gRPC and take callers' certificates on their word.
+    #[arg(long)]
+    dev_plaintext: bool,
 }
 
 impl Settings {
@@ -105,6 +115,16 @@ impl Settings {
         }
         if let Some(v) = self.metrics_listen {
             config.metrics_listen = Some(v);
+        }
+        config
+            .tls
+            .server_names
+            .extend(self.server_names.iter().cloned());
+        if let Some(v) = self.stream_idle_timeout {
+            config.stream_idle_timeout = v;
+        }
+        if self.dev_plaintext {
+            config.dev_plaintext = true;
         }
         config.validate()?;
         Ok(config)
@@ -199,8 +219,9 @@ async fn serve(config: Config) -> ExitCode {
         Err(e @ RunError::Config(_)) => return fail(EX_USAGE, e),
         Err(e) => return fail(1, e),
     };
-    if prepared.operator_token_created {
-        info!(path = %prepared.operator_token_path.display(), "operator token created; `census` needs it (--operator-token-file)");
+    let (operator_dir, created) = prepared.pki.operator_dir();
+    if created {
+        info!(dir = %operator_dir.display(), "operator credentials made; `census` uses them (--credentials)");
     }
     let shutdown = CancellationToken::new();
     // Printed on stdout so scripts (and tests, with --listen HOST:0) learn the bound

@@ -87,6 +87,7 @@ pub struct Metrics {
     pub observations_rejected: IntCounter,
     pub batch_store_seconds: Histogram,
     pub report_streams: IntGauge,
+    pub streams_idle_closed: IntCounter,
     pub directory_parts: IntCounterVec,
     pub directory_users: IntCounter,
     pub entra_reads: IntCounterVec,
@@ -194,6 +195,14 @@ impl Metrics {
                 Opts::new(
                     "census_collector_report_streams",
                     "Report streams open now: the agents connected."
+                )
+            ),
+            streams_idle_closed: metric!(
+                r,
+                IntCounter,
+                Opts::new(
+                    "census_collector_streams_idle_closed_total",
+                    "Report streams closed because no whole batch arrived within stream_idle_timeout."
                 )
             ),
             directory_parts: metric!(

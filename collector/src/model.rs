@@ -98,6 +98,36 @@ pub struct TokenRecord {
     pub site: String,
     pub created_ms: u64,
     pub revoked: bool,
+    /// After this, the token enrolls nothing.
+    #[serde(default)]
+    pub expires_ms: u64,
+    /// The agent it enrolled, and when: a token enrolls one agent.
+    #[serde(default)]
+    pub used_by: Option<String>,
+    #[serde(default)]
+    pub used_ms: Option<u64>,
+}
+
+/// An enrolled agent: the certificate the collector signed for it, and the client and site
+/// that certificate binds it to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub id: String,
+    pub client: String,
+    pub site: String,
+    pub hostname: String,
+    pub version: String,
+    pub token_id: String,
+    pub enrolled_ms: u64,
+    /// The SHA-256 of its certificate's DER: how its calls are recognised.
+    pub cert_sha256: [u8; 32],
+    pub cert_not_after_ms: u64,
+    pub revoked: bool,
+    /// Its last batch (0: none yet), and its queue's length then.
+    #[serde(default)]
+    pub last_seen_ms: u64,
+    #[serde(default)]
+    pub backlog: u64,
 }
 
 /// The client and site an authenticated agent writes for. Taken from its token, never from

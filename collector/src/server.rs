@@ -3,8 +3,8 @@
 use std::{sync::Arc, time::Duration};
 
 use census_proto::v1::{
-    admin_service_server::AdminServiceServer, ingest_service_server::IngestServiceServer,
-    query_service_server::QueryServiceServer,
+    admin_service_server::AdminServiceServer, enrollment_service_server::EnrollmentServiceServer,
+    ingest_service_server::IngestServiceServer, query_service_server::QueryServiceServer,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -12,12 +12,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    auth::OperatorToken,
+    auth::Registry,
     config::{Config, ConfigError},
     entra::{EntraError, EntraReader},
     graph::GraphLimits,
     metrics::{Metrics, grpc::GrpcMetricsLayer},
-    service::{Collector, Limits},
+    pki::{Pki, PkiError},
+    service::{Collector, Limits, Security, agents_operator_check},
     store::{
         Store, StoreError,
         sled::{SledOptions, SledStore},
@@ -26,6 +27,9 @@ use crate::{
 
 /// Streams and calls one connection may have open at once.
 const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+
+/// How long a connection gets to complete its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long in-flight calls get to finish after shutdown is asked for.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -36,28 +40,28 @@ pub enum RunError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot use the operator token file in {dir}: {source}")]
-    OperatorToken { dir: String, source: std::io::Error },
+    #[error("TLS: {0}")]
+    Pki(#[from] PkiError),
     #[error("cannot start reading Entra ID users: {0}")]
     Entra(#[from] EntraError),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
 
-/// A collector ready to serve: the store is open and the operator token exists.
+/// A collector ready to serve: the store is open, the CA and the operator's credentials exist.
 #[derive(Debug)]
 pub struct Prepared {
     pub store: Arc<dyn Store>,
-    pub operator: OperatorToken,
-    /// Where the operator token is, and whether it was made by this start.
-    pub operator_token_path: std::path::PathBuf,
-    pub operator_token_created: bool,
+    pub pki: Arc<Pki>,
+    /// The enrolled agents, read from the store.
+    pub agents: Registry,
     /// The collector's metrics (served by [`crate::metrics::http`] when `metrics_listen` is
     /// set; counted either way).
     pub metrics: Arc<Metrics>,
 }
 
-/// Validates the config, opens the store and loads (or makes) the operator token.
+/// Validates the config, opens the store, and loads (or makes) the CA, the server certificate
+/// and the operator's credentials.
 pub fn prepare(config: &Config) -> Result<Prepared, RunError> {
     config.validate()?;
     let dir = config.data_dir.as_deref().ok_or(ConfigError::NoDataDir)?;
@@ -67,16 +71,12 @@ pub fn prepare(config: &Config) -> Result<Prepared, RunError> {
         cache_bytes: config.cache_mb * 1024 * 1024,
     };
     let store: Arc<dyn Store> = Arc::new(SledStore::open_with(dir, &options)?);
-    let (operator, operator_token_path, operator_token_created) =
-        OperatorToken::load_or_create(dir).map_err(|source| RunError::OperatorToken {
-            dir: dir.display().to_string(),
-            source,
-        })?;
+    let pki = Arc::new(Pki::load_or_create(dir, &config.tls, config.listen)?);
+    let agents = Registry::new(store.agents()?);
     Ok(Prepared {
         store,
-        operator,
-        operator_token_path,
-        operator_token_created,
+        pki,
+        agents,
         metrics: Metrics::new(Some(dir)),
     })
 }
@@ -92,11 +92,17 @@ pub async fn run(
     let tenants = config.graph_tenants()?;
     let store = Arc::clone(&prepared.store);
     let metrics = Arc::clone(&prepared.metrics);
+    let security = Arc::new(Security::new(
+        Arc::clone(&prepared.pki),
+        prepared.agents,
+        config.dev_plaintext,
+    ));
     let mut collector = Collector::new(
         prepared.store,
-        prepared.operator,
+        Arc::clone(&security),
         Limits {
             max_batch_observations: config.max_batch_observations,
+            stream_idle: config.stream_idle_timeout,
         },
         shutdown.clone(),
     )
@@ -120,6 +126,9 @@ pub async fn run(
     health_reporter
         .set_serving::<AdminServiceServer<Collector>>()
         .await;
+    health_reporter
+        .set_serving::<EnrollmentServiceServer<Collector>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(census_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -132,17 +141,37 @@ pub async fn run(
         .max_encoding_message_size(max);
     let query = tonic::service::interceptor::InterceptedService::new(
         QueryServiceServer::new(collector.clone()).max_encoding_message_size(64 * 1024 * 1024),
-        collector.operator_check(),
+        agents_operator_check(Arc::clone(&security)),
     );
     let admin = tonic::service::interceptor::InterceptedService::new(
         AdminServiceServer::new(collector.clone()),
-        collector.operator_check(),
+        agents_operator_check(Arc::clone(&security)),
     );
+    let enrollment =
+        EnrollmentServiceServer::new(collector.clone()).max_decoding_message_size(64 * 1024);
 
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "collector listening");
     }
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if config.dev_plaintext {
+        warn!(
+            "DEVELOPMENT MODE: serving plaintext gRPC and taking callers' certificates on their word; never use this across a network"
+        );
+    } else {
+        // Mutual TLS: a client certificate is optional at the handshake (enrollment is made
+        // without one), and every service but enrollment refuses calls without one.
+        builder = builder.tls_config(
+            tonic::transport::ServerTlsConfig::new()
+                .identity(prepared.pki.server_identity())
+                .client_ca_root(tonic::transport::Certificate::from_pem(
+                    prepared.pki.ca_pem(),
+                ))
+                .client_auth_optional(true)
+                .timeout(TLS_HANDSHAKE_TIMEOUT),
+        )?;
+    }
+    let server = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         // One connection (one agent, or a leaked token) cannot hold unbounded streams.
@@ -154,6 +183,7 @@ pub async fn run(
         .add_service(ingest)
         .add_service(query)
         .add_service(admin)
+        .add_service(enrollment)
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),

@@ -1,11 +1,16 @@
 //! The gRPC services of `census.v1`: ingest (agents), query and admin (operators).
 //!
 //! Handlers authenticate, validate, and hand the work to the [`Store`] on a blocking thread;
-//! they never trust a client or site named by an agent: an agent's scope comes from its token.
+//! they never trust a client or site named by an agent: an agent's scope comes from the
+//! certificate it presents (see [`crate::auth`] and [`agents`]).
 //! Every count and every device's `counted`/`reason` follows the client's counting policy
 //! ([`crate::policy`]); billing snapshots ([`crate::snapshot`]) freeze them per period.
 
-use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use census_proto::{
     convert::{self, unix_millis},
@@ -20,14 +25,18 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
+mod agents;
 mod users;
 
+pub use agents::{DEFAULT_TOKEN_TTL_S, MAX_TOKEN_TTL_S, operator_check as agents_operator_check};
+
 use crate::{
-    auth::{self, AuthError, OperatorToken},
+    auth::{self, AuthError, Registry},
     entra::EntraReader,
     identity::{self, EditError, Event, EventKind},
     metrics::{Metrics, RefusedReason},
     model::{self, DeviceRecord, Scope},
+    pki::Pki,
     policy::{self, Policy, PolicyRules, RandomizedRule},
     snapshot::{self, Period, Snapshot},
     store::{BatchId, BatchOutcome, Edit, Store, StoreError},
@@ -37,13 +46,38 @@ use crate::{
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_batch_observations: usize,
+    /// The longest an agent's stream may go without a whole batch arriving before the
+    /// collector closes it.
+    pub stream_idle: Duration,
+}
+
+/// Who may call: the CA that issues certificates, the enrolled agents, and whether plaintext
+/// (development mode) is served.
+#[derive(Debug)]
+pub struct Security {
+    pub pki: Arc<Pki>,
+    pub agents: Registry,
+    pub dev_plaintext: bool,
+    /// Held while a token is spent: two enrollments with one token never both succeed.
+    enrolling: tokio::sync::Mutex<()>,
+}
+
+impl Security {
+    pub fn new(pki: Arc<Pki>, agents: Registry, dev_plaintext: bool) -> Self {
+        Security {
+            pki,
+            agents,
+            dev_plaintext,
+            enrolling: tokio::sync::Mutex::new(()),
+        }
+    }
 }
 
 /// The state every service shares.
 #[derive(Debug, Clone)]
 pub struct Collector {
     store: Arc<dyn Store>,
-    operator: OperatorToken,
+    security: Arc<Security>,
     limits: Limits,
     shutdown: CancellationToken,
     /// Batches being stored at once: two per core keep every core busy and the group commit
@@ -83,13 +117,13 @@ fn name_status(e: model::NameError) -> Status {
 impl Collector {
     pub fn new(
         store: Arc<dyn Store>,
-        operator: OperatorToken,
+        security: Arc<Security>,
         limits: Limits,
         shutdown: CancellationToken,
     ) -> Self {
         Collector {
             store,
-            operator,
+            security,
             limits,
             shutdown,
             storing: Arc::new(tokio::sync::Semaphore::new(
@@ -124,29 +158,6 @@ impl Collector {
             .await
             .map_err(|e| Status::internal(format!("collector task failed: {e}")))?
             .map_err(store_status)
-    }
-
-    /// The scope an agent's token is bound to.
-    async fn agent_scope(&self, text: &str) -> Result<Scope, Status> {
-        let (id, secret) = auth::parse_token(text).map_err(auth_status)?;
-        let (id, secret) = (id.to_owned(), secret.to_owned());
-        let record = self
-            .blocking(move |s| s.token(&id))
-            .await?
-            .ok_or_else(|| auth_status(AuthError::UnknownToken))?;
-        auth::verify_token(&record, &secret).map_err(auth_status)
-    }
-
-    /// An interceptor that admits only the operator.
-    pub fn operator_check(
-        &self,
-    ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + use<> {
-        let operator = self.operator.clone();
-        move |req: Request<()>| {
-            let presented = auth::bearer(req.metadata()).map_err(auth_status)?;
-            operator.check(presented).map_err(auth_status)?;
-            Ok(req)
-        }
     }
 
     async fn require_client(&self, name: &str) -> Result<(), Status> {
@@ -197,14 +208,18 @@ impl IngestService for Collector {
         &self,
         request: Request<Streaming<v1::ObservationBatch>>,
     ) -> Result<Response<Self::ReportStream>, Status> {
-        let token = auth::bearer(request.metadata())
-            .map_err(auth_status)?
-            .to_owned();
-        let scope = self.agent_scope(&token).await?;
+        let cert = agents::presented_certificate(&self.security, &request).map_err(auth_status)?;
+        let agent = self.security.agents.identify(&cert).map_err(auth_status)?;
+        let scope = Scope {
+            client: agent.client,
+            site: agent.site,
+        };
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(32);
         let this = self.clone();
-        let span = info_span!("report", client = %scope.client, site = %scope.site);
+        let span =
+            info_span!("report", client = %scope.client, site = %scope.site, agent = %agent.id);
+        let idle = self.limits.stream_idle;
         tokio::spawn(
             async move {
                 let _open = this.metrics.stream_opened();
@@ -215,7 +230,20 @@ impl IngestService for Collector {
                             let _ = tx.send(Err(Status::unavailable("collector is shutting down; resend unacknowledged batches"))).await;
                             break;
                         }
-                        next = inbound.next() => next,
+                        next = tokio::time::timeout(idle, inbound.next()) => match next {
+                            Ok(next) => next,
+                            Err(_) => {
+                                // A stream that stops sending (or sends half a message and
+                                // stalls) holds a task and a connection slot: close it.
+                                this.metrics.streams_idle_closed.inc();
+                                warn!(idle = %humantime::format_duration(idle), "agent stream idle too long; closing it");
+                                let _ = tx.send(Err(Status::deadline_exceeded(format!(
+                                    "no batch arrived for {}: stream closed; open a new one to send more",
+                                    humantime::format_duration(idle)
+                                )))).await;
+                                break;
+                            }
+                        },
                     };
                     let batch = match next {
                         None => break,
@@ -240,12 +268,15 @@ impl IngestService for Collector {
                         }
                     };
                     this.metrics.batches_received.inc();
-                    // The token is checked again for every batch, so a revocation also ends
-                    // streams that are already open.
-                    let reply = match this.agent_scope(&token).await {
-                        Ok(now) if now == scope => this.ingest(&scope, batch).await,
-                        Ok(_) => Err(Status::unauthenticated("the enrollment token now names another scope")),
-                        Err(status) => Err(status),
+                    // The certificate is checked again for every batch, so a revocation also
+                    // ends streams that are already open.
+                    let reply = match this.security.agents.identify(&cert) {
+                        Ok(now) if now.client == scope.client && now.site == scope.site => {
+                            this.note_seen(&cert, &batch).await;
+                            this.ingest(&scope, batch).await
+                        }
+                        Ok(_) => Err(Status::unauthenticated("this agent now belongs to another client or site: reconnect")),
+                        Err(e) => Err(auth_status(e)),
                     };
                     let failed = reply.is_err();
                     if let Err(status) = &reply {
@@ -977,12 +1008,13 @@ impl AdminService for Collector {
         let req = request.into_inner();
         model::validate_name("client", &req.client).map_err(name_status)?;
         model::validate_name("site", &req.site).map_err(name_status)?;
+        let ttl = agents::token_ttl(req.expires_in_seconds)?;
         let scope = Scope {
             client: req.client,
             site: req.site,
         };
         let now = now_ms();
-        let token = auth::new_token(&scope, now);
+        let token = auth::new_token(&scope, now, ttl);
         let record = token.record.clone();
         let scope2 = scope.clone();
         let (client_created, site_created) = self
@@ -993,7 +1025,7 @@ impl AdminService for Collector {
                 Ok((client_created, site_created))
             })
             .await?;
-        info!(client = %scope.client, site = %scope.site, token_id = %token.record.id, "enrollment token created");
+        info!(client = %scope.client, site = %scope.site, token_id = %token.record.id, expires_ms = token.record.expires_ms, "enrollment token created");
         Ok(Response::new(v1::CreateTokenResponse {
             token: token.text,
             token_id: token.record.id,
@@ -1001,6 +1033,7 @@ impl AdminService for Collector {
             site: scope.site,
             client_created,
             site_created,
+            expires_at: Some(convert::timestamp_from_millis(token.record.expires_ms)),
         }))
     }
 
@@ -1020,6 +1053,9 @@ impl AdminService for Collector {
                         site: t.site,
                         created_at: Some(convert::timestamp_from_millis(t.created_ms)),
                         revoked: t.revoked,
+                        expires_at: Some(convert::timestamp_from_millis(t.expires_ms)),
+                        used_by_agent: t.used_by.unwrap_or_default(),
+                        used_at: t.used_ms.map(convert::timestamp_from_millis),
                     })
                     .collect())
             })
@@ -1050,6 +1086,30 @@ impl AdminService for Collector {
         }
         info!(token_id = %id, "enrollment token revoked");
         Ok(Response::new(v1::RevokeTokenResponse {}))
+    }
+
+    async fn list_agents(
+        &self,
+        request: Request<v1::ListAgentsRequest>,
+    ) -> Result<Response<v1::ListAgentsResponse>, Status> {
+        let client = request.into_inner().client;
+        Ok(Response::new(v1::ListAgentsResponse {
+            agents: self
+                .security
+                .agents
+                .list()
+                .into_iter()
+                .filter(|a| client.is_empty() || a.client == client)
+                .map(agents::agent_to_wire)
+                .collect(),
+        }))
+    }
+
+    async fn revoke_agent(
+        &self,
+        request: Request<v1::RevokeAgentRequest>,
+    ) -> Result<Response<v1::RevokeAgentResponse>, Status> {
+        self.revoke(request.into_inner().agent_id).await
     }
 
     async fn create_client(

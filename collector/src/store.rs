@@ -22,7 +22,8 @@ use census_proto::convert::MacAddr;
 use crate::{
     identity::{self, AddressOwner, EditResult, Event, Graph, VirtualMacRecord},
     model::{
-        AddressRecord, CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord,
+        AddressRecord, AgentRecord, CleanObservation, ClientRecord, DeviceRecord, Scope,
+        SiteRecord, TokenRecord,
     },
     policy::{self, Policy, PolicyRules, Tally},
     snapshot::Snapshot,
@@ -81,6 +82,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
     fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Stores an enrolled agent and the token that enrolled it (now marked used), together and
+    /// durably: a token is never spent without its agent, nor an agent stored with its token
+    /// still unspent.
+    fn enroll(&self, token: &TokenRecord, agent: &AgentRecord) -> Result<(), StoreError>;
+    /// Stores (or replaces) an agent record, durably.
+    fn put_agent(&self, agent: &AgentRecord) -> Result<(), StoreError>;
+    fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
 
     /// Applies a batch of validated observations for `scope`, atomically and durably, at most
     /// once per (scope, agent, sequence).
@@ -356,11 +365,40 @@ pub(crate) mod contract {
             site: "hq".into(),
             created_ms: 1,
             revoked: false,
+            expires_ms: 2,
+            used_by: None,
+            used_ms: None,
         };
         store.put_token(&token).expect("token");
-        assert_eq!(store.token("t1").expect("token"), Some(token));
+        assert_eq!(store.token("t1").expect("token"), Some(token.clone()));
         assert_eq!(store.token("t2").expect("token"), None);
         assert_eq!(store.tokens().expect("tokens").len(), 1);
+
+        let used = TokenRecord {
+            used_by: Some("a1".into()),
+            used_ms: Some(3),
+            ..token
+        };
+        let mut agent = AgentRecord {
+            id: "a1".into(),
+            client: "acme".into(),
+            site: "hq".into(),
+            hostname: "box".into(),
+            version: "0.1.0".into(),
+            token_id: "t1".into(),
+            enrolled_ms: 3,
+            cert_sha256: [9; 32],
+            cert_not_after_ms: 10,
+            revoked: false,
+            last_seen_ms: 0,
+            backlog: 0,
+        };
+        store.enroll(&used, &agent).expect("enroll");
+        assert_eq!(store.token("t1").expect("token"), Some(used));
+        assert_eq!(store.agents().expect("agents"), vec![agent.clone()]);
+        agent.revoked = true;
+        store.put_agent(&agent).expect("agent");
+        assert_eq!(store.agents().expect("agents"), vec![agent]);
 
         policies(store);
         snapshots(store);

@@ -7,7 +7,9 @@ use std::{
 
 use super::{BatchId, BatchOutcome, Edit, Store, StoreError, present, run_edit};
 use crate::identity::{self, Event, MemGraph};
-use crate::model::{CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord};
+use crate::model::{
+    AgentRecord, CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord,
+};
 use crate::policy::{Policy, PolicyRules};
 use crate::snapshot::Snapshot;
 use crate::users::{
@@ -25,6 +27,7 @@ struct Inner {
     clients: BTreeMap<String, ClientRecord>,
     sites: BTreeMap<(String, String), SiteRecord>,
     tokens: BTreeMap<String, TokenRecord>,
+    agents: BTreeMap<String, AgentRecord>,
     /// Per client.
     graphs: BTreeMap<String, MemGraph>,
     batches: BTreeMap<(String, String, String, u64), [u8; 32]>,
@@ -113,6 +116,22 @@ impl Store for MemoryStore {
 
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         Ok(self.lock().tokens.values().cloned().collect())
+    }
+
+    fn enroll(&self, token: &TokenRecord, agent: &AgentRecord) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        inner.tokens.insert(token.id.clone(), token.clone());
+        inner.agents.insert(agent.id.clone(), agent.clone());
+        Ok(())
+    }
+
+    fn put_agent(&self, agent: &AgentRecord) -> Result<(), StoreError> {
+        self.lock().agents.insert(agent.id.clone(), agent.clone());
+        Ok(())
+    }
+
+    fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        Ok(self.lock().agents.values().cloned().collect())
     }
 
     fn apply_batch(

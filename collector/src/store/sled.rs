@@ -3,7 +3,8 @@
 //! Trees and keys (`\0` separates parts; names never contain it):
 //! - `clients`: `client` -> [`ClientRecord`]
 //! - `sites`: `client\0site` -> [`SiteRecord`]
-//! - `tokens`: `token id` -> [`TokenRecord`]
+//! - `tokens`: `token id` -> [`TokenRecord`] (JSON)
+//! - `agents`: `agent id` -> [`AgentRecord`] (JSON)
 //! - `graph`: every client's identity graph and applied batches, in one tree so that a batch
 //!   commits with one atomic [`sled::Tree::apply_batch`]; the first byte says what a key is:
 //!   - `d` `client\0device id` -> [`DeviceRecord`], with its counting summary in front
@@ -74,7 +75,9 @@ use sled::transaction::TransactionError;
 use super::{BatchId, BatchOutcome, Edit, Store, StoreError, present, run_edit};
 use crate::{
     identity::{self, AddressOwner, EditError, Event, VirtualMacRecord},
-    model::{CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord},
+    model::{
+        AgentRecord, CleanObservation, ClientRecord, DeviceRecord, Scope, SiteRecord, TokenRecord,
+    },
     policy::{DeviceSummary, Policy, PolicyRules, Tally},
     snapshot::Snapshot,
     users::{
@@ -142,6 +145,7 @@ pub struct SledStore {
     clients: sled::Tree,
     sites: sled::Tree,
     tokens: sled::Tree,
+    agents: sled::Tree,
     graph: sled::Tree,
     policies: sled::Tree,
     snapshots: sled::Tree,
@@ -191,6 +195,7 @@ impl SledStore {
             clients: tree("clients")?,
             sites: tree("sites")?,
             tokens: tree("tokens")?,
+            agents: tree("agents")?,
             graph: tree("graph")?,
             policies: tree("policies")?,
             snapshots: tree("snapshots")?,
@@ -580,7 +585,7 @@ impl Store for SledStore {
 
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
         self.tokens
-            .insert(token.id.as_bytes(), encode(token)?)
+            .insert(token.id.as_bytes(), encode_json(token)?)
             .map_err(engine)?;
         self.flush()
     }
@@ -595,6 +600,30 @@ impl Store for SledStore {
 
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         scan(&self.tokens, b"")
+    }
+
+    fn enroll(&self, token: &TokenRecord, agent: &AgentRecord) -> Result<(), StoreError> {
+        use sled::Transactional as _;
+        let (t, a) = (encode_json(token)?, encode_json(agent)?);
+        (&self.tokens, &self.agents)
+            .transaction(|(tokens, agents)| {
+                tokens.insert(token.id.as_bytes(), t.as_slice())?;
+                agents.insert(agent.id.as_bytes(), a.as_slice())?;
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| StoreError::Engine(format!("{e:?}")))?;
+        self.flush()
+    }
+
+    fn put_agent(&self, agent: &AgentRecord) -> Result<(), StoreError> {
+        self.agents
+            .insert(agent.id.as_bytes(), encode_json(agent)?)
+            .map_err(engine)?;
+        self.flush()
+    }
+
+    fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        scan(&self.agents, b"")
     }
 
     fn apply_batch(
