@@ -56,9 +56,11 @@ use std::{
 use anyhow::{Context, Result, bail};
 use census_proto::{
     convert,
+    transport::{Authenticate, Credentials},
     v1::{
-        self, admin_service_client::AdminServiceClient, ingest_service_client::IngestServiceClient,
-        query_service_client::QueryServiceClient,
+        self, admin_service_client::AdminServiceClient,
+        enrollment_service_client::EnrollmentServiceClient,
+        ingest_service_client::IngestServiceClient, query_service_client::QueryServiceClient,
     },
 };
 use census_tests::support;
@@ -204,7 +206,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Options>>
 struct Server {
     child: Child,
     addr: SocketAddr,
-    operator: String,
+    operator: Credentials,
     dir: PathBuf,
     /// Keeps the collector's stdout open (it prints its address there).
     _stdout: BufReader<std::process::ChildStdout>,
@@ -220,7 +222,16 @@ impl Server {
             .open(dir.with_extension("log"))
             .context("creating the collector's log file")?;
         let mut child = Command::new(&bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            // Development mode (plaintext, certificates in metadata): these figures are the
+            // store's and the services', as before mutual TLS; TLS adds its own per-connection
+            // handshake and per-byte cost on top.
+            .args([
+                "serve",
+                "--dev-plaintext",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(dir)
             .env_remove("CENSUS_COLLECTOR_DATA_DIR")
             .env_remove("CENSUS_COLLECTOR_LISTEN")
@@ -241,11 +252,8 @@ impl Server {
                 bail!("the collector did not start; its log:\n{log}");
             }
         };
-        let operator =
-            std::fs::read_to_string(dir.join(census_collector::auth::OPERATOR_TOKEN_FILE))
-                .context("reading the operator token")?
-                .trim()
-                .to_owned();
+        let operator = Credentials::load(&dir.join(census_collector::pki::OPERATOR_DIR))
+            .context("reading the operator's credentials")?;
         Ok(Server {
             child,
             addr,
@@ -273,8 +281,8 @@ impl Server {
             .await?)
     }
 
-    /// Tokens for `clients`, site `hq`, 16 at a time.
-    async fn tokens(&self, clients: &[String]) -> Result<Vec<String>> {
+    /// An enrolled agent for each of `clients`, site `hq`, 16 at a time: their credentials.
+    async fn tokens(&self, clients: &[String]) -> Result<Vec<Credentials>> {
         let channel = self.channel().await?;
         let sem = Arc::new(Semaphore::new(16));
         let mut tasks = Vec::new();
@@ -328,33 +336,53 @@ impl Drop for Server {
     }
 }
 
-/// Token creation without borrowing the server into a task.
+/// Enrollment without borrowing the server into a task.
 struct TokenMaker {
-    operator: String,
+    operator: Credentials,
 }
 
 impl TokenMaker {
-    async fn token(&self, channel: Channel, client: &str) -> Result<String> {
-        let mut admin = AdminServiceClient::new(channel);
-        let r = admin
+    /// A token for `client`, traded with a CSR for an agent's certificate.
+    async fn token(&self, channel: Channel, client: &str) -> Result<Credentials> {
+        let mut admin = AdminServiceClient::new(channel.clone());
+        let token = admin
             .create_token(authed(
                 &self.operator,
                 v1::CreateTokenRequest {
                     client: client.into(),
                     site: "hq".into(),
+                    expires_in_seconds: 0,
                 },
             ))
             .await
-            .with_context(|| format!("creating a token for {client}"))?;
-        Ok(r.into_inner().token)
+            .with_context(|| format!("creating a token for {client}"))?
+            .into_inner()
+            .token;
+        let key = rcgen::KeyPair::generate()?;
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?;
+        let r = EnrollmentServiceClient::new(channel)
+            .enroll(v1::EnrollRequest {
+                token,
+                csr_der: csr.der().to_vec(),
+                agent_id: format!("bench-{client}"),
+                hostname: "bench".into(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .await
+            .with_context(|| format!("enrolling an agent of {client}"))?
+            .into_inner();
+        Ok(Credentials {
+            ca_pem: r.ca_pem,
+            cert_pem: r.certificate_pem,
+            key_pem: key.serialize_pem(),
+        })
     }
 }
 
-fn authed<T>(token: &str, msg: T) -> Request<T> {
+/// `msg` from the holder of `creds`, to a development-mode (plaintext) collector.
+fn authed<T>(creds: &Credentials, msg: T) -> Request<T> {
     let mut req = Request::new(msg);
-    if let Ok(v) = format!("Bearer {token}").parse() {
-        req.metadata_mut().insert(census_proto::AUTHORIZATION, v);
-    }
+    Authenticate::new("http://", Some(creds)).apply(&mut req);
     req
 }
 
@@ -582,7 +610,7 @@ struct Totals {
 /// One agent stream: sends sweeps of `devices` until told to stop or the stream ends.
 async fn run_stream(
     channel: Channel,
-    token: String,
+    token: Credentials,
     agent: String,
     devices: Arc<Vec<v1::Observation>>,
     me: Arc<StreamState>,

@@ -13,14 +13,15 @@ use census_proto::{
 use census_tests::support;
 use tonic::Code;
 
-use crate::in_process::{Running, authed, start};
+use crate::in_process::{Running, start};
+use census_proto::transport::Credentials;
 
 impl Running {
     /// Sends one batch and waits for its ack.
-    async fn send(&self, token: &str, batch: v1::ObservationBatch) -> Result<()> {
-        let mut ingest = IngestServiceClient::new(self.channel().await?);
+    async fn send(&self, token: &Credentials, batch: v1::ObservationBatch) -> Result<()> {
+        let mut ingest = IngestServiceClient::new(self.agent_channel(token).await?);
         let mut acks = ingest
-            .report(authed(token, tokio_stream::iter(vec![batch])))
+            .report(self.as_agent(token, tokio_stream::iter(vec![batch])))
             .await?
             .into_inner();
         let ack = tokio::time::timeout(Duration::from_secs(10), acks.message())
@@ -206,7 +207,7 @@ fn policy(
 async fn a_policy_changes_the_counts_and_says_why() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let c = start(dir.path()).await?;
-    let token = c.token("acme", "hq").await?;
+    let token = c.agent("acme", "hq").await?;
     c.send(
         &token,
         batch(
@@ -344,7 +345,7 @@ async fn a_policy_changes_the_counts_and_says_why() -> Result<()> {
     assert_eq!(e.code(), Code::NotFound);
     assert_eq!(c.counts("acme").await?.policy_version, "acme-2");
     // Another client still counts under the default.
-    c.token("globex", "hq").await?;
+    c.agent("globex", "hq").await?;
     assert_eq!(c.counts("globex").await?.policy_version, "device-v1");
     Ok(())
 }
@@ -353,7 +354,7 @@ async fn a_policy_changes_the_counts_and_says_why() -> Result<()> {
 async fn snapshots_are_frozen_diffed_and_exported() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let c = start(dir.path()).await?;
-    let token = c.token("acme", "hq").await?;
+    let token = c.agent("acme", "hq").await?;
     c.send(
         &token,
         batch(
@@ -645,10 +646,11 @@ async fn census_ok(c: &Running, args: &[&str]) -> Result<String> {
 /// that serves it).
 async fn census(c: &Running, args: &[&str]) -> Result<std::process::Output> {
     Ok(tokio::process::Command::new(support::bin("census")?)
-        .args(["--collector", &format!("http://{}", c.addr)])
+        .args(["--collector", &c.url()])
+        .arg("--credentials")
+        .arg(c.dir.join("operator"))
         .args(args)
-        .env("CENSUS_OPERATOR_TOKEN", &c.operator)
-        .env_remove("CENSUS_OPERATOR_TOKEN_FILE")
+        .env_remove("CENSUS_CREDENTIALS")
         .output()
         .await?)
 }

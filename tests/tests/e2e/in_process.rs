@@ -3,10 +3,16 @@
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
+use anyhow::Context as _;
 use anyhow::Result;
 use census_collector::{config::Config, metrics::Metrics, server};
-use census_proto::v1::{
-    self, admin_service_client::AdminServiceClient, query_service_client::QueryServiceClient,
+use census_proto::{
+    transport::{self, Authenticate, Credentials},
+    v1::{
+        self, admin_service_client::AdminServiceClient,
+        enrollment_service_client::EnrollmentServiceClient,
+        query_service_client::QueryServiceClient,
+    },
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, transport::Channel};
@@ -14,8 +20,14 @@ use tonic::{Request, transport::Channel};
 /// A running in-process collector, stopped on drop.
 pub struct Running {
     pub addr: SocketAddr,
-    /// The operator token the collector wrote into its data directory.
-    pub operator: String,
+    /// The collector's data directory.
+    pub dir: std::path::PathBuf,
+    /// The operator's credentials the collector made in its data directory.
+    pub operator: Credentials,
+    /// The CA agents trust the collector by.
+    pub ca_pem: String,
+    /// Plaintext (development mode) instead of mutual TLS.
+    pub plaintext: bool,
     /// What the collector counts (the page `/metrics` would serve: `metrics.render()`).
     pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -31,18 +43,25 @@ impl Drop for Running {
 
 /// Starts a collector on `dir` with the default configuration.
 pub async fn start(dir: &Path) -> Result<Running> {
-    let config = Config {
+    start_with(Config {
         data_dir: Some(dir.to_owned()),
         ..Config::default()
-    };
+    })
+    .await
+}
+
+/// Starts a collector with `config` (its `data_dir` set) on 127.0.0.1:0.
+pub async fn start_with(config: Config) -> Result<Running> {
+    let dir = config.data_dir.clone().context("data_dir")?;
     let prepared = server::prepare(&config)?;
-    let operator = std::fs::read_to_string(&prepared.operator_token_path)?
-        .trim()
-        .to_owned();
+    let operator = Credentials::load(&dir.join("operator"))?;
+    let dir = dir.clone();
+    let ca_pem = prepared.pki.ca_pem().to_owned();
     let metrics = Arc::clone(&prepared.metrics);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
+    let plaintext = config.dev_plaintext;
     let task = {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -53,29 +72,92 @@ pub async fn start(dir: &Path) -> Result<Running> {
     };
     Ok(Running {
         addr,
+        dir,
         operator,
+        ca_pem,
+        plaintext,
         metrics,
         shutdown,
         task,
     })
 }
 
-/// `msg` with `authorization: Bearer <token>`.
-pub fn authed<T>(token: &str, msg: T) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut().insert(
-        census_proto::AUTHORIZATION,
-        format!("Bearer {token}").parse().expect("ascii token"),
-    );
-    req
+/// A fresh key pair and a CSR for it, as `census-agent enroll` makes them.
+pub fn key_and_csr(agent_id: &str) -> Result<(rcgen::KeyPair, Vec<u8>)> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, agent_id);
+    let csr = params.serialize_request(&key)?;
+    Ok((key, csr.der().to_vec()))
 }
 
 impl Running {
+    pub fn url(&self) -> String {
+        let scheme = if self.plaintext { "http" } else { "https" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// A channel presenting `creds` (the operator's, an agent's, or none).
+    pub async fn channel_as(&self, creds: Option<&Credentials>) -> Result<Channel> {
+        let endpoint = transport::endpoint(
+            &self.url(),
+            Some(&self.ca_pem),
+            creds,
+            Duration::from_secs(5),
+        )?;
+        Ok(endpoint.connect().await?)
+    }
+
+    /// A channel with the operator's credentials.
     pub async fn channel(&self) -> Result<Channel> {
-        Ok(Channel::from_shared(format!("http://{}", self.addr))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await?)
+        self.channel_as(Some(&self.operator)).await
+    }
+
+    /// A channel with an agent's credentials.
+    pub async fn agent_channel(&self, agent: &Credentials) -> Result<Channel> {
+        self.channel_as(Some(agent)).await
+    }
+
+    /// Calls Enroll with `token` and a fresh key; the agent's credentials, or the status.
+    pub async fn enroll_with(
+        &self,
+        token: &str,
+        agent_id: &str,
+    ) -> Result<std::result::Result<(Credentials, v1::EnrollResponse), tonic::Status>> {
+        let (key, csr_der) = key_and_csr(agent_id)?;
+        let mut client = EnrollmentServiceClient::new(self.channel_as(None).await?);
+        let r = match client
+            .enroll(v1::EnrollRequest {
+                token: token.into(),
+                csr_der,
+                agent_id: agent_id.into(),
+                hostname: "test-host".into(),
+                agent_version: "0.0.0-test".into(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(status) => return Ok(Err(status)),
+        };
+        let creds = Credentials {
+            ca_pem: r.ca_pem.clone(),
+            cert_pem: r.certificate_pem.clone(),
+            key_pem: key.serialize_pem(),
+        };
+        Ok(Ok((creds, r)))
+    }
+
+    /// An agent enrolled into (client, site): its credentials.
+    pub async fn agent(&self, client: &str, site: &str) -> Result<Credentials> {
+        let token = self.token(client, site).await?;
+        let id = format!("agent-{}", uuid_like());
+        let (creds, _) = self
+            .enroll_with(&token, &id)
+            .await?
+            .map_err(|s| anyhow::anyhow!("enrollment refused: {s:?}"))?;
+        Ok(creds)
     }
 
     pub async fn query(&self) -> Result<QueryServiceClient<Channel>> {
@@ -86,12 +168,22 @@ impl Running {
         Ok(AdminServiceClient::new(self.channel().await?))
     }
 
-    /// `msg` with the operator's credential.
+    /// `msg` as the operator sends it (the credentials are the channel's: see
+    /// [`Running::channel`]); and over plaintext, with the development-mode certificate.
     pub fn op<T>(&self, msg: T) -> Request<T> {
-        authed(&self.operator, msg)
+        let mut req = Request::new(msg);
+        Authenticate::new(&self.url(), Some(&self.operator)).apply(&mut req);
+        req
     }
 
-    /// An enrollment token for (client, site).
+    /// `msg` as an agent sends it (see [`Running::op`]).
+    pub fn as_agent<T>(&self, agent: &Credentials, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        Authenticate::new(&self.url(), Some(agent)).apply(&mut req);
+        req
+    }
+
+    /// A single-use enrollment token for (client, site).
     pub async fn token(&self, client: &str, site: &str) -> Result<String> {
         let r = self
             .admin()
@@ -99,6 +191,7 @@ impl Running {
             .create_token(self.op(v1::CreateTokenRequest {
                 client: client.into(),
                 site: site.into(),
+                expires_in_seconds: 0,
             }))
             .await?;
         Ok(r.into_inner().token)
@@ -116,4 +209,17 @@ impl Running {
             .await?;
         Ok(r.into_inner().devices)
     }
+}
+
+/// 16 random hex digits.
+pub fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!(
+        "{:016x}",
+        t ^ (N.fetch_add(1, Ordering::Relaxed) << 48) ^ u64::from(std::process::id())
+    )
 }

@@ -7,6 +7,7 @@ mod billing;
 mod delivery;
 mod directory;
 mod discovery;
+mod enrollment;
 mod foundation;
 mod identity;
 mod in_process;

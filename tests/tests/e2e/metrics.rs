@@ -20,7 +20,8 @@ use census_tests::{
     support::{self, Collector, HttpResponse},
 };
 
-use crate::in_process::{Running, authed, start};
+use crate::in_process::{Running, start};
+use census_proto::transport::Credentials;
 
 const HOSTS: u32 = 6;
 
@@ -300,11 +301,15 @@ fn batch(sequence: u64, mac: [u8; 6]) -> v1::ObservationBatch {
 }
 
 /// Sends `batches` on one Report stream; the number of acks before the stream ended.
-async fn send(c: &Running, token: &str, batches: Vec<v1::ObservationBatch>) -> Result<usize> {
-    let mut ingest = IngestServiceClient::new(c.channel().await?);
+async fn send(
+    c: &Running,
+    token: &Credentials,
+    batches: Vec<v1::ObservationBatch>,
+) -> Result<usize> {
+    let mut ingest = IngestServiceClient::new(c.agent_channel(token).await?);
     let n = batches.len();
     let mut acks = ingest
-        .report(authed(token, tokio_stream::iter(batches)))
+        .report(c.as_agent(token, tokio_stream::iter(batches)))
         .await?
         .into_inner();
     let mut got = 0;
@@ -321,7 +326,7 @@ async fn send(c: &Running, token: &str, batches: Vec<v1::ObservationBatch>) -> R
 async fn duplicates_and_refusals_are_counted_by_reason() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let c = start(dir.path()).await?;
-    let token = c.token("acme", "hq").await?;
+    let token = c.agent("acme", "hq").await?;
     let mac = [0, 0x16, 0x3e, 0x6d, 0, 1];
     let first = batch(1, mac);
     assert_eq!(send(&c, &token, vec![first.clone()]).await?, 1);
