@@ -301,9 +301,62 @@ impl<'lab> Collector<'lab> {
         }
     }
 
-    /// `http://ADDR`, as agents and the CLI use it.
+    /// `https://ADDR`, as agents and the CLI use it.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
+    }
+
+    /// The collector's CA certificate (`<data dir>/tls/ca.pem`), which agents enroll with.
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir.join("tls").join("ca.pem")
+    }
+
+    /// The operator's credentials directory the collector made.
+    pub fn credentials(&self) -> PathBuf {
+        self.data_dir.join("operator")
+    }
+
+    /// Enrolls an agent into (client, site) with a fresh token, as `census-agent enroll` does
+    /// on a site's machine, into a new state directory (in the lab's directory); returns it,
+    /// for `--state-dir`.
+    pub fn enroll(&self, client: &str, site: &str) -> Result<PathBuf> {
+        let dir = tempfile::Builder::new()
+            .prefix("agent-state")
+            .tempdir_in(self.lab.dir())
+            .context("making a state directory")?
+            .keep();
+        self.enroll_into(client, site, &dir)?;
+        Ok(dir)
+    }
+
+    /// Enrolls an agent into (client, site) with a fresh token, keeping its identity in `dir`.
+    pub fn enroll_into(&self, client: &str, site: &str, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let token = token_file(self.lab, &self.token(client, site)?)?;
+        let out = self.lab.exec_timeout(
+            self.lab.core_ns(),
+            [
+                bin("census-agent")?.as_os_str(),
+                OsStr::new("enroll"),
+                OsStr::new("--collector"),
+                OsStr::new(&self.url()),
+                OsStr::new("--token-file"),
+                token.as_os_str(),
+                OsStr::new("--ca-file"),
+                self.ca_file().as_os_str(),
+                OsStr::new("--state-dir"),
+                dir.as_os_str(),
+            ],
+            Duration::from_secs(60),
+        )?;
+        if !out.status.success() {
+            bail!(
+                "census-agent enroll failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -346,8 +399,8 @@ impl<'lab> Collector<'lab> {
         )
     }
 
-    /// Runs `census ARGS` against this collector with the operator token; returns its output
-    /// whatever the exit status.
+    /// Runs `census ARGS` against this collector with the operator's credentials; returns its
+    /// output whatever the exit status.
     pub fn census<I, S>(&self, args: I) -> Result<Output>
     where
         I: IntoIterator<Item = S>,
@@ -357,8 +410,8 @@ impl<'lab> Collector<'lab> {
             bin("census")?.into_os_string(),
             "--collector".into(),
             self.url().into(),
-            "--operator-token-file".into(),
-            self.data_dir.join("operator.token").into_os_string(),
+            "--credentials".into(),
+            self.credentials().into_os_string(),
         ];
         full.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
         self.lab.exec(self.lab.core_ns(), full)
@@ -381,7 +434,7 @@ impl<'lab> Collector<'lab> {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Makes an enrollment token for (client, site).
+    /// Makes a single-use enrollment token for (client, site).
     pub fn token(&self, client: &str, site: &str) -> Result<String> {
         let out = self.census_ok(["token", "create", "--client", client, "--site", site])?;
         Ok(out.trim().to_owned())

@@ -244,7 +244,7 @@ fn bench() -> Result<bool> {
                     let delivery = match tool {
                         Tool::Census => {
                             enrolled += 1;
-                            Some(Delivery::enrol(&lab, &collector, def.key, enrolled)?)
+                            Some(Delivery::enrol(&collector, def.key, enrolled)?)
                         }
                         _ => None,
                     };
@@ -350,7 +350,7 @@ fn bench() -> Result<bool> {
     let (site, present) = built.last().context("no /16 site")?;
     let rss_file = lab.dir().join("census-rss.txt");
     enrolled += 1;
-    let delivery = Delivery::enrol(&lab, &collector, wide.key, enrolled)?;
+    let delivery = Delivery::enrol(&collector, wide.key, enrolled)?;
     let mut argv = Tool::Census.argv(
         &agent_bin,
         &tools,
@@ -537,8 +537,8 @@ impl Tool {
                     v.extend([
                         "--collector".into(),
                         d.url.clone().into(),
-                        "--token-file".into(),
-                        d.token_file.clone().into_os_string(),
+                        "--state-dir".into(),
+                        d.state_dir.clone().into_os_string(),
                     ]);
                 }
                 if let Setting::Rate(r) = setting {
@@ -621,7 +621,8 @@ struct Delivery<'a> {
     collector: Option<&'a Collector<'a>>,
     client: String,
     url: String,
-    token_file: PathBuf,
+    /// The enrolled agent's state directory.
+    state_dir: PathBuf,
 }
 
 /// What the collector holds for one census run's client.
@@ -632,14 +633,13 @@ struct Delivered {
 }
 
 impl<'a> Delivery<'a> {
-    /// Enrols client `bench-<site>-<n>` (site `<site>`) and writes its token to a file.
-    fn enrol(lab: &Lab, collector: &'a Collector<'a>, site: &str, n: u32) -> Result<Self> {
+    /// Enrols an agent into client `bench-<site>-<n>` (site `<site>`).
+    fn enrol(collector: &'a Collector<'a>, site: &str, n: u32) -> Result<Self> {
         let client = format!("bench-{site}-{n}");
-        let token = collector.token(&client, site)?;
         Ok(Delivery {
             collector: Some(collector),
             url: collector.url(),
-            token_file: support::token_file(lab, &token)?,
+            state_dir: collector.enroll(&client, site)?,
             client,
         })
     }
@@ -650,7 +650,7 @@ impl<'a> Delivery<'a> {
             collector: None,
             client: String::new(),
             url: "URL".to_owned(),
-            token_file: PathBuf::from("F"),
+            state_dir: PathBuf::from("D"),
         }
     }
 
@@ -1065,7 +1065,7 @@ mod tests {
         assert_eq!(
             line(Tool::Census),
             "census-agent run --once --scope 198.18.0.0/24 --disable snmp,mdns --collector URL \
-             --token-file F --arp-rate 500"
+             --state-dir D --arp-rate 500"
         );
         assert_eq!(
             line(Tool::ArpScan),

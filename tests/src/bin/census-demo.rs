@@ -58,8 +58,8 @@ fn demo() -> Result<()> {
     println!("Collector listening on {}", collector.url());
 
     for (client, site_name, _, site) in &sites {
-        let token = collector.token(client, site_name)?;
-        let token_file = support::token_file(&lab, &token)?;
+        // A single-use token, traded by `census-agent enroll` for the agent's certificate.
+        let state = collector.enroll(client, site_name)?;
         println!("Agent for {client}/{site_name}: sweeping {subnet} with ARP...");
         let out = support::agent_once(
             &lab,
@@ -67,8 +67,8 @@ fn demo() -> Result<()> {
             [
                 "--collector",
                 &collector.url(),
-                "--token-file",
-                token_file.to_str().context("token path is not UTF-8")?,
+                "--state-dir",
+                state.to_str().context("state path is not UTF-8")?,
                 "--scope",
                 &subnet.to_string(),
             ],

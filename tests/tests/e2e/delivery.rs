@@ -51,7 +51,7 @@ fn lab_dir(lab: &Lab, prefix: &str) -> Result<PathBuf> {
 
 /// Starts `census-agent run` every 10 s (the shortest interval) with a state directory and
 /// a config file whose back-off tops out at 4 s, so the test need not wait minutes.
-fn start_agent(lab: &Lab, ns: &str, url: &str, token: &Path, state: &Path) -> Result<Proc> {
+fn start_agent(lab: &Lab, ns: &str, url: &str, state: &Path) -> Result<Proc> {
     let config = state.with_extension("toml");
     std::fs::write(&config, "[queue]\nmax_mb = 16\nretry_max = \"4s\"\n")?;
     support::spawn_agent(
@@ -62,8 +62,6 @@ fn start_agent(lab: &Lab, ns: &str, url: &str, token: &Path, state: &Path) -> Re
             config.to_str().context("utf-8 path")?,
             "--collector",
             url,
-            "--token-file",
-            token.to_str().context("utf-8 path")?,
             "--scope",
             "198.18.0.0/24",
             "--state-dir",
@@ -78,7 +76,7 @@ fn start_agent(lab: &Lab, ns: &str, url: &str, token: &Path, state: &Path) -> Re
 
 /// Runs `census-agent run --once` as [`start_agent`] runs `run` (its config file must exist),
 /// which must exit 0; returns its log.
-fn once(lab: &Lab, ns: &str, url: &str, token: &Path, state: &Path) -> Result<Vec<AgentLogLine>> {
+fn once(lab: &Lab, ns: &str, url: &str, state: &Path) -> Result<Vec<AgentLogLine>> {
     let config = state.with_extension("toml");
     let out = support::agent_once(
         lab,
@@ -90,8 +88,6 @@ fn once(lab: &Lab, ns: &str, url: &str, token: &Path, state: &Path) -> Result<Ve
             config.to_str().context("utf-8 path")?,
             "--collector",
             url,
-            "--token-file",
-            token.to_str().context("utf-8 path")?,
             "--scope",
             "198.18.0.0/24",
             "--state-dir",
@@ -192,9 +188,9 @@ fn a_collector_down_for_three_sweeps_loses_nothing_and_counts_nothing_twice() ->
     let lab = Lab::new()?;
     let site = site_with_hosts(&lab)?;
     let collector = Collector::start_at(&lab, &lab.dir().join("collector"), COLLECTOR_PORT)?;
-    let token = support::token_file(&lab, &collector.token(CLIENT, "hq")?)?;
     let state = lab_dir(&lab, "agent-state")?;
-    let agent = start_agent(&lab, site.agent().ns(), &collector.url(), &token, &state)?;
+    collector.enroll_into(CLIENT, "hq", &state)?;
+    let agent = start_agent(&lab, site.agent().ns(), &collector.url(), &state)?;
 
     // The first sweep is delivered while the collector is up.
     let first = wait_for(
@@ -314,10 +310,10 @@ fn an_agent_killed_mid_delivery_delivers_after_a_restart_and_nothing_counts_twic
     let lab = Lab::new()?;
     let site = site_with_hosts(&lab)?;
     let collector = Collector::start_at(&lab, &lab.dir().join("collector"), COLLECTOR_PORT)?;
-    let token = support::token_file(&lab, &collector.token(CLIENT, "hq")?)?;
     let state = lab_dir(&lab, "agent-state")?;
+    collector.enroll_into(CLIENT, "hq", &state)?;
     let ns = site.agent().ns();
-    let agent = start_agent(&lab, ns, &collector.url(), &token, &state)?;
+    let agent = start_agent(&lab, ns, &collector.url(), &state)?;
     let first = wait_for(
         &agent,
         0,
@@ -355,7 +351,7 @@ fn an_agent_killed_mid_delivery_delivers_after_a_restart_and_nothing_counts_twic
 
     // `run --once` delivers what the killed agent left before its own sweep, and exits 0 only
     // once both are acknowledged.
-    let once_log = once(&lab, ns, &collector.url(), &token, &state)?;
+    let once_log = once(&lab, ns, &collector.url(), &state)?;
     let found = once_log
         .iter()
         .find(|l| l.message().starts_with("batches queued by an earlier run"))
@@ -369,7 +365,7 @@ fn an_agent_killed_mid_delivery_delivers_after_a_restart_and_nothing_counts_twic
     // queue may not be on disk yet (it is not flushed by itself), and the next start then
     // resends a batch the collector already holds. The next sweep is 10 s away, so nothing is
     // being queued.
-    let agent = start_agent(&lab, ns, &collector.url(), &token, &state)?;
+    let agent = start_agent(&lab, ns, &collector.url(), &state)?;
     let own = wait_for(
         &agent,
         0,
@@ -388,7 +384,7 @@ fn an_agent_killed_mid_delivery_delivers_after_a_restart_and_nothing_counts_twic
     let restarted_log = lines(&agent);
 
     // And `run --once` again delivers whatever that left, then its own sweep.
-    let last_log = once(&lab, ns, &collector.url(), &token, &state)?;
+    let last_log = once(&lab, ns, &collector.url(), &state)?;
 
     let runs = [&killed_log, &once_log, &restarted_log, &last_log];
     let queued: u64 = runs.iter().map(|log| queued_observations(log)).sum();

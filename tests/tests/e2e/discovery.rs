@@ -300,8 +300,7 @@ window_ms = 3000
 
     // The same sweep delivered: the collector counts every device, by category.
     let collector = Collector::start(&lab, &lab.dir().join("collector"))?;
-    let token = collector.token("acme", "hq")?;
-    let token_file = support::token_file(&lab, &token)?;
+    let state = collector.enroll("acme", "hq")?;
     let out = support::agent_once(
         &lab,
         site.agent().ns(),
@@ -310,8 +309,8 @@ window_ms = 3000
             config.to_str().context("utf-8")?,
             "--collector",
             &collector.url(),
-            "--token-file",
-            token_file.to_str().context("utf-8")?,
+            "--state-dir",
+            state.to_str().context("utf-8")?,
         ],
     )?;
     assert!(

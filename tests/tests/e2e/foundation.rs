@@ -55,16 +55,15 @@ fn two_clients_with_the_same_subnet_are_counted_exactly_and_survive_a_restart() 
     let data = lab.dir().join("collector");
     let collector = Collector::start(&lab, &data)?;
     for (client, site) in [("acme", &acme), ("globex", &globex)] {
-        let token = collector.token(client, "hq")?;
-        let token_file = support::token_file(&lab, &token)?;
+        let state = collector.enroll(client, "hq")?;
         let out = support::agent_once(
             &lab,
             site.agent().ns(),
             [
                 "--collector",
                 &collector.url(),
-                "--token-file",
-                token_file.to_str().expect("utf-8 path"),
+                "--state-dir",
+                state.to_str().expect("utf-8 path"),
                 "--scope",
                 "198.18.0.0/24",
             ],
@@ -128,11 +127,7 @@ fn bad_input_gets_one_clear_line_and_writes_nothing() -> Result<()> {
     ))?;
     site.add_host(HostSpec::new(ip("198.18.0.10")))?;
     let collector = Collector::start(&lab, &lab.dir().join("collector"))?;
-    let token = collector.token("acme", "hq")?;
-    let token_file = support::token_file(&lab, &token)?;
-    let token_arg = token_file.to_str().expect("utf-8 path");
-    let state = lab.dir().join("agent-state");
-    std::fs::create_dir(&state)?;
+    let state = collector.enroll("acme", "hq")?;
     let state_arg = state.to_str().expect("utf-8 path");
     let ns = site.agent().ns();
     let url = collector.url();
@@ -142,7 +137,7 @@ fn bad_input_gets_one_clear_line_and_writes_nothing() -> Result<()> {
             "unreachable collector",
             vec![
                 "--collector",
-                "http://198.19.255.1:9",
+                "https://198.19.255.1:9",
                 "--scope",
                 "198.18.0.0/24",
             ],
@@ -170,7 +165,7 @@ fn bad_input_gets_one_clear_line_and_writes_nothing() -> Result<()> {
     ];
     for (what, args, code, needle) in cases {
         let mut full = args.clone();
-        full.extend(["--token-file", token_arg, "--state-dir", state_arg]);
+        full.extend(["--state-dir", state_arg]);
         let out = support::agent_once(&lab, ns, &full)?;
         let errors = support::error_lines(&out);
         assert_eq!(
@@ -194,11 +189,14 @@ fn bad_input_gets_one_clear_line_and_writes_nothing() -> Result<()> {
     // None of those runs delivered anything.
     assert_eq!(collector.devices_of("acme")?, 0);
 
-    // A wrong enrollment token is refused, clearly.
+    // A wrong enrollment token is refused, clearly (a fresh agent enrolls on its first run).
     let wrong = support::token_file(
         &lab,
         "cen1_0000000000000000_0000000000000000000000000000000000000000000000000000000000000000",
     )?;
+    let fresh = lab.dir().join("fresh-agent");
+    std::fs::create_dir(&fresh)?;
+    let ca = collector.ca_file();
     let out = support::agent_once(
         &lab,
         ns,
@@ -209,6 +207,10 @@ fn bad_input_gets_one_clear_line_and_writes_nothing() -> Result<()> {
             "198.18.0.0/24",
             "--token-file",
             wrong.to_str().expect("utf-8"),
+            "--ca-file",
+            ca.to_str().expect("utf-8"),
+            "--state-dir",
+            fresh.to_str().expect("utf-8"),
         ],
     )?;
     assert_eq!(
@@ -219,12 +221,12 @@ fn bad_input_gets_one_clear_line_and_writes_nothing() -> Result<()> {
     );
     let errors = support::error_lines(&out);
     assert!(
-        errors.len() == 1 && errors[0].contains("refused this agent's token"),
+        errors.len() == 1 && errors[0].contains("unknown or wrong enrollment token"),
         "{errors:?}"
     );
     assert_eq!(collector.devices_of("acme")?, 0);
 
-    // A wrong operator credential is refused, clearly.
+    // An agent's credentials are not the operator's: refused, clearly.
     let bin = support::bin("census")?;
     let out = lab.exec(
         lab.core_ns(),
@@ -232,17 +234,32 @@ fn bad_input_gets_one_clear_line_and_writes_nothing() -> Result<()> {
             bin.to_str().expect("utf-8"),
             "--collector",
             &collector.url(),
-            "--operator-token",
-            "cop1_wrong",
+            "--credentials",
+            state.join("identity").to_str().expect("utf-8"),
             "counts",
         ],
     )?;
     assert_eq!(out.status.code(), Some(77));
     let errors = support::error_lines(&out);
     assert!(
-        errors.len() == 1 && errors[0].contains("refused the operator token"),
+        errors.len() == 1 && errors[0].contains("refused the operator's credentials"),
         "{errors:?}"
     );
+    // So is plaintext: the collector speaks only mutual TLS.
+    let plain = collector.url().replace("https://", "http://");
+    let out = lab.exec(
+        lab.core_ns(),
+        [
+            bin.to_str().expect("utf-8"),
+            "--collector",
+            &plain,
+            "--credentials",
+            collector.credentials().to_str().expect("utf-8"),
+            "counts",
+        ],
+    )?;
+    assert_ne!(out.status.code(), Some(0), "plaintext must not be served");
+    assert_eq!(support::error_lines(&out).len(), 1, "{out:?}");
 
     // A missing data directory: one line, exit 64, and the directory is not created.
     let missing = lab.dir().join("no-such-dir");

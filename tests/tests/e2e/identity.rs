@@ -34,19 +34,9 @@ fn ip(s: &str) -> Ipv4Addr {
     s.parse().expect("test address")
 }
 
-/// A token for (client, site) in a file, as `--token-file` wants it.
-fn token_file(lab: &Lab, collector: &Collector<'_>, client: &str, site: &str) -> Result<PathBuf> {
-    let token = collector.token(client, site)?;
-    support::token_file(lab, &token)
-}
-
-/// A fresh agent state directory (so the agent id can be read back).
-fn state_dir(lab: &Lab) -> Result<PathBuf> {
-    let dir = tempfile::Builder::new()
-        .prefix("agent-state")
-        .tempdir_in(lab.dir())
-        .context("making an agent state directory")?;
-    Ok(dir.keep())
+/// A state directory with an agent enrolled into (client, site), for `--state-dir`.
+fn enrolled(collector: &Collector<'_>, client: &str, site: &str) -> Result<PathBuf> {
+    collector.enroll(client, site)
 }
 
 /// One `census-agent run --once` in `ns` against `collector`, which must succeed.
@@ -54,16 +44,15 @@ fn sweep(
     lab: &Lab,
     collector: &Collector<'_>,
     ns: &str,
-    token: &Path,
+    state: &Path,
     args: &[&str],
 ) -> Result<()> {
     let url = collector.url();
-    let mut full = vec![
-        "--collector",
-        &url,
-        "--token-file",
-        token.to_str().context("utf-8 path")?,
-    ];
+    let mut full = vec!["--collector", &url];
+    // The enrolled state directory, unless the caller names it in `args`.
+    if !args.contains(&"--state-dir") {
+        full.extend(["--state-dir", state.to_str().context("utf-8 path")?]);
+    }
     full.extend_from_slice(args);
     let out = support::agent_once(lab, ns, &full)?;
     ensure!(
@@ -131,7 +120,7 @@ fn a_multihomed_host_is_one_device_with_both_macs_and_addresses() -> Result<()> 
     let plain = site.add_host(HostSpec::new(ip("198.18.50.20")))?;
 
     let collector = Collector::start(&lab, &lab.dir().join("collector"))?;
-    let token = token_file(&lab, &collector, "acme", "hq")?;
+    let token = enrolled(&collector, "acme", "hq")?;
     sweep(
         &lab,
         &collector,
@@ -195,10 +184,10 @@ fn a_host_that_moves_stays_one_device_and_a_host_taking_its_address_is_new() -> 
     let mut mover = site.add_host(HostSpec::new(ip("198.18.52.10")))?;
     let steady = site.add_host(HostSpec::new(ip("198.18.52.30")))?;
     let collector = Collector::start(&lab, &lab.dir().join("collector"))?;
-    let token = token_file(&lab, &collector, "acme", "hq")?;
+    let token = enrolled(&collector, "acme", "hq")?;
     let ns = site.agent().ns().to_owned();
     // One agent identity across the sweeps, as an installed agent keeps.
-    let state = state_dir(&lab)?;
+    let state = token.clone();
     let args = [
         "--scope",
         "198.18.52.0/24",
@@ -302,8 +291,8 @@ fn two_agents_at_one_site_report_one_device_per_host() -> Result<()> {
     let mut ids = Vec::new();
     for ns in [site.agent().ns(), second.ns()] {
         // Two enrollments for the same client and site.
-        let token = token_file(&lab, &collector, "acme", "hq")?;
-        let state = state_dir(&lab)?;
+        let token = enrolled(&collector, "acme", "hq")?;
+        let state = token.clone();
         let args = args_for(&state)?;
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         sweep(&lab, &collector, ns, &token, &args)?;
@@ -370,8 +359,8 @@ fn clients_with_identical_subnets_addresses_and_macs_never_meet() -> Result<()> 
     let collector = Collector::start(&lab, &lab.dir().join("collector"))?;
     let mut agent_ids = Vec::new();
     for (client, site) in [("acme", &acme), ("globex", &globex)] {
-        let token = token_file(&lab, &collector, client, "hq")?;
-        let state = state_dir(&lab)?;
+        let token = enrolled(&collector, client, "hq")?;
+        let state = token.clone();
         sweep(
             &lab,
             &collector,
@@ -449,7 +438,7 @@ fn a_vrrp_virtual_address_is_evidence_on_its_router_not_a_device() -> Result<()>
     let host = site.add_host(HostSpec::new(ip("198.18.56.10")))?;
 
     let collector = Collector::start(&lab, &lab.dir().join("collector"))?;
-    let token = token_file(&lab, &collector, "acme", "hq")?;
+    let token = enrolled(&collector, "acme", "hq")?;
     sweep(
         &lab,
         &collector,
@@ -527,7 +516,7 @@ fn a_proxy_arp_router_is_one_device_and_its_proxied_addresses_are_none() -> Resu
     ])?;
 
     let collector = Collector::start(&lab, &lab.dir().join("collector"))?;
-    let token = token_file(&lab, &collector, "acme", "hq")?;
+    let token = enrolled(&collector, "acme", "hq")?;
     sweep(
         &lab,
         &collector,
@@ -609,9 +598,9 @@ fn phones_back_with_a_new_random_mac_and_the_same_mdns_name_stay_one_device_each
     let first_macs = [ann.mac(), bob.mac()];
 
     let collector = Collector::start(&lab, &lab.dir().join("collector"))?;
-    let token = token_file(&lab, &collector, "acme", "hq")?;
+    let token = enrolled(&collector, "acme", "hq")?;
     let ns = site.agent().ns().to_owned();
-    let state = state_dir(&lab)?;
+    let state = token.clone();
     let args = [
         "--scope",
         "198.18.60.0/24",
@@ -719,16 +708,13 @@ fn a_collector_killed_mid_ingest_loses_no_acknowledged_batch() -> Result<()> {
     let url = collector.url();
     let mut agents = Vec::new();
     for (i, (site, scope)) in sites.iter().enumerate() {
-        let token = token_file(&lab, &collector, "crash", &format!("branch-{i}"))?;
-        let state = state_dir(&lab)?;
+        let state = enrolled(&collector, "crash", &format!("branch-{i}"))?;
         let proc = support::spawn_agent(
             &lab,
             site.agent().ns(),
             [
                 "--collector",
                 &url,
-                "--token-file",
-                token.to_str().context("utf-8 path")?,
                 "--scope",
                 scope,
                 "--state-dir",

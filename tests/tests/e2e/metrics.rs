@@ -101,8 +101,7 @@ fn collector_metrics_match_what_the_agent_delivered() -> Result<()> {
     )?;
     assert_eq!(other.status, 404);
 
-    let token = collector.token("acme", "hq")?;
-    let token_file = support::token_file(&lab, &token)?;
+    let state = collector.enroll("acme", "hq")?;
     let out = support::agent_once(
         &lab,
         site.agent().ns(),
@@ -111,8 +110,8 @@ fn collector_metrics_match_what_the_agent_delivered() -> Result<()> {
             "json",
             "--collector",
             &collector.url(),
-            "--token-file",
-            token_file.to_str().expect("utf-8 path"),
+            "--state-dir",
+            state.to_str().expect("utf-8 path"),
             "--scope",
             "198.18.0.0/24",
             "--disable",
@@ -204,8 +203,7 @@ fn the_agent_serves_its_metrics_in_its_namespace() -> Result<()> {
     ))?;
     let host = site.add_host(HostSpec::new(ip("198.18.0.10")))?;
     let collector = Collector::start(&lab, &lab.dir().join("collector"))?;
-    let token = collector.token("acme", "hq")?;
-    let token_file = support::token_file(&lab, &token)?;
+    let state = collector.enroll("acme", "hq")?;
     // Each namespace has a loopback of its own, so a fixed port cannot collide.
     let agent = support::spawn_agent(
         &lab,
@@ -213,8 +211,8 @@ fn the_agent_serves_its_metrics_in_its_namespace() -> Result<()> {
         [
             "--collector",
             &collector.url(),
-            "--token-file",
-            token_file.to_str().expect("utf-8 path"),
+            "--state-dir",
+            state.to_str().expect("utf-8 path"),
             "--scope",
             "198.18.0.0/24",
             "--disable",

@@ -268,10 +268,7 @@ fn counted_users(collector: &Collector<'_>, client: &str) -> Result<u64> {
 #[test]
 fn directory_users_from_samba_and_entra_count_once_per_person() -> Result<()> {
     use census_collector::graph::{ad_bytes_from_guid_string, immutable_id_from_ad_guid};
-    use census_tests::{
-        lab::SiteSpec,
-        support::{agent_once, token_file},
-    };
+    use census_tests::{lab::SiteSpec, support::agent_once};
     use std::net::Ipv4Addr;
 
     if lab_skipped() {
@@ -356,7 +353,6 @@ fn directory_users_from_samba_and_entra_count_once_per_person() -> Result<()> {
     let data = lab.dir().join("collector");
     let config = collector_config(&lab, &graph, "corp")?;
     let collector = Collector::start_with_config(&lab, &data, &config)?;
-    let token = token_file(&lab, &collector.token("corp", "hq")?)?;
 
     // The agent reads the directory over LDAPS, verified against the lab's CA, in pages of 100.
     let conf_dir = tempfile::Builder::new()
@@ -378,11 +374,10 @@ fn directory_users_from_samba_and_entra_count_once_per_person() -> Result<()> {
     )?;
     let url = collector.url();
     let config_arg = agent_config.display().to_string();
-    let token_arg = token.display().to_string();
     // The state directory keeps the agent's identity and the directory its last read named,
     // which names a failed read for the collector.
     let state = conf_dir.join("state");
-    std::fs::create_dir_all(&state)?;
+    collector.enroll_into("corp", "hq", &state)?;
     let state_arg = state.display().to_string();
     let agent_args = [
         "--state-dir",
@@ -395,8 +390,6 @@ fn directory_users_from_samba_and_entra_count_once_per_person() -> Result<()> {
         "snmp,mdns",
         "--collector",
         url.as_str(),
-        "--token-file",
-        token_arg.as_str(),
     ];
     let out = agent_once(&lab, &agent_ns, agent_args)?;
     ensure!(
