@@ -310,6 +310,33 @@ mod tests {
     }
 
     #[test]
+    fn tls_settings_and_stream_idle_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "data_dir = {:?}\nstream_idle_timeout = \"30s\"\n[tls]\nserver_names = [\"census.msp.example\"]\n",
+                dir.path()
+            ),
+        )
+        .expect("write");
+        let c = Config::from_file(&path).expect("parses");
+        assert_eq!(c.tls.server_names, ["census.msp.example"]);
+        assert_eq!(c.stream_idle_timeout, Duration::from_secs(30));
+        assert!(!c.dev_plaintext, "plaintext is never the default");
+        c.validate().expect("valid");
+        let zero = Config {
+            stream_idle_timeout: Duration::ZERO,
+            ..c
+        };
+        assert!(matches!(zero.validate(), Err(ConfigError::StreamIdle(_))));
+        std::fs::write(&path, "[tls]\nserver_name = \"x\"\n").expect("write");
+        let err = Config::from_file(&path).expect_err("unknown key").to_string();
+        assert!(err.contains("server_name"), "{err}");
+    }
+
+    #[test]
     fn the_example_config_parses() {
         let c: Config = toml::from_str(include_str!("../../deploy/config/collector.toml"))
             .expect("deploy/config/collector.toml parses");
