@@ -146,7 +146,9 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
 pub enum EndpointError {
     #[error("{url:?} is not a valid collector URL (expected e.g. https://collector.example:7400)")]
     Url { url: String },
-    #[error("{url:?}: the collector URL must start with https:// (or http:// for a collector in development mode)")]
+    #[error(
+        "{url:?}: the collector URL must start with https:// (or http:// for a collector in development mode)"
+    )]
     Scheme { url: String },
     #[error("cannot set up TLS for {url}: {reason}")]
     Tls { url: String, reason: String },
@@ -206,7 +208,9 @@ impl Authenticate {
     pub fn new(url: &str, creds: Option<&Credentials>) -> Self {
         let plaintext = url.starts_with("http://");
         Authenticate {
-            dev_certificate: creds.filter(|_| plaintext).and_then(Credentials::dev_certificate),
+            dev_certificate: creds
+                .filter(|_| plaintext)
+                .and_then(Credentials::dev_certificate),
         }
     }
 
