@@ -18,12 +18,19 @@ pub const MAX_SCOPE_PREFIX: u8 = 16;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// The collector's gRPC URL, e.g. `http://collector.example:7400`.
+    /// The collector's gRPC URL, e.g. `https://collector.example:7400` (mutual TLS).
+    /// `http://` is plaintext, which only a collector in development mode accepts.
     pub collector: Option<String>,
-    /// The enrollment token. Prefer `token_file`: a token in a config file is a secret at rest.
+    /// The enrollment token, used once to get the agent's certificate (`census-agent enroll`,
+    /// or `run` when the agent has none yet); not needed once enrolled. Prefer `token_file`: a
+    /// token in a config file is a secret at rest.
     pub token: Option<String>,
     /// A file holding the enrollment token.
     pub token_file: Option<PathBuf>,
+    /// The collector's CA certificate (PEM; the collector's `<data dir>/tls/ca.pem`), trusted
+    /// when enrolling over `https://`. Unset: this machine's trust store. Once enrolled, the
+    /// agent trusts the CA the collector sent with its certificate.
+    pub ca_file: Option<PathBuf>,
     /// CIDRs to sweep, e.g. `["198.18.0.0/24"]`.
     #[serde(default)]
     pub scopes: Vec<Ipv4Net>,
@@ -38,8 +45,8 @@ pub struct Config {
     /// Allow scopes larger than a /16.
     #[serde(default)]
     pub allow_large_scope: bool,
-    /// Where the agent keeps its identity, sequence numbers and delivery queue. Without it,
-    /// each run is a new agent to the collector, and undelivered batches live in memory only.
+    /// Where the agent keeps its certificate (`identity/`), agent id, sequence numbers and
+    /// delivery queue. `run` and `enroll` need it; `scan` does not.
     pub state_dir: Option<PathBuf>,
     /// Time between sweeps, e.g. "15m".
     #[serde(default = "default_interval", with = "humantime_serde_compat")]
@@ -562,6 +569,7 @@ impl Default for Config {
             collector: None,
             token: None,
             token_file: None,
+            ca_file: None,
             scopes: Vec::new(),
             scope_interfaces: Vec::new(),
             exclude: Vec::new(),
@@ -594,12 +602,28 @@ pub enum ConfigError {
         "no collector: pass --collector URL, set CENSUS_AGENT_COLLECTOR, or set collector in the config file"
     )]
     NoCollector,
-    #[error("collector URL {0:?} must start with http:// or https://")]
+    #[error(
+        "collector URL {0:?} must start with https:// (or http:// for a collector in development mode)"
+    )]
     BadCollector(String),
     #[error(
         "no enrollment token: pass --token-file FILE (or --token), set CENSUS_AGENT_TOKEN, or set token_file in the config file"
     )]
     NoToken,
+    #[error(
+        "no state directory: the agent's certificate, id and queue live there; pass --state-dir DIR, set CENSUS_AGENT_STATE_DIR, or set state_dir in the config file"
+    )]
+    NoStateDir,
+    #[error(
+        "this agent is not enrolled (no certificate in {}) and has no enrollment token: run `census-agent enroll --collector URL --token-file FILE --state-dir DIR`, or set token_file so that `run` enrolls first",
+        .0.display()
+    )]
+    NotEnrolled(PathBuf),
+    #[error(
+        "ca_file {} is not a readable file (the collector's CA certificate, its <data dir>/tls/ca.pem)",
+        .0.display()
+    )]
+    CaFile(PathBuf),
     #[error("cannot read token file {path}: {source}")]
     TokenFile {
         path: PathBuf,
@@ -700,18 +724,43 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks everything that can be checked without the network.
+    /// Checks everything that can be checked without the network. Whether the agent has a
+    /// certificate or a token to get one is `enroll::plan`'s question, not this one's.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let url = self.collector.as_deref().ok_or(ConfigError::NoCollector)?;
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(ConfigError::BadCollector(url.to_owned()));
-        }
-        if self.token.is_none() && self.token_file.is_none() {
-            return Err(ConfigError::NoToken);
-        }
+        self.validate_collector()?;
         self.validate_sweep()?;
         self.queue.validate()?;
         self.directory.validate()
+    }
+
+    /// Checks what reaching the collector needs: its URL (`https://`, or `http://` for a
+    /// development-mode collector) and, when set, the CA file. Enough for `census-agent enroll`.
+    pub fn validate_collector(&self) -> Result<(), ConfigError> {
+        let url = self.collector.as_deref().ok_or(ConfigError::NoCollector)?;
+        let lower = url.to_ascii_lowercase();
+        let rest = lower
+            .strip_prefix("https://")
+            .or_else(|| lower.strip_prefix("http://"));
+        if rest.is_none_or(|r| r.trim_end_matches('/').is_empty()) {
+            return Err(ConfigError::BadCollector(url.to_owned()));
+        }
+        if let Some(ca) = &self.ca_file
+            && !ca.is_file()
+        {
+            return Err(ConfigError::CaFile(ca.clone()));
+        }
+        Ok(())
+    }
+
+    /// The one warning line a plaintext collector URL deserves, if it is one.
+    pub fn collector_warning(&self) -> Option<String> {
+        let url = self.collector.as_deref()?;
+        url.to_ascii_lowercase().starts_with("http://").then(|| {
+            format!(
+                "collector URL {url} is plaintext (http://): only a collector in development \
+                 mode (--dev-plaintext) accepts it; use https:// in production"
+            )
+        })
     }
 
     /// Checks what a sweep needs (scopes, methods, state), not what delivery needs: enough for
@@ -897,13 +946,50 @@ mod tests {
         ));
         let mut c = valid();
         c.token = None;
-        assert!(matches!(c.validate(), Err(ConfigError::NoToken)));
+        c.validate()
+            .expect("a token is for enrollment: run's identity check is enroll::plan");
         let mut c = valid();
         c.scopes.clear();
         assert!(matches!(c.validate(), Err(ConfigError::NoScope)));
         let mut c = valid();
         c.collector = Some("198.19.255.1:7400".into());
         assert!(matches!(c.validate(), Err(ConfigError::BadCollector(_))));
+    }
+
+    #[test]
+    fn the_collector_url_and_ca_file_are_checked() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut c = valid();
+        assert!(
+            c.collector_warning()
+                .expect("plaintext warns")
+                .contains("development mode")
+        );
+        c.collector = Some("https://collector.example:7400".into());
+        c.validate().expect("https");
+        assert_eq!(c.collector_warning(), None);
+        for bad in ["ftp://x:1", "https://", "collector:7400", ""] {
+            c.collector = Some(bad.into());
+            let err = c.validate().expect_err(bad).to_string();
+            assert!(err.contains("must start with https://"), "{bad}: {err}");
+        }
+        c.collector = Some("HTTPS://Collector.Example".into());
+        c.validate().expect("schemes are case-insensitive");
+        c.ca_file = Some(tmp.path().join("missing.pem"));
+        let err = c.validate_collector().expect_err("missing").to_string();
+        assert!(
+            err.contains("missing.pem") && err.contains("tls/ca.pem"),
+            "{err}"
+        );
+        std::fs::write(tmp.path().join("ca.pem"), "x").expect("write");
+        c.ca_file = Some(tmp.path().join("ca.pem"));
+        c.validate().expect("a readable CA file");
+        let parsed: Config =
+            toml::from_str("ca_file = \"/etc/census/agent-ca.pem\"\n").expect("parses");
+        assert_eq!(
+            parsed.ca_file.as_deref(),
+            Some(Path::new("/etc/census/agent-ca.pem"))
+        );
     }
 
     #[test]

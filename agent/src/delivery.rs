@@ -15,6 +15,7 @@
 
 use std::{
     collections::BTreeMap,
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -22,6 +23,7 @@ use std::{
     time::Duration,
 };
 
+use census_proto::transport::{Authenticate, Credentials};
 use rand::Rng as _;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -107,11 +109,17 @@ impl Status {
     }
 }
 
-/// What delivery needs: where, with which token, from which queue.
+/// What delivery needs: where, with which certificate, from which queue.
 #[derive(Debug)]
 pub struct Deliverer {
     pub url: String,
-    pub token: String,
+    /// The agent's certificate, key and the collector's CA.
+    pub creds: Credentials,
+    /// Where `creds` came from: after the collector refuses them, delivery reads them again
+    /// from there before its next attempt, so an agent enrolled again (`census-agent enroll
+    /// --force`) while the daemon runs delivers with the new certificate.
+    pub identity_dir: Option<PathBuf>,
+    auth: Authenticate,
     pub queue: Arc<Queue>,
     /// A connection already made (`run` connects once at start), or `None`.
     pub channel: Option<Channel>,
@@ -124,14 +132,17 @@ pub struct Deliverer {
 impl Deliverer {
     pub fn new(
         url: String,
-        token: String,
+        creds: Credentials,
+        identity_dir: Option<PathBuf>,
         queue: Arc<Queue>,
         channel: Option<Channel>,
         metrics: &'static Metrics,
     ) -> Deliverer {
         Deliverer {
+            auth: Authenticate::new(&url, Some(&creds)),
             url,
-            token,
+            creds,
+            identity_dir,
             queue,
             channel,
             metrics,
@@ -156,7 +167,7 @@ impl Deliverer {
             }
             let channel = match self.channel.take() {
                 Some(c) => c,
-                None => report::connect(&self.url, CONNECT_TIMEOUT).await?,
+                None => report::connect(&self.url, &self.creds, CONNECT_TIMEOUT).await?,
             };
             let keys: BTreeMap<u64, u64> =
                 window.iter().map(|q| (q.batch.sequence, q.key)).collect();
@@ -175,11 +186,13 @@ impl Deliverer {
                 );
             }
             self.metrics.sent(batches.len() as u64);
+            let backlog = self.queue.len() as u64;
             let (acked, delivered, result) = report::deliver(
                 channel.clone(),
                 &self.url,
-                &self.token,
+                &self.auth,
                 &batches,
+                backlog,
                 ACK_TIMEOUT,
             )
             .await;
@@ -220,6 +233,30 @@ impl Deliverer {
             }
             result?;
             self.channel = Some(channel);
+        }
+    }
+}
+
+impl Deliverer {
+    /// After the collector refused the certificate: the next attempt connects anew, with the
+    /// identity read again from disk (the operator may have enrolled the agent again). Keeps
+    /// the old one when the files cannot be read.
+    fn reload_identity(&mut self) {
+        self.channel = None;
+        let Some(dir) = &self.identity_dir else {
+            return;
+        };
+        match Credentials::load(dir) {
+            Ok(creds) => {
+                if creds.cert_pem != self.creds.cert_pem {
+                    info!(identity = %dir.display(), "a new certificate is in place: delivering with it");
+                }
+                self.auth = Authenticate::new(&self.url, Some(&creds));
+                self.creds = creds;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the agent's identity again; keeping the one loaded")
+            }
         }
     }
 }
@@ -269,8 +306,9 @@ pub enum Mode {
 /// stream cut) back off; a conflict (our sequence numbers already used with other content)
 /// continues under a new agent id at once; a batch the collector refuses as invalid is taken out
 /// of the queue (see [`Deliverer::set_aside`]) and delivery goes on after a back-off, except
-/// with `--once`, which then ends with that error; a refused token ends delivery with that error. Returns `Ok` when
-/// `shutdown` is cancelled.
+/// with `--once`, which then ends with that error; a refused certificate ends `--once` with
+/// that error, and in the daemon is an error line and a back-off before trying again with the
+/// identity read anew from disk. Returns `Ok` when `shutdown` is cancelled.
 pub async fn deliver(
     d: &mut Deliverer,
     mode: Mode,
@@ -325,6 +363,30 @@ pub async fn deliver(
                 let (old, new) = d.queue.rotate().map_err(AgentError::Queue)?;
                 rotated_at = Some(d.acknowledged);
                 warn!(old_agent_id = %old, new_agent_id = %new, %reason, queued = d.queue.len(), "sequence numbers already used: continuing under a new agent id");
+            }
+            // A refused certificate (revoked, expired, unknown to this collector): loud, and in
+            // the daemon retried on the back-off schedule, reading the identity again each
+            // time, so re-enrolling the agent brings it back without a restart. `--once` ends.
+            DeliveryError::Refused(reason) if mode == Mode::Forever => {
+                d.metrics.delivery_failed();
+                let wait = backoff.next_wait();
+                error!(
+                    %reason,
+                    attempt = backoff.failures(),
+                    retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    queued = d.queue.len(),
+                    "the collector refused this agent's certificate (revoked or expired?): \
+                     nothing is delivered until the agent is enrolled again (census-agent \
+                     enroll --force --token-file FILE); retrying after a back-off"
+                );
+                d.status.backing_off.store(true, Ordering::Relaxed);
+                d.queue.poke();
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tokio::time::sleep(wait) => {}
+                }
+                d.status.backing_off.store(false, Ordering::Relaxed);
+                d.reload_identity();
             }
             // A refused batch is set aside already; the rest waits a back-off all the same, so
             // a collector that refuses everything does not empty the queue in a moment.

@@ -12,8 +12,11 @@
 //! - [`classify`]: MAC vendors and device categories, from the evidence.
 //! - [`metrics_http`]: the Prometheus endpoint (`GET /metrics` on `metrics_listen`) and the
 //!   page it renders from the delivery path's counters.
-//! - [`report`]: turns sweep results into observation batches and delivers them over gRPC;
-//!   the agent's identity and sequence numbers (`agent.json`).
+//! - [`enroll`]: trades an enrollment token for the agent's certificate (`census-agent
+//!   enroll`, or `run`'s first start), kept in `<state dir>/identity/`; and `run`'s decision
+//!   whether it has one.
+//! - [`report`]: turns sweep results into observation batches and delivers them over gRPC
+//!   (mutual TLS with the agent's certificate); the agent's id and sequence numbers (`agent.json`).
 //! - [`queue`]: the on-disk (sled) queue every batch waits in until acknowledged, with its
 //!   cap; the crash windows are written down there.
 //! - [`delivery`]: sends the queue to the collector, in order, backing off with jitter.
@@ -37,6 +40,7 @@ pub mod config;
 pub mod delivery;
 pub mod directory;
 pub mod discovery;
+pub mod enroll;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod iface;

@@ -3,10 +3,15 @@
 //! `uninstall` set the agent up as a service (`service.rs`); on Windows the hidden `service`
 //! command is what the registered service runs: the same `run`, stopped by the service's Stop.
 //!
-//! Exit codes: 0 done; 64 bad flags or config (or a state directory, or queue in it, that
-//! cannot be used); 69 collector unreachable; 75 `--once` stopped (a signal) before every
+//! `enroll` trades an enrollment token for the agent's certificate (`enroll.rs`); `run` enrolls
+//! first by itself when it has a token and no certificate.
+//!
+//! Exit codes: 0 done; 64 bad flags or config (or a state directory, or queue or identity in
+//! it, that cannot be used; `enroll` on an enrolled agent without --force); 69 collector
+//! unreachable; 75 `--once` stopped (a signal) before every
 //! batch was acknowledged (with a state directory, what is left stays queued for the next
-//! run); 77 a credential was refused or raw sockets are not allowed; 1 anything else. A failed directory read (`users`, or `run --once` after
+//! run); 77 a credential was refused (the enrollment token by `enroll`, the certificate by
+//! `run --once`) or raw sockets are not allowed; 1 anything else. A failed directory read (`users`, or `run --once` after
 //! delivering everything, the failed read included) exits by the same scheme, see
 //! [`directory_exit_code`]: 64 its settings (URL, password file, CA file, a certificate that is
 //! not trusted or names another host, too many users), 69 the directory unreachable, silent or
@@ -17,6 +22,7 @@ use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode
 use census_agent::{
     config::{self, Config, ConfigError},
     directory::{self, DirectoryError},
+    enroll::{self, EnrollError},
     metrics_http::{self, AgentMetrics},
     queue::QueueError,
     report::DeliveryError,
@@ -54,6 +60,16 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Trade an enrollment token for this agent's certificate (once per agent).
+    ///
+    /// Makes a new key pair, sends a certificate request with the token to the collector, and
+    /// keeps the certificate, the key and the collector's CA in <state dir>/identity/. `run`
+    /// then delivers with that certificate (mutual TLS). `run` also enrolls by itself on its
+    /// first start when it has a token and no certificate yet.
+    Enroll {
+        #[command(flatten)]
+        args: EnrollArgs,
+    },
     /// Sweep the configured scopes (and read the directory, when enabled) and report to the
     /// collector.
     Run {
@@ -141,6 +157,107 @@ struct ServicePaths {
     /// Only place (or remove) the files; do not run systemctl (Linux).
     #[arg(long)]
     no_systemctl: bool,
+    /// install: the collector's CA certificate (its <data dir>/tls/ca.pem), copied beside
+    /// the config as agent-ca.pem for the service's first start to enroll with.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+}
+
+/// `enroll`'s settings: a config file (only its collector, token, CA and state settings are
+/// used), overridden by `CENSUS_AGENT_*` variables, overridden by flags.
+#[derive(Debug, Args)]
+struct EnrollArgs {
+    /// TOML config file.
+    #[arg(long, short = 'c', env = "CENSUS_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// The collector's gRPC URL, e.g. https://collector.example:7400.
+    #[arg(long, env = "CENSUS_AGENT_COLLECTOR")]
+    collector: Option<String>,
+    /// Enrollment token (prefer --token-file: flags show up in process lists).
+    #[arg(long, env = "CENSUS_AGENT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the enrollment token (from `census token create --client C --site S`).
+    #[arg(long, env = "CENSUS_AGENT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The collector's CA certificate (its <data dir>/tls/ca.pem), to trust it by over
+    /// https:// [default: this machine's trust store].
+    #[arg(long, env = "CENSUS_AGENT_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Where the identity is kept (<state dir>/identity/); created if missing.
+    #[arg(long, env = "CENSUS_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Enroll again although this agent already has a certificate (a new key, a new token).
+    #[arg(long)]
+    force: bool,
+}
+
+impl EnrollArgs {
+    fn resolve(&self) -> Result<Config, ConfigError> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        override_with(&mut c.collector, &self.collector);
+        override_with(&mut c.token, &self.token);
+        override_with(&mut c.token_file, &self.token_file);
+        override_with(&mut c.ca_file, &self.ca_file);
+        override_with(&mut c.state_dir, &self.state_dir);
+        c.validate_collector()?;
+        if c.state_dir.is_none() {
+            return Err(ConfigError::NoStateDir);
+        }
+        Ok(c)
+    }
+}
+
+fn override_with<T: Clone>(setting: &mut Option<T>, flag: &Option<T>) {
+    if flag.is_some() {
+        setting.clone_from(flag);
+    }
+}
+
+/// `census-agent enroll`: one line on success, one error line otherwise.
+fn enroll(args: &EnrollArgs) -> ExitCode {
+    let prepared = args.resolve().and_then(|c| {
+        let token = c.token()?;
+        Ok((c, token))
+    });
+    let (config, token) = match prepared {
+        Ok(p) => p,
+        Err(e) => return fail(EX_USAGE, e),
+    };
+    if let Some(w) = config.collector_warning() {
+        eprintln!("census-agent: warning: {w}");
+    }
+    let state_dir = config.state_dir.clone().unwrap_or_default();
+    let ready = enroll::check_not_enrolled(&state_dir, args.force)
+        .and_then(|()| enroll::config_ca(&config));
+    let ca = match ready {
+        Ok(ca) => ca,
+        Err(e) => return fail(enroll_exit_code(&e), e),
+    };
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let url = config.collector.clone().unwrap_or_default();
+    match runtime.block_on(enroll::enroll(&url, &token, ca.as_deref(), &state_dir)) {
+        Ok(enrolled) => {
+            println!("{}", enrolled.line());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(enroll_exit_code(&e), e),
+    }
+}
+
+/// An enrollment failure's exit code, by the scheme of [`exit_code`].
+fn enroll_exit_code(e: &EnrollError) -> u8 {
+    match e.kind() {
+        enroll::ErrorKind::Usage => EX_USAGE,
+        enroll::ErrorKind::Unavailable => EX_UNAVAILABLE,
+        enroll::ErrorKind::Refused => EX_NOPERM,
+        enroll::ErrorKind::Other => 1,
+    }
 }
 
 impl ServicePaths {
@@ -151,6 +268,7 @@ impl ServicePaths {
             config_path: self.config_path,
             state_dir: self.state_dir,
             systemctl: !self.no_systemctl,
+            ca_file: self.ca_file,
             now,
             purge,
         }
@@ -163,15 +281,19 @@ struct Settings {
     /// TOML config file.
     #[arg(long, short = 'c', env = "CENSUS_AGENT_CONFIG")]
     config: Option<PathBuf>,
-    /// The collector's gRPC URL, e.g. http://collector.example:7400.
+    /// The collector's gRPC URL, e.g. https://collector.example:7400.
     #[arg(long, env = "CENSUS_AGENT_COLLECTOR")]
     collector: Option<String>,
-    /// Enrollment token (prefer --token-file: flags show up in process lists).
+    /// Enrollment token, used only while the agent has no certificate yet (prefer
+    /// --token-file: flags show up in process lists).
     #[arg(long, env = "CENSUS_AGENT_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// File holding the enrollment token.
+    /// File holding the enrollment token (used only while the agent has no certificate yet).
     #[arg(long, env = "CENSUS_AGENT_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// The collector's CA certificate (its <data dir>/tls/ca.pem), for enrolling over https://.
+    #[arg(long, env = "CENSUS_AGENT_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// CIDRs to sweep, comma-separated (repeatable).
     #[arg(long, env = "CENSUS_AGENT_SCOPE", value_delimiter = ',')]
     scope: Vec<String>,
@@ -187,7 +309,8 @@ struct Settings {
     /// Allow scopes larger than a /16.
     #[arg(long, env = "CENSUS_AGENT_ALLOW_LARGE_SCOPE")]
     allow_large_scope: bool,
-    /// Directory for the agent's identity and sequence numbers (must exist).
+    /// Directory for the agent's certificate, id, sequence numbers and queue (must exist;
+    /// `run` needs one).
     #[arg(long, env = "CENSUS_AGENT_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// Time between sweeps, e.g. 15m [default: 15m].
@@ -264,6 +387,7 @@ impl Settings {
         if self.token_file.is_some() {
             c.token_file.clone_from(&self.token_file);
         }
+        override_with(&mut c.ca_file, &self.ca_file);
         if !self.scope.is_empty() {
             c.scopes = config::parse_cidrs(&self.scope.join(","))?;
         }
@@ -329,6 +453,8 @@ fn exit_code(e: &AgentError) -> u8 {
         | AgentError::Queue(QueueError::Open { .. } | QueueError::State(_)) => EX_USAGE,
         AgentError::Delivery(DeliveryError::Unreachable { .. }) => EX_UNAVAILABLE,
         AgentError::Delivery(DeliveryError::Refused(_)) | AgentError::Permission(_) => EX_NOPERM,
+        AgentError::Enroll(e) => enroll_exit_code(e),
+        AgentError::Identity(_) => EX_USAGE,
         AgentError::Interrupted { .. } => EX_TEMPFAIL,
         _ => 1,
     }
@@ -599,9 +725,23 @@ fn main() -> ExitCode {
     };
     telemetry::init(matches!(cli.log_format, LogFormat::Json));
     match cli.command {
+        Command::Enroll { args } => enroll(&args),
         Command::Validate { settings } => {
-            match settings.resolve().and_then(|c| c.token().map(|_| c)) {
-                Ok(c) => {
+            let checked = settings.resolve().and_then(|c| {
+                let start = enroll::plan(&c)?;
+                Ok((c, start))
+            });
+            match checked {
+                Ok((c, start)) => {
+                    if let Some(w) = c.collector_warning() {
+                        eprintln!("census-agent: warning: {w}");
+                    }
+                    let identity = match start {
+                        enroll::Start::Enrolled { .. } => "enrolled",
+                        enroll::Start::Enroll { .. } => {
+                            "not enrolled yet (run enrolls first with the token)"
+                        }
+                    };
                     let directory = if c.directory.enabled {
                         format!(
                             ", directory {} every {}",
@@ -612,7 +752,7 @@ fn main() -> ExitCode {
                         String::new()
                     };
                     println!(
-                        "configuration is valid: collector {}, scopes {}{directory}",
+                        "configuration is valid: collector {}, {identity}, scopes {}{directory}",
                         c.collector.as_deref().unwrap_or_default(),
                         c.scopes
                             .iter()

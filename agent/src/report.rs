@@ -16,6 +16,7 @@ use std::{
 
 use census_proto::{
     convert,
+    transport::{self, Authenticate, Credentials, error_chain},
     v1::{self, ingest_service_client::IngestServiceClient},
 };
 use serde::{Deserialize, Serialize};
@@ -126,6 +127,14 @@ impl AgentState {
             .collect())
     }
 
+    /// Takes `agent_id` as this agent's id, keeping the sequence counter (so no sequence is
+    /// handed out twice): for enrollment, when the collector bound the certificate to another
+    /// id than the one proposed.
+    pub fn adopt(&mut self, agent_id: &str) -> io::Result<()> {
+        self.agent_id = agent_id.to_owned();
+        self.save()
+    }
+
     /// Remembers the directory a complete read named (saved when it changed).
     pub fn set_directory(&mut self, directory: &str) -> io::Result<()> {
         if self.directory.as_deref() == Some(directory) {
@@ -229,7 +238,9 @@ pub enum DeliveryError {
     #[error("cannot reach the collector at {url}: {reason}")]
     Unreachable { url: String, reason: String },
     #[error(
-        "the collector refused this agent's token: {0} (check --token/--token-file; make a new one with `census token create`)"
+        "the collector refused this agent's certificate: {0} (the agent may have been revoked \
+         with `census agents revoke`, or its certificate expired: enroll it again with a new \
+         token: census-agent enroll --force --token-file FILE)"
     )]
     Refused(String),
     #[error("the collector rejected a batch: {0}")]
@@ -259,32 +270,20 @@ pub struct Delivered {
     pub rejected_observations: u64,
 }
 
-/// An error and its sources on one line: tonic's own message is only "transport error".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
-
-/// Connects to the collector, failing within `timeout`.
-pub async fn connect(url: &str, timeout: Duration) -> Result<Channel, DeliveryError> {
+/// Connects to the collector with the agent's certificate (mutual TLS for `https://`; the
+/// development-mode metadata for `http://`, see [`transport::Authenticate`]), failing within
+/// `timeout`.
+pub async fn connect(
+    url: &str,
+    creds: &Credentials,
+    timeout: Duration,
+) -> Result<Channel, DeliveryError> {
     let unreachable = |reason: String| DeliveryError::Unreachable {
         url: url.to_owned(),
         reason,
     };
-    let endpoint = Channel::from_shared(url.to_owned())
-        .map_err(|e| unreachable(format!("invalid URL: {e}")))?
-        .connect_timeout(timeout)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20));
+    let endpoint = transport::endpoint(url, None, Some(creds), timeout)
+        .map_err(|e| unreachable(error_chain(&e)))?;
     endpoint
         .connect()
         .await
@@ -292,13 +291,14 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<Channel, DeliveryEr
 }
 
 /// Sends `batches` on one ingest stream and waits until each is acknowledged, or until the
-/// stream fails. Returns the sequences acknowledged in either case, so a caller resends only
-/// the rest.
+/// stream fails. Each carries `backlog`, the batches queued when the window was sent. Returns
+/// the sequences acknowledged in either case, so a caller resends only the rest.
 pub async fn deliver(
     channel: Channel,
     url: &str,
-    token: &str,
+    auth: &Authenticate,
     batches: &[v1::ObservationBatch],
+    backlog: u64,
     ack_timeout: Duration,
 ) -> (BTreeSet<u64>, Delivered, Result<(), DeliveryError>) {
     let mut acked = BTreeSet::new();
@@ -309,8 +309,9 @@ pub async fn deliver(
     let result = deliver_inner(
         channel,
         url,
-        token,
+        auth,
         batches,
+        backlog,
         ack_timeout,
         &mut acked,
         &mut report,
@@ -319,11 +320,13 @@ pub async fn deliver(
     (acked, report, result)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn deliver_inner(
     channel: Channel,
     url: &str,
-    token: &str,
+    auth: &Authenticate,
     batches: &[v1::ObservationBatch],
+    backlog: u64,
     ack_timeout: Duration,
     acked: &mut BTreeSet<u64>,
     report: &mut Delivered,
@@ -331,18 +334,15 @@ async fn deliver_inner(
     let mut client = IngestServiceClient::new(channel).max_encoding_message_size(4 * 1024 * 1024);
     let (tx, rx) = mpsc::channel::<v1::ObservationBatch>(8);
     let mut request = Request::new(ReceiverStream::new(rx));
-    let bearer = format!("Bearer {token}").parse().map_err(|_| {
-        DeliveryError::Refused("the token contains characters that cannot be sent".into())
-    })?;
-    request
-        .metadata_mut()
-        .insert(census_proto::AUTHORIZATION, bearer);
-    // `sent_at` is the moment of sending, so the collector can correct a wrong agent clock.
+    auth.apply(&mut request);
+    // `sent_at` is the moment of sending, so the collector can correct a wrong agent clock;
+    // `backlog` is what waits behind (and with) this window, for `census agents`.
     let sent_at = Some(convert::timestamp(SystemTime::now()));
     let to_send: Vec<v1::ObservationBatch> = batches
         .iter()
         .map(|b| v1::ObservationBatch {
             sent_at,
+            backlog,
             ..b.clone()
         })
         .collect();

@@ -9,11 +9,12 @@
 //! part carries the error.
 
 use std::{
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
-use census_proto::v1;
+use census_proto::{transport::Credentials, v1};
 use rand::Rng as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -24,6 +25,7 @@ use crate::{
     delivery::{self, Deliverer, Mode},
     directory::{self, DEFAULT_USERS_PER_BATCH, DirectoryError, DirectoryReadResult},
     discovery::{self, Progress},
+    enroll::{self, EnrollError, Start},
     iface,
     metrics::{self, Metrics},
     queue::{Queue, QueueError},
@@ -49,6 +51,10 @@ pub enum AgentError {
     Queue(QueueError),
     #[error(transparent)]
     Delivery(#[from] DeliveryError),
+    #[error(transparent)]
+    Enroll(#[from] EnrollError),
+    #[error("cannot use the agent's certificate: {0} (enroll again: census-agent enroll --force)")]
+    Identity(String),
     #[error("{0}")]
     Sweep(String),
     #[error("sweep needs raw socket access: {0}")]
@@ -406,8 +412,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<RunSummary, AgentError> {
     config.validate()?;
-    let token = config.token()?;
     let url = config.collector.clone().ok_or(ConfigError::NoCollector)?;
+    if let Some(w) = config.collector_warning() {
+        warn!("{w}");
+    }
+    let (creds, identity_dir) = identity(&config).await?;
     let plan = plan(&config)?;
     let metrics = metrics::global();
     let queue = Arc::new(
@@ -441,7 +450,7 @@ pub async fn run(
     }
 
     // With --once a collector that is not there is an error now, before any packet is sent.
-    let channel = match report::connect(&url, delivery::CONNECT_TIMEOUT).await {
+    let channel = match report::connect(&url, &creds, delivery::CONNECT_TIMEOUT).await {
         Ok(c) => Some(c),
         Err(e) if options.once => return Err(e.into()),
         Err(e) => {
@@ -449,7 +458,14 @@ pub async fn run(
             None
         }
     };
-    let deliverer = Deliverer::new(url, token, queue.clone(), channel, metrics);
+    let deliverer = Deliverer::new(
+        url,
+        creds,
+        Some(identity_dir),
+        queue.clone(),
+        channel,
+        metrics,
+    );
     // What a failed read's part names, so the collector marks the right directory's users
     // stale: the configured base DN's domain (what a complete read names too), else what the
     // last complete read named (kept in the state), else nothing (the read never worked).
@@ -491,6 +507,39 @@ pub async fn run(
         }
         outcome.map(|()| turns.summary)
     }
+}
+
+/// The certificate `run` delivers with, and the directory it is in: the one in the state
+/// directory, or, when there is none yet but a token is configured, a new one from enrolling
+/// first (so an installed service enrolls on its first start). See [`enroll::plan`].
+pub async fn identity(config: &Config) -> Result<(Credentials, PathBuf), AgentError> {
+    let state_dir = config.state_dir.as_deref().ok_or(ConfigError::NoStateDir)?;
+    let dir = match enroll::plan(config)? {
+        Start::Enrolled { identity_dir } => identity_dir,
+        Start::Enroll { token } => {
+            let url = config
+                .collector
+                .as_deref()
+                .ok_or(ConfigError::NoCollector)?;
+            info!(collector = %url, "not enrolled yet: enrolling with the configured token");
+            let ca = enroll::config_ca(config)?;
+            let enrolled = enroll::enroll(url, &token, ca.as_deref(), state_dir).await?;
+            info!(
+                agent_id = %enrolled.agent_id,
+                client = %enrolled.client,
+                site = %enrolled.site,
+                not_after = %humantime::format_rfc3339_seconds(enrolled.not_after),
+                "{}",
+                enrolled.line()
+            );
+            enroll::identity_dir(state_dir)
+        }
+    };
+    let creds = Credentials::load(&dir).map_err(|e| AgentError::Identity(e.to_string()))?;
+    if let Some(e) = enroll::load_enrollment(state_dir) {
+        info!(agent_id = %e.agent_id, client = %e.client, site = %e.site, certificate_not_after = %e.not_after, "delivering with this agent's certificate");
+    }
+    Ok((creds, dir))
 }
 
 /// How long a stopping agent waits for the delivery task to finish the window it is sending.

@@ -32,6 +32,10 @@ pub const SERVICE_NAME: &str = "census-agent";
 /// edits it, and `install` says so.
 pub const DEFAULT_CONFIG: &str = include_str!("../../deploy/config/agent.toml");
 
+/// The collector's CA certificate beside the config, placed by `install --ca-file` for the
+/// service's first start to enroll with (it is public: mode 0644 on Linux).
+pub const CA_FILE_NAME: &str = "agent-ca.pem";
+
 /// Why `install` or `uninstall` failed. Each is one line saying what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -90,6 +94,9 @@ pub struct Request {
     pub state_dir: Option<PathBuf>,
     /// Linux only: run `systemctl` (off: only place or remove the files).
     pub systemctl: bool,
+    /// `install`: the collector's CA certificate, copied beside the config as
+    /// [`CA_FILE_NAME`].
+    pub ca_file: Option<PathBuf>,
     /// `install`: also start the service, once its config validates.
     pub now: bool,
     /// `uninstall`: also remove the config, the token and the state.
@@ -105,6 +112,7 @@ pub fn install(req: &Request) -> Result<Vec<String>, ServiceError> {
         systemd::install(&systemd::InstallOptions {
             paths: systemd_paths(req),
             binary,
+            ca_file: req.ca_file.clone(),
             systemctl: req.systemctl,
             now: req.now,
         })
@@ -115,6 +123,7 @@ pub fn install(req: &Request) -> Result<Vec<String>, ServiceError> {
         windows::install(&windows::InstallOptions {
             paths: windows_paths(req),
             binary,
+            ca_file: req.ca_file.clone(),
             now: req.now,
         })
     }
@@ -192,17 +201,31 @@ fn unsupported() -> ServiceError {
     )
 }
 
+/// Reads the CA certificate `install --ca-file` was given, refusing a file that holds none
+/// (so the service's first start does not find out).
+pub fn read_ca(path: &Path) -> Result<String, ServiceError> {
+    crate::enroll::read_ca_file(path).map_err(|e| ServiceError::Path {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
 /// Loads and validates the config the way the service will start with it: `token_file` the
-/// token the service is handed, and (`state_dir_made_at_start`) no check of a state directory
-/// that the service manager creates only when it starts the service.
+/// token the service is handed, `ca_file` the CA installed beside the config (if any), and
+/// (`state_dir_made_at_start`) no check of a state directory that the service manager creates
+/// only when it starts the service. The service's first start enrolls with the token.
 pub fn check_config(
     config_path: &Path,
     token_path: &Path,
+    ca_path: Option<&Path>,
     state_dir_made_at_start: bool,
 ) -> Result<(), String> {
     let mut c = Config::from_file(config_path).map_err(|e| e.to_string())?;
     c.token = None;
     c.token_file = Some(token_path.to_owned());
+    if let Some(ca) = ca_path {
+        c.ca_file = Some(ca.to_owned());
+    }
     if state_dir_made_at_start {
         c.state_dir = None;
     }

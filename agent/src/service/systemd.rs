@@ -34,6 +34,9 @@ pub const TOKEN_FILE_NAME: &str = "agent.token";
 const SHIPPED_BIN: &str = "/usr/local/bin/census-agent";
 const SHIPPED_CONFIG: &str = "/etc/census/agent.toml";
 const SHIPPED_TOKEN: &str = "/etc/census/agent.token";
+const SHIPPED_CA: &str = "/etc/census/agent-ca.pem";
+/// The unit's line naming the CA, kept only when one is installed.
+const CA_LINE_PREFIX: &str = "Environment=CENSUS_AGENT_CA_FILE=";
 
 /// Where `install` puts things and `uninstall` removes them from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +77,14 @@ impl Paths {
             .unwrap_or_else(|| Path::new("/"))
             .join(TOKEN_FILE_NAME)
     }
+
+    /// The collector's CA certificate, beside the config.
+    pub fn ca_path(&self) -> PathBuf {
+        self.config_path
+            .parent()
+            .unwrap_or_else(|| Path::new("/"))
+            .join(super::CA_FILE_NAME)
+    }
 }
 
 /// What `install` does.
@@ -82,6 +93,8 @@ pub struct InstallOptions {
     pub paths: Paths,
     /// The binary to place (the running one).
     pub binary: PathBuf,
+    /// The collector's CA certificate to place beside the config.
+    pub ca_file: Option<PathBuf>,
     /// Run `systemctl` (off: only place the files).
     pub systemctl: bool,
     /// Also start the service (`enable --now`), once the config validates.
@@ -102,7 +115,9 @@ pub struct UninstallOptions {
 pub fn install(opts: &InstallOptions) -> Result<Vec<String>, ServiceError> {
     preflight(opts.systemctl, "install")?;
     let paths = &opts.paths;
-    let unit = render_unit(AGENT_UNIT, paths)?;
+    let ca = opts.ca_file.as_deref().map(super::read_ca).transpose()?;
+    // Checked before anything is written: render_unit refuses paths a unit cannot name.
+    render_unit(AGENT_UNIT, paths, true)?;
     let mut done = Vec::new();
 
     let binary = paths.binary_path();
@@ -128,6 +143,20 @@ pub fn install(opts: &InstallOptions) -> Result<Vec<String>, ServiceError> {
             paths.config_path.display()
         ));
     }
+
+    let ca_path = paths.ca_path();
+    if let Some(ca) = ca {
+        if let Some(dir) = ca_path.parent() {
+            create_dir(dir, 0o755)?;
+        }
+        // Public, and read in place by the service's dynamic user.
+        write_atomically(&ca_path, 0o644, |f| f.write_all(ca.as_bytes()))?;
+        done.push(format!(
+            "placed the collector's CA certificate in {}",
+            ca_path.display()
+        ));
+    }
+    let unit = render_unit(AGENT_UNIT, paths, ca_path.is_file())?;
 
     create_dir(&paths.unit_dir, 0o755)?;
     let unit_path = paths.unit_path();
@@ -201,7 +230,11 @@ pub fn uninstall(opts: &UninstallOptions) -> Result<Vec<String>, ServiceError> {
         ));
         return Ok(done);
     }
-    for file in [paths.config_path.clone(), paths.token_path()] {
+    for file in [
+        paths.config_path.clone(),
+        paths.token_path(),
+        paths.ca_path(),
+    ] {
         if remove_file(&file)? {
             done.push(format!("removed {}", file.display()));
         }
@@ -231,16 +264,29 @@ pub fn uninstall(opts: &UninstallOptions) -> Result<Vec<String>, ServiceError> {
     Ok(done)
 }
 
-/// The shipped unit with its paths replaced by `paths`: the binary, the config and the token.
-/// systemd splits `ExecStart=` on whitespace and expands `%`, so such paths are refused.
-pub fn render_unit(template: &str, paths: &Paths) -> Result<String, ServiceError> {
+/// The shipped unit with its paths replaced by `paths`: the binary, the config, the token and
+/// the CA; the line naming the CA only when `with_ca` (one is installed: a missing file would
+/// fail the unit's `validate`). systemd splits `ExecStart=` on whitespace and expands `%`, so
+/// such paths are refused.
+pub fn render_unit(template: &str, paths: &Paths, with_ca: bool) -> Result<String, ServiceError> {
     let bin = unit_path_text(&paths.binary_path())?;
     let config = unit_path_text(&paths.config_path)?;
     let token = unit_path_text(&paths.token_path())?;
+    let ca = unit_path_text(&paths.ca_path())?;
+    let template: String = if with_ca {
+        template.to_owned()
+    } else {
+        template
+            .split_inclusive('\n')
+            .filter(|line| !line.starts_with(CA_LINE_PREFIX))
+            .collect()
+    };
+    // The CA and the token sit beside the config: the longer names first.
     Ok(template
         .replace(SHIPPED_BIN, &bin)
-        .replace(SHIPPED_CONFIG, &config)
-        .replace(SHIPPED_TOKEN, &token))
+        .replace(SHIPPED_CA, &ca)
+        .replace(SHIPPED_TOKEN, &token)
+        .replace(SHIPPED_CONFIG, &config))
 }
 
 fn unit_path_text(path: &Path) -> Result<String, ServiceError> {
@@ -271,7 +317,13 @@ fn unit_path_text(path: &Path) -> Result<String, ServiceError> {
 /// Loads and validates the config as the unit's `ExecStartPre` will, with the token the unit
 /// hands over; systemd creates the `StateDirectory=` only at start.
 fn check_config(paths: &Paths) -> Result<(), String> {
-    super::check_config(&paths.config_path, &paths.token_path(), true)
+    let ca = paths.ca_path();
+    super::check_config(
+        &paths.config_path,
+        &paths.token_path(),
+        ca.is_file().then_some(ca.as_path()),
+        true,
+    )
 }
 
 /// Refuses to touch the machine's systemd without root, or where systemd is not running.
@@ -445,23 +497,32 @@ mod tests {
     fn the_shipped_unit_names_the_defaults() {
         // render_unit replaces these strings: if the unit stops naming them, the replacement
         // silently does nothing.
-        for s in [SHIPPED_BIN, SHIPPED_CONFIG, SHIPPED_TOKEN] {
+        for s in [SHIPPED_BIN, SHIPPED_CONFIG, SHIPPED_TOKEN, SHIPPED_CA] {
             assert!(AGENT_UNIT.contains(s), "the unit no longer names {s}");
         }
-        let same = render_unit(AGENT_UNIT, &Paths::default()).expect("defaults render");
+        assert!(AGENT_UNIT.contains(&format!("\n{CA_LINE_PREFIX}{SHIPPED_CA}\n")));
+        let same = render_unit(AGENT_UNIT, &Paths::default(), true).expect("defaults render");
         assert_eq!(same, AGENT_UNIT);
+        let without = render_unit(AGENT_UNIT, &Paths::default(), false).expect("renders");
+        assert!(!without.contains(CA_LINE_PREFIX), "{without}");
+        assert_eq!(
+            without.lines().count() + 1,
+            AGENT_UNIT.lines().count(),
+            "only the CA line goes"
+        );
     }
 
     #[test]
     fn a_rendered_unit_names_the_given_paths() {
         let p = paths(Path::new("/opt/census"));
-        let unit = render_unit(AGENT_UNIT, &p).expect("renders");
+        let unit = render_unit(AGENT_UNIT, &p, true).expect("renders");
         assert!(!unit.contains("/usr/local/bin"), "{unit}");
         assert!(!unit.contains("/etc/census"), "{unit}");
         assert!(unit.contains("ExecStart=/opt/census/bin/census-agent run"));
         assert!(unit.contains("ExecStartPre=/opt/census/bin/census-agent validate"));
         assert!(unit.contains("LoadCredential=config:/opt/census/etc/agent.toml"));
         assert!(unit.contains("LoadCredential=token:/opt/census/etc/agent.token"));
+        assert!(unit.contains("Environment=CENSUS_AGENT_CA_FILE=/opt/census/etc/agent-ca.pem"));
     }
 
     #[test]
@@ -471,7 +532,7 @@ mod tests {
                 bin_dir: bad.into(),
                 ..Paths::default()
             };
-            let e = render_unit(AGENT_UNIT, &p).expect_err(bad);
+            let e = render_unit(AGENT_UNIT, &p, false).expect_err(bad);
             assert!(e.to_string().starts_with(bad), "{e}");
         }
     }
@@ -504,14 +565,18 @@ mod tests {
         let p = paths(dir.path());
         let binary = dir.path().join("built-agent");
         fs::write(&binary, b"#!/bin/true\n").expect("fake binary");
-        let opts = InstallOptions {
+        let mut opts = InstallOptions {
             paths: p.clone(),
             binary,
+            ca_file: None,
             systemctl: false,
             now: false,
         };
         let done = install(&opts).expect("install");
         assert!(done.iter().any(|l| l.contains("wrote an example config")));
+        let unit = || fs::read_to_string(p.unit_path()).expect("unit");
+        assert!(!unit().contains(CA_LINE_PREFIX), "no CA, no CA line");
+        assert!(!p.ca_path().exists());
         let mode = |f: &Path| fs::metadata(f).expect("exists").permissions().mode() & 0o777;
         assert_eq!(mode(&p.binary_path()), 0o755);
         assert_eq!(mode(&p.config_path), 0o600);
@@ -529,6 +594,34 @@ mod tests {
             fs::read_to_string(&p.config_path).expect("config"),
             "collector = \"http://mine\"\n"
         );
+
+        // With the collector's CA: placed beside the config, readable, and named by the unit.
+        let not_a_ca = dir.path().join("not-a-ca.pem");
+        fs::write(&not_a_ca, "junk").expect("write");
+        opts.ca_file = Some(not_a_ca);
+        let err = install(&opts)
+            .expect_err("no certificate in it")
+            .to_string();
+        assert!(err.contains("no PEM certificate"), "{err}");
+        let ca = rcgen::CertificateParams::new(vec!["collector".to_owned()])
+            .and_then(|params| params.self_signed(&rcgen::KeyPair::generate()?))
+            .expect("a CA")
+            .pem();
+        let ca_file = dir.path().join("ca.pem");
+        fs::write(&ca_file, &ca).expect("write");
+        opts.ca_file = Some(ca_file);
+        let done = install(&opts).expect("install with a CA");
+        assert!(
+            done.iter().any(|l| l.contains("CA certificate")),
+            "{done:?}"
+        );
+        assert_eq!(fs::read_to_string(p.ca_path()).expect("ca"), ca);
+        assert_eq!(mode(&p.ca_path()), 0o644);
+        assert!(unit().contains(&format!("{CA_LINE_PREFIX}{}\n", p.ca_path().display())));
+        // A later install without --ca-file keeps using it.
+        opts.ca_file = None;
+        install(&opts).expect("install again");
+        assert!(unit().contains(CA_LINE_PREFIX));
 
         fs::create_dir_all(&p.state_dir).expect("state");
         fs::write(p.state_dir.join("agent.json"), "{}").expect("state file");
@@ -551,6 +644,7 @@ mod tests {
         })
         .expect("purge");
         assert!(!p.config_path.exists());
+        assert!(!p.ca_path().exists());
         assert!(!p.state_dir.exists());
         assert!(
             !dir.path().join("etc").exists(),

@@ -85,6 +85,11 @@ impl Paths {
     fn token_path(&self) -> PathBuf {
         self.data_dir().join(TOKEN_FILE_NAME)
     }
+
+    /// The collector's CA certificate, beside the config.
+    fn ca_path(&self) -> PathBuf {
+        self.data_dir().join(super::CA_FILE_NAME)
+    }
 }
 
 fn known_dir(var: &str, fallback: &str) -> PathBuf {
@@ -96,6 +101,8 @@ pub struct InstallOptions {
     pub paths: Paths,
     /// The binary to place (the running one).
     pub binary: PathBuf,
+    /// The collector's CA certificate to place beside the config.
+    pub ca_file: Option<PathBuf>,
     /// Also start the service, once its config validates.
     pub now: bool,
 }
@@ -118,6 +125,7 @@ pub fn install(opts: &InstallOptions) -> Result<Vec<String>, ServiceError> {
     )
     .map_err(|e| scm_error("install", "opening the service control manager", e))?;
     let paths = &opts.paths;
+    let ca = opts.ca_file.as_deref().map(super::read_ca).transpose()?;
     let mut done = Vec::new();
 
     let data_dir = paths.data_dir();
@@ -146,6 +154,24 @@ pub fn install(opts: &InstallOptions) -> Result<Vec<String>, ServiceError> {
         ));
     }
 
+    let ca_path = paths.ca_path();
+    if let Some(ca) = ca {
+        fs::write(&ca_path, ca).map_err(|e| ServiceError::io("writing", &ca_path, e))?;
+        done.push(format!(
+            "placed the collector's CA certificate in {}",
+            ca_path.display()
+        ));
+    }
+    let mut launch_arguments: Vec<OsString> = vec![
+        "service".into(),
+        "--config".into(),
+        paths.config_path.clone().into_os_string(),
+    ];
+    // The service's first start enrolls trusting this CA.
+    if ca_path.is_file() {
+        launch_arguments.push("--ca-file".into());
+        launch_arguments.push(ca_path.clone().into_os_string());
+    }
     let info = ServiceInfo {
         name: SERVICE_NAME.into(),
         display_name: DISPLAY_NAME.into(),
@@ -153,11 +179,7 @@ pub fn install(opts: &InstallOptions) -> Result<Vec<String>, ServiceError> {
         start_type: ServiceStartType::AutoStart,
         error_control: ServiceErrorControl::Normal,
         executable_path: binary.clone(),
-        launch_arguments: vec![
-            "service".into(),
-            "--config".into(),
-            paths.config_path.clone().into_os_string(),
-        ],
+        launch_arguments,
         dependencies: Vec::new(),
         // LocalSystem.
         account_name: None,
@@ -203,7 +225,13 @@ pub fn install(opts: &InstallOptions) -> Result<Vec<String>, ServiceError> {
         .map_err(|e| scm_error("install", "setting the restart policy", e))?;
 
     if opts.now {
-        check_config(&paths.config_path, &paths.token_path(), false).map_err(|e| {
+        check_config(
+            &paths.config_path,
+            &paths.token_path(),
+            ca_path.is_file().then_some(ca_path.as_path()),
+            false,
+        )
+        .map_err(|e| {
             ServiceError::NotStarted(format!(
                 "installed the service {SERVICE_NAME}, but did not start it: {e}; fix {} (the \
                  enrollment token goes in {}), then run: sc.exe start {SERVICE_NAME}",
@@ -293,7 +321,11 @@ pub fn uninstall(opts: &UninstallOptions) -> Result<Vec<String>, ServiceError> {
         ));
         return Ok(done);
     }
-    for file in [paths.config_path.clone(), paths.token_path()] {
+    for file in [
+        paths.config_path.clone(),
+        paths.token_path(),
+        paths.ca_path(),
+    ] {
         if remove_file(&file)? {
             done.push(format!("removed {}", file.display()));
         }
