@@ -13,6 +13,7 @@ use census_agent::{
     report,
 };
 use census_collector::{config::Config, server};
+use census_proto::transport::{self, Credentials};
 use census_proto::v1::{
     self, admin_service_client::AdminServiceClient, query_service_client::QueryServiceClient,
 };
@@ -25,7 +26,8 @@ const LIMIT: usize = 1000;
 
 struct Collector {
     url: String,
-    operator: String,
+    ca_pem: String,
+    operator: Credentials,
     shutdown: CancellationToken,
 }
 
@@ -43,14 +45,12 @@ async fn start(dir: &Path) -> Collector {
         ..Config::default()
     };
     let prepared = server::prepare(&config).expect("prepare the collector");
-    let operator = std::fs::read_to_string(&prepared.operator_token_path)
-        .expect("operator token")
-        .trim()
-        .to_owned();
+    let operator = Credentials::load(&dir.join("operator")).expect("operator credentials");
+    let ca_pem = prepared.pki.ca_pem().to_owned();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind loopback");
-    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let url = format!("https://{}", listener.local_addr().expect("address"));
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -60,27 +60,29 @@ async fn start(dir: &Path) -> Collector {
     });
     Collector {
         url,
+        ca_pem,
         operator,
         shutdown,
     }
 }
 
 impl Collector {
+    /// A channel with the operator's credentials.
     async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url.clone())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect")
+        transport::endpoint(
+            &self.url,
+            None,
+            Some(&self.operator),
+            Duration::from_secs(5),
+        )
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect")
     }
 
     fn op<T>(&self, msg: T) -> Request<T> {
-        let mut req = Request::new(msg);
-        req.metadata_mut().insert(
-            census_proto::AUTHORIZATION,
-            format!("Bearer {}", self.operator).parse().expect("ascii"),
-        );
-        req
+        Request::new(msg)
     }
 
     async fn token(&self) -> String {
@@ -188,8 +190,7 @@ async fn a_refused_batch_is_set_aside_and_a_copied_state_continues_under_a_new_i
     std::fs::create_dir_all(&copy).expect("mkdir");
     // The agent enrolls (mutual TLS); its copy carries the same identity, as a copied state
     // directory or a cloned image would.
-    // TODO(mtls): the collector's side of enrollment lands separately; this test needs it.
-    census_agent::enroll::enroll(&collector.url, &token, None, &original)
+    census_agent::enroll::enroll(&collector.url, &token, Some(&collector.ca_pem), &original)
         .await
         .expect("enrolled");
     let creds =

@@ -63,9 +63,11 @@ fn bad_directory_settings_are_refused_in_one_line() -> Result<()> {
     write(&pw, "secret\n")?;
     let config = tmp.path().join("agent.toml");
     let base = format!(
-        "collector = \"http://198.19.255.1:7400\"\ntoken = \"t\"\nscopes = [\"198.18.0.0/24\"]\n\
+        "collector = \"https://198.19.255.1:7400\"\ntoken = \"t\"\nscopes = [\"198.18.0.0/24\"]\n\
+         state_dir = \"{}\"\n\
          [directory]\nenabled = true\nurl = \"ldaps://198.18.0.10\"\nbind_dn = \"census@lab\"\n\
          password_file = \"{}\"\n",
+        tmp.path().display(),
         pw.display()
     );
     let config_arg = config.display().to_string();
@@ -89,8 +91,9 @@ fn bad_directory_settings_are_refused_in_one_line() -> Result<()> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     ensure!(
         stdout.trim()
-            == "configuration is valid: collector http://198.19.255.1:7400, scopes \
-                198.18.0.0/24, directory ldaps://198.18.0.10 every 2h",
+            == "configuration is valid: collector https://198.19.255.1:7400, not enrolled yet \
+                (run enrolls first with the token), scopes 198.18.0.0/24, directory \
+                ldaps://198.18.0.10 every 2h",
         "{stdout}"
     );
 

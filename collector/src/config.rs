@@ -332,7 +332,9 @@ mod tests {
         };
         assert!(matches!(zero.validate(), Err(ConfigError::StreamIdle(_))));
         std::fs::write(&path, "[tls]\nserver_name = \"x\"\n").expect("write");
-        let err = Config::from_file(&path).expect_err("unknown key").to_string();
+        let err = Config::from_file(&path)
+            .expect_err("unknown key")
+            .to_string();
         assert!(err.contains("server_name"), "{err}");
     }
 
