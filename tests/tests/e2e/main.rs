@@ -3,6 +3,7 @@
 //! Lab tests need root to build network namespaces; run without it they fail with one line
 //! saying so. `CENSUS_SKIP_LAB=1` skips them on purpose.
 
+mod agents;
 mod billing;
 mod delivery;
 mod directory;

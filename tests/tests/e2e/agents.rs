@@ -1,0 +1,180 @@
+//! An agent's life as an MSP engineer sees it, with the real binaries in the lab: enrolled
+//! with a single-use token from its own site's namespace, listed by `census agents`, locked out
+//! by `census agent revoke`, and enrolled again with a new token.
+
+use std::{
+    ffi::OsStr,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Output,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use census_tests::{
+    lab::{HostSpec, Lab, SiteSpec, lab_skipped},
+    support::{self, Collector},
+};
+
+const HOSTS: u32 = 4;
+
+fn lab_dir(lab: &Lab, prefix: &str) -> Result<PathBuf> {
+    Ok(tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(lab.dir())
+        .context("making a directory in the lab")?
+        .keep())
+}
+
+/// `census-agent enroll` in `ns` with a token file.
+fn enroll(
+    lab: &Lab,
+    ns: &str,
+    collector: &Collector<'_>,
+    token: &Path,
+    state: &Path,
+    force: bool,
+) -> Result<Output> {
+    let bin = support::bin("census-agent")?;
+    let ca = collector.ca_file();
+    let url = collector.url();
+    let mut args: Vec<&OsStr> = vec![
+        bin.as_os_str(),
+        OsStr::new("enroll"),
+        OsStr::new("--collector"),
+        OsStr::new(&url),
+        OsStr::new("--token-file"),
+        token.as_os_str(),
+        OsStr::new("--ca-file"),
+        ca.as_os_str(),
+        OsStr::new("--state-dir"),
+        state.as_os_str(),
+    ];
+    if force {
+        args.push(OsStr::new("--force"));
+    }
+    lab.exec_timeout(ns, args, Duration::from_secs(60))
+}
+
+fn run_once(lab: &Lab, ns: &str, collector: &Collector<'_>, state: &Path) -> Result<Output> {
+    support::agent_once(
+        lab,
+        ns,
+        [
+            "--collector",
+            &collector.url(),
+            "--state-dir",
+            state.to_str().context("utf-8 path")?,
+            "--scope",
+            "198.18.0.0/24",
+            "--disable",
+            "snmp,mdns",
+        ],
+    )
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn an_agent_enrolls_once_is_listed_and_a_revoked_one_is_refused_until_enrolled_again() -> Result<()>
+{
+    if lab_skipped() {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let site = lab.add_site(SiteSpec::new(
+        "site",
+        "198.18.0.0/24".parse()?,
+        Ipv4Addr::new(198, 18, 0, 2),
+    ))?;
+    site.add_hosts(HostSpec::range(Ipv4Addr::new(198, 18, 0, 10), HOSTS))?;
+    let ns = site.agent().ns().to_owned();
+    let collector = Collector::start(&lab, &lab.dir().join("collector"))?;
+
+    // Enrolled from the site, with the token and the collector's CA.
+    let token = support::token_file(&lab, &collector.token("acme", "hq")?)?;
+    let state = lab_dir(&lab, "agent")?;
+    let out = enroll(&lab, &ns, &collector, &token, &state, false)?;
+    ensure!(out.status.success(), "enroll: {}", stderr(&out));
+    let line = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        line.starts_with("enrolled as agent ") && line.contains("of client acme, site hq"),
+        "{line}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(state.join("identity").join("key.pem"))?
+            .permissions()
+            .mode();
+        ensure!(
+            mode & 0o077 == 0,
+            "the private key is the agent's alone: {mode:o}"
+        );
+    }
+
+    // The token is spent: a second agent cannot enroll with it (exit 77, one line).
+    let other = lab_dir(&lab, "other")?;
+    let out = enroll(&lab, &ns, &collector, &token, &other, false)?;
+    ensure!(out.status.code() == Some(77), "{out:?}");
+    let errors = support::error_lines(&out);
+    ensure!(
+        errors.len() == 1 && errors[0].contains("already used"),
+        "{errors:?}"
+    );
+    // Enrolling over an existing identity needs --force.
+    let out = enroll(&lab, &ns, &collector, &token, &state, false)?;
+    ensure!(out.status.code() == Some(64), "{out:?}");
+
+    // It sweeps and delivers over mutual TLS, and the collector lists it.
+    let out = run_once(&lab, &ns, &collector, &state)?;
+    ensure!(out.status.success(), "run: {}", stderr(&out));
+    ensure!(collector.devices_of("acme")? == u64::from(HOSTS));
+    let agents: Vec<serde_json::Value> =
+        serde_json::from_str(&collector.census_ok(["agents", "--json"])?)?;
+    ensure!(agents.len() == 1, "{agents:?}");
+    let a = &agents[0];
+    let id = a["agent_id"].as_str().context("agent_id")?.to_owned();
+    ensure!(id == support::agent_id(&state)?, "{a}");
+    ensure!(a["client"] == "acme" && a["site"] == "hq", "{a}");
+    ensure!(a["version"] == env!("CARGO_PKG_VERSION"), "{a}");
+    ensure!(a["last_seen"].is_string() && a["revoked"] == false, "{a}");
+    ensure!(a["backlog"].as_u64().is_some(), "{a}");
+    let tokens: Vec<serde_json::Value> =
+        serde_json::from_str(&collector.census_ok(["token", "list", "--json"])?)?;
+    ensure!(
+        tokens.len() == 1 && tokens[0]["used_by_agent"] == id.as_str(),
+        "{tokens:?}"
+    );
+
+    // Revoked: its next run is refused in one line (exit 77), and nothing more is stored.
+    collector.census_ok(["agent", "revoke", &id])?;
+    site.add_host(HostSpec::new(Ipv4Addr::new(198, 18, 0, 100)))?;
+    let out = run_once(&lab, &ns, &collector, &state)?;
+    ensure!(out.status.code() == Some(77), "{out:?}");
+    let errors = support::error_lines(&out);
+    ensure!(
+        errors.len() == 1 && errors[0].contains("revoked"),
+        "{errors:?}"
+    );
+    ensure!(collector.devices_of("acme")? == u64::from(HOSTS));
+    let listed = collector.census_ok(["agents"])?;
+    ensure!(listed.contains("revoked"), "{listed}");
+
+    // A new token and --force: the same state directory works again, and what was queued
+    // while it was locked out is delivered.
+    let token = support::token_file(&lab, &collector.token("acme", "hq")?)?;
+    let out = enroll(&lab, &ns, &collector, &token, &state, true)?;
+    ensure!(out.status.success(), "re-enroll: {}", stderr(&out));
+    let out = run_once(&lab, &ns, &collector, &state)?;
+    ensure!(
+        out.status.success(),
+        "run after re-enrolling: {}",
+        stderr(&out)
+    );
+    ensure!(collector.devices_of("acme")? == u64::from(HOSTS) + 1);
+    Ok(())
+}
