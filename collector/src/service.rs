@@ -60,6 +60,9 @@ pub struct Security {
     pub dev_plaintext: bool,
     /// Held while a token is spent: two enrollments with one token never both succeed.
     enrolling: tokio::sync::Mutex<()>,
+    /// Held while an agent record is written, which writes the registry's current record:
+    /// a last-seen write never lands after, and undoes, a revocation.
+    agent_writes: std::sync::Mutex<()>,
 }
 
 impl Security {
@@ -69,6 +72,7 @@ impl Security {
             agents,
             dev_plaintext,
             enrolling: tokio::sync::Mutex::new(()),
+            agent_writes: std::sync::Mutex::new(()),
         }
     }
 }
@@ -272,7 +276,7 @@ impl IngestService for Collector {
                     // ends streams that are already open.
                     let reply = match this.security.agents.identify(&cert) {
                         Ok(now) if now.client == scope.client && now.site == scope.site => {
-                            this.note_seen(&cert, &batch).await;
+                            this.note_seen(&cert, &batch);
                             this.ingest(&scope, batch).await
                         }
                         Ok(_) => Err(Status::unauthenticated("this agent now belongs to another client or site: reconnect")),

@@ -87,8 +87,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// durably: a token is never spent without its agent, nor an agent stored with its token
     /// still unspent.
     fn enroll(&self, token: &TokenRecord, agent: &AgentRecord) -> Result<(), StoreError>;
-    /// Stores (or replaces) an agent record, durably.
-    fn put_agent(&self, agent: &AgentRecord) -> Result<(), StoreError>;
+    /// Stores (or replaces) an agent record; with `durable`, on disk before returning (a
+    /// revocation), otherwise with the store's next flush (a last-seen time).
+    fn put_agent(&self, agent: &AgentRecord, durable: bool) -> Result<(), StoreError>;
     fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
 
     /// Applies a batch of validated observations for `scope`, atomically and durably, at most
@@ -397,7 +398,7 @@ pub(crate) mod contract {
         assert_eq!(store.token("t1").expect("token"), Some(used));
         assert_eq!(store.agents().expect("agents"), vec![agent.clone()]);
         agent.revoked = true;
-        store.put_agent(&agent).expect("agent");
+        store.put_agent(&agent, true).expect("agent");
         assert_eq!(store.agents().expect("agents"), vec![agent]);
 
         policies(store);

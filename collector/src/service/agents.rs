@@ -28,17 +28,16 @@ pub fn presented_certificate<T>(
     security: &Security,
     request: &Request<T>,
 ) -> Result<[u8; 32], AuthError> {
-    if let Some(certs) = request.peer_certs() {
-        if let Some(leaf) = certs.first() {
-            return Ok(pki::fingerprint(leaf.as_ref()));
-        }
+    if let Some(certs) = request.peer_certs()
+        && let Some(leaf) = certs.first()
+    {
+        return Ok(pki::fingerprint(leaf.as_ref()));
     }
-    if security.dev_plaintext {
-        if let Some(v) = request.metadata().get_bin(census_proto::DEV_CERTIFICATE) {
-            if let Ok(der) = v.to_bytes() {
-                return Ok(pki::fingerprint(&der));
-            }
-        }
+    if security.dev_plaintext
+        && let Some(v) = request.metadata().get_bin(census_proto::DEV_CERTIFICATE)
+        && let Ok(der) = v.to_bytes()
+    {
+        return Ok(pki::fingerprint(&der));
     }
     Err(AuthError::NoCertificate)
 }
@@ -102,16 +101,29 @@ fn label(s: &str) -> String {
 
 impl Collector {
     /// Notes a batch's agent as seen, writing its record now and then.
-    pub(super) async fn note_seen(&self, cert: &[u8; 32], batch: &v1::ObservationBatch) {
+    pub(super) fn note_seen(&self, cert: &[u8; 32], batch: &v1::ObservationBatch) {
         let version = label(&batch.agent_version);
         if let Some(record) = self
             .security
             .agents
             .seen(cert, &version, batch.backlog, now_ms())
         {
-            if let Err(status) = self.blocking(move |s| s.put_agent(&record)).await {
-                warn!(%status, "cannot save the agent's last-seen time");
-            }
+            // Off the batch's path: the ack waits for nothing of this.
+            let store = Arc::clone(&self.store);
+            let security = Arc::clone(&self.security);
+            tokio::task::spawn_blocking(move || {
+                let _writing = security
+                    .agent_writes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                // The record as it is now (revoked meanwhile, say), not as it was noted.
+                let Some(current) = security.agents.get(&record.id) else {
+                    return;
+                };
+                if let Err(e) = store.put_agent(&current, false) {
+                    warn!(error = %e, "cannot save the agent's last-seen time");
+                }
+            });
         }
     }
 
@@ -119,16 +131,29 @@ impl Collector {
         &self,
         id: String,
     ) -> Result<Response<v1::RevokeAgentResponse>, Status> {
-        let Some(mut agent) = self.security.agents.get(&id) else {
+        let security = Arc::clone(&self.security);
+        let id2 = id.clone();
+        // Refused in memory at once, then stored durably before the operator hears it worked.
+        let agent = self
+            .blocking(move |s| {
+                let _writing = security
+                    .agent_writes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let Some(mut agent) = security.agents.get(&id2) else {
+                    return Ok(None);
+                };
+                agent.revoked = true;
+                security.agents.insert(agent.clone());
+                s.put_agent(&agent, true)?;
+                Ok(Some(agent))
+            })
+            .await?;
+        let Some(agent) = agent else {
             return Err(Status::not_found(format!(
                 "no enrolled agent with id {id:?}: see `census agents`"
             )));
         };
-        agent.revoked = true;
-        let record = agent.clone();
-        self.blocking(move |s| s.put_agent(&record)).await?;
-        // In memory only once stored: a revocation the operator saw succeed survives a crash.
-        self.security.agents.insert(agent.clone());
         info!(agent = %id, client = %agent.client, site = %agent.site, "agent revoked");
         Ok(Response::new(v1::RevokeAgentResponse {
             agent: Some(agent_to_wire(agent)),

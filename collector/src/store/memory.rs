@@ -125,7 +125,7 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn put_agent(&self, agent: &AgentRecord) -> Result<(), StoreError> {
+    fn put_agent(&self, agent: &AgentRecord, _durable: bool) -> Result<(), StoreError> {
         self.lock().agents.insert(agent.id.clone(), agent.clone());
         Ok(())
     }

@@ -615,11 +615,11 @@ impl Store for SledStore {
         self.flush()
     }
 
-    fn put_agent(&self, agent: &AgentRecord) -> Result<(), StoreError> {
+    fn put_agent(&self, agent: &AgentRecord, durable: bool) -> Result<(), StoreError> {
         self.agents
             .insert(agent.id.as_bytes(), encode_json(agent)?)
             .map_err(engine)?;
-        self.flush()
+        if durable { self.flush() } else { Ok(()) }
     }
 
     fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {

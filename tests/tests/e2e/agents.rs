@@ -92,7 +92,8 @@ fn an_agent_enrolls_once_is_listed_and_a_revoked_one_is_refused_until_enrolled_a
     ))?;
     site.add_hosts(HostSpec::range(Ipv4Addr::new(198, 18, 0, 10), HOSTS))?;
     let ns = site.agent().ns().to_owned();
-    let collector = Collector::start(&lab, &lab.dir().join("collector"))?;
+    let collector =
+        Collector::start_at(&lab, &lab.dir().join("collector"), support::COLLECTOR_PORT)?;
 
     // Enrolled from the site, with the token and the collector's CA.
     let token = support::token_file(&lab, &collector.token("acme", "hq")?)?;
@@ -150,8 +151,11 @@ fn an_agent_enrolls_once_is_listed_and_a_revoked_one_is_refused_until_enrolled_a
         "{tokens:?}"
     );
 
-    // Revoked: its next run is refused in one line (exit 77), and nothing more is stored.
+    // Revoked: its next run is refused in one line (exit 77), and nothing more is stored;
+    // across a restart of the collector too (which makes a new server certificate from the
+    // same CA, which the agent still trusts).
     collector.census_ok(["agent", "revoke", &id])?;
+    let collector = collector.restart()?;
     site.add_host(HostSpec::new(Ipv4Addr::new(198, 18, 0, 100)))?;
     let out = run_once(&lab, &ns, &collector, &state)?;
     ensure!(out.status.code() == Some(77), "{out:?}");
