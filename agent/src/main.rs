@@ -33,6 +33,21 @@ use census_agent::{
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+/// `println!` that ends the program quietly when stdout is closed early (`census-agent scan
+/// --json | head`) instead of panicking, and in one line on any other write error.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("census-agent: error: cannot write the output: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
 const EX_TEMPFAIL: u8 = 75;
@@ -243,7 +258,7 @@ fn enroll(args: &EnrollArgs) -> ExitCode {
     let url = config.collector.clone().unwrap_or_default();
     match runtime.block_on(enroll::enroll(&url, &token, ca.as_deref(), &state_dir)) {
         Ok(enrolled) => {
-            println!("{}", enrolled.line());
+            out!("{}", enrolled.line());
             ExitCode::SUCCESS
         }
         Err(e) => fail(enroll_exit_code(&e), e),
@@ -465,7 +480,7 @@ fn service_command(result: Result<Vec<String>, ServiceError>) -> ExitCode {
     match result {
         Ok(done) => {
             for line in done {
-                println!("{line}");
+                out!("{line}");
             }
             ExitCode::SUCCESS
         }
@@ -589,11 +604,11 @@ fn scan(settings: &Settings, json: bool) -> ExitCode {
             Ok((observations, summary)) => {
                 if json {
                     for o in &observations {
-                        println!("{}", census_agent::discovery::to_json(o));
+                        out!("{}", census_agent::discovery::to_json(o));
                     }
                 } else {
                     print_table(&observations);
-                    println!("{}", summary_line(&summary).replace("delivered", "found"));
+                    out!("{}", summary_line(&summary).replace("delivered", "found"));
                 }
                 ExitCode::SUCCESS
             }
@@ -631,13 +646,13 @@ fn users(settings: &Settings, json: bool) -> ExitCode {
                     .div_ceil(directory::DEFAULT_USERS_PER_BATCH)
                     .max(1);
                 if json {
-                    println!("{}", directory::show::read_json(&read, batches, now));
+                    out!("{}", directory::show::read_json(&read, batches, now));
                 } else {
-                    println!("{}", directory::show::header_line());
+                    out!("{}", directory::show::header_line());
                     for u in &read.users {
-                        println!("{}", directory::show::user_line(u, now));
+                        out!("{}", directory::show::user_line(u, now));
                     }
-                    println!(
+                    out!(
                         "{}",
                         directory::show::summary_line(&read, batches, started.elapsed(), now)
                     );
@@ -651,9 +666,13 @@ fn users(settings: &Settings, json: bool) -> ExitCode {
 
 fn print_table(observations: &[census_proto::v1::Observation]) {
     use census_proto::{convert::MacAddr, v1};
-    println!(
+    out!(
         "{:<16} {:<18} {:<12} {:<16} {:<24} NAMES",
-        "ADDRESS", "MAC", "CATEGORY", "METHODS", "VENDOR"
+        "ADDRESS",
+        "MAC",
+        "CATEGORY",
+        "METHODS",
+        "VENDOR"
     );
     for o in observations {
         let addr = o
@@ -687,7 +706,7 @@ fn print_table(observations: &[census_proto::v1::Observation]) {
             .map(|n| n.value.as_str())
             .collect::<Vec<_>>()
             .join(", ");
-        println!("{addr:<16} {mac:<18} {category:<12} {methods:<16} {vendor:<24} {names}");
+        out!("{addr:<16} {mac:<18} {category:<12} {methods:<16} {vendor:<24} {names}");
     }
 }
 
@@ -751,7 +770,7 @@ fn main() -> ExitCode {
                     } else {
                         String::new()
                     };
-                    println!(
+                    out!(
                         "configuration is valid: collector {}, {identity}, scopes {}{directory}",
                         c.collector.as_deref().unwrap_or_default(),
                         c.scopes
@@ -794,9 +813,9 @@ fn main() -> ExitCode {
                 match run::run(config, RunOptions { once, progress }, shutdown).await {
                     Ok(summary) => {
                         if once {
-                            println!("{}", summary_line(&summary.sweep));
+                            out!("{}", summary_line(&summary.sweep));
                             if let Some(d) = &summary.directory {
-                                println!("{}", directory_line(d));
+                                out!("{}", directory_line(d));
                             }
                         }
                         // With --once a failed read is an error once everything, its

@@ -23,6 +23,18 @@ use crate::{
     snapshot::Period,
 };
 
+/// `println!` that ends the program quietly when stdout is closed early (`census counts | head`)
+/// instead of panicking, and in one line on any other write error.
+macro_rules! out {
+    () => { out!("") };
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            $crate::cli::stdout_failed(&e);
+        }
+    }};
+}
+
 mod users;
 pub use users::{UserPolicyCommand, UsersArgs, UsersCommand};
 
@@ -331,6 +343,16 @@ pub fn usage_exit(program: &str, e: &clap::Error) -> std::process::ExitCode {
     }
 }
 
+/// Ends the program after a failed write to stdout: quietly (exit 0) when the reader went away,
+/// as `head` does; with one line (exit 1) otherwise.
+pub fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("census: error: cannot write the output: {e}");
+    std::process::exit(1);
+}
+
 /// A failure with its exit code and one-line message.
 #[derive(Debug)]
 pub struct Failure {
@@ -395,7 +417,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 r.site,
                 time(r.expires_at.as_ref())
             );
-            println!("{}", r.token);
+            out!("{}", r.token);
         }
         Command::Token(TokenCommand::List { client, json }) => {
             let now = std::time::SystemTime::now();
@@ -584,7 +606,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(|s| status_failure(s, url))?
                 .into_inner();
             if json {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&device_json(&d)).unwrap_or_default()
                 );
@@ -902,26 +924,26 @@ fn print_event(e: &v1::HistoryEvent) {
     if e.undone_by != 0 {
         line.push_str(&format!(" [undone by #{}]", e.undone_by));
     }
-    println!("{line}");
+    out!("{line}");
 }
 
 fn print_device(d: &v1::Device) {
-    println!("device     {}", d.id);
-    println!("client     {} (sites {})", d.client, d.sites.join(", "));
-    println!("category   {} ({})", d.category, d.category_reason);
-    println!(
+    out!("device     {}", d.id);
+    out!("client     {} (sites {})", d.client, d.sites.join(", "));
+    out!("category   {} ({})", d.category, d.category_reason);
+    out!(
         "counted    {} ({})",
         if d.counted { "yes" } else { "no" },
         d.reason
     );
-    println!(
+    out!(
         "seen       {} .. {}",
         time(d.first_seen.as_ref()),
         time(d.last_seen.as_ref())
     );
-    println!("names      {}", d.names.join(", "));
+    out!("names      {}", d.names.join(", "));
     for i in &d.identifiers {
-        println!(
+        out!(
             "identifier {:<15} {:<40} {} key={}",
             i.kind,
             i.value,
@@ -930,7 +952,7 @@ fn print_device(d: &v1::Device) {
         );
     }
     for a in &d.addresses {
-        println!(
+        out!(
             "address    {:<16} site {:<10} {}{} last seen {}",
             a.address,
             a.site,
@@ -944,7 +966,7 @@ fn print_device(d: &v1::Device) {
         );
     }
     for e in &d.evidence {
-        println!(
+        out!(
             "evidence   agent {} by {}: {} observations, {} .. {}",
             e.agent_id,
             method(e.method),
@@ -954,12 +976,12 @@ fn print_device(d: &v1::Device) {
         );
     }
     for a in &d.anomalies {
-        println!("note       {a}");
+        out!("note       {a}");
     }
 }
 
 fn print_json(rows: &[serde_json::Value]) {
-    println!(
+    out!(
         "{}",
         serde_json::to_string_pretty(rows).unwrap_or_else(|_| "[]".into())
     );
@@ -981,7 +1003,7 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
                 out.push_str(&format!("{cell:<w$}  "));
             }
         }
-        println!("{}", out.trim_end());
+        out!("{}", out.trim_end());
     };
     line(header.to_vec());
     for row in &rows {
@@ -1014,7 +1036,7 @@ async fn policy_command<F: tonic::service::Interceptor>(
                 .map_err(|s| status_failure(s, url))?
                 .into_inner();
             if json {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&policy_json(&client, &p)).unwrap_or_default()
                 );
@@ -1116,18 +1138,18 @@ fn policy_json(client: &str, p: &v1::CountingPolicy) -> serde_json::Value {
 }
 
 fn print_policy(client: &str, p: &v1::CountingPolicy) {
-    println!("client      {client}");
+    out!("client      {client}");
     if p.is_default {
-        println!("version     {} (built-in default)", p.version);
+        out!("version     {} (built-in default)", p.version);
     } else {
-        println!(
+        out!(
             "version     {} (saved {})",
             p.version,
             time(p.saved_at.as_ref())
         );
     }
-    println!("window      {} days", p.window_days);
-    println!(
+    out!("window      {} days", p.window_days);
+    out!(
         "categories  {}",
         if p.categories.is_empty() {
             "all".to_owned()
@@ -1135,7 +1157,7 @@ fn print_policy(client: &str, p: &v1::CountingPolicy) {
             p.categories.join(", ")
         }
     );
-    println!("randomized  {}", randomized_label(p.randomized));
+    out!("randomized  {}", randomized_label(p.randomized));
 }
 
 fn by_category(counts: &[v1::CategoryCount]) -> String {
@@ -1219,7 +1241,7 @@ async fn snapshot_command<F: tonic::service::Interceptor>(
                 .await
                 .map_err(|s| status_failure(s, url))?
                 .into_inner();
-            println!(
+            out!(
                 "snapshot {} {} created: {}, {} users, policy {}, as of {}",
                 s.client,
                 s.period,
@@ -1283,14 +1305,14 @@ async fn snapshot_command<F: tonic::service::Interceptor>(
                 .map_err(|s| status_failure(s, url))?
                 .into_inner();
             let s = snap.summary.unwrap_or_default();
-            println!("snapshot    {} {}", s.client, s.period);
-            println!("as of       {}", time(s.as_of.as_ref()));
-            println!("policy      {}", s.policy_version);
-            println!(
+            out!("snapshot    {} {}", s.client, s.period);
+            out!("as of       {}", time(s.as_of.as_ref()));
+            out!("policy      {}", s.policy_version);
+            out!(
                 "devices     {}",
                 devices_text(s.devices, &s.devices_by_category)
             );
-            println!(
+            out!(
                 "users       {} (policy {}{})",
                 s.users,
                 s.users_policy_version,
@@ -1300,7 +1322,7 @@ async fn snapshot_command<F: tonic::service::Interceptor>(
                     ""
                 }
             );
-            println!();
+            out!();
             let rows = snap
                 .devices
                 .iter()
@@ -1329,7 +1351,7 @@ async fn snapshot_command<F: tonic::service::Interceptor>(
                 rows,
             );
             if !snap.users.is_empty() {
-                println!();
+                out!();
                 let rows = snap
                     .users
                     .iter()
@@ -1380,26 +1402,27 @@ async fn snapshot_command<F: tonic::service::Interceptor>(
                     "users_added": d.users_added.iter().map(users::snapshot_user_json).collect::<Vec<_>>(),
                     "users_removed": d.users_removed.iter().map(users::snapshot_user_json).collect::<Vec<_>>(),
                 });
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&value).unwrap_or_default()
                 );
             } else {
                 if d.previous_period.is_empty() {
-                    println!(
+                    out!(
                         "{} {}: no earlier snapshot, every device is added",
-                        d.client, d.period
+                        d.client,
+                        d.period
                     );
                 } else {
-                    println!("{} {} against {}", d.client, d.period, d.previous_period);
+                    out!("{} {} against {}", d.client, d.period, d.previous_period);
                 }
-                println!("devices   {}", change_text(d.devices.as_ref()));
+                out!("devices   {}", change_text(d.devices.as_ref()));
                 for c in &d.devices_by_category {
-                    println!("  {:<14}{}", c.category, change_text(Some(c)));
+                    out!("  {:<14}{}", c.category, change_text(Some(c)));
                 }
-                println!("users     {}", change_text(d.users.as_ref()));
+                out!("users     {}", change_text(d.users.as_ref()));
                 for x in &d.added {
-                    println!(
+                    out!(
                         "added     {} {} {}",
                         x.id,
                         x.category,
@@ -1407,7 +1430,7 @@ async fn snapshot_command<F: tonic::service::Interceptor>(
                     );
                 }
                 for x in &d.removed {
-                    println!(
+                    out!(
                         "removed   {} {} {} (last seen {})",
                         x.id,
                         x.category,
@@ -1416,19 +1439,21 @@ async fn snapshot_command<F: tonic::service::Interceptor>(
                     );
                 }
                 for c in &d.category_changed {
-                    println!("category  {} {} -> {}", c.id, c.from, c.to);
+                    out!("category  {} {} -> {}", c.id, c.from, c.to);
                 }
                 for r in &d.reidentified {
-                    println!(
+                    out!(
                         "same      {} is now {} (shares {})",
-                        r.previous_id, r.id, r.shared_key
+                        r.previous_id,
+                        r.id,
+                        r.shared_key
                     );
                 }
                 for u in &d.users_added {
-                    println!("user +    {} {} ({})", u.id, u.name, u.accounts.join(", "));
+                    out!("user +    {} {} ({})", u.id, u.name, u.accounts.join(", "));
                 }
                 for u in &d.users_removed {
-                    println!("user -    {} {} ({})", u.id, u.name, u.accounts.join(", "));
+                    out!("user -    {} {} ({})", u.id, u.name, u.accounts.join(", "));
                 }
             }
         }

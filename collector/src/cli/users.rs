@@ -179,12 +179,12 @@ fn user_policy_json(client: &str, p: &v1::UserPolicy) -> serde_json::Value {
 }
 
 fn print_user_policy(client: &str, p: &v1::UserPolicy) {
-    println!(
+    out!(
         "user policy {} of client {client}{}",
         p.version,
         if p.is_default { " (the default)" } else { "" }
     );
-    println!(
+    out!(
         "stale logon         {}",
         if p.stale_logon_days == 0 {
             "off".to_owned()
@@ -192,7 +192,7 @@ fn print_user_policy(client: &str, p: &v1::UserPolicy) {
             format!("no logon within {} days: not counted", p.stale_logon_days)
         }
     );
-    println!(
+    out!(
         "service accounts    {}",
         if p.count_service_accounts {
             "count"
@@ -200,7 +200,7 @@ fn print_user_policy(client: &str, p: &v1::UserPolicy) {
             "not counted"
         }
     );
-    println!(
+    out!(
         "exclusion groups    {}",
         if p.exclusion_groups.is_empty() {
             "none".to_owned()
@@ -208,7 +208,7 @@ fn print_user_policy(client: &str, p: &v1::UserPolicy) {
             p.exclusion_groups.join(", ")
         }
     );
-    println!(
+    out!(
         "licences (Entra ID) {}",
         if p.licence_allow_list.is_empty() {
             "any licence".to_owned()
@@ -217,7 +217,7 @@ fn print_user_policy(client: &str, p: &v1::UserPolicy) {
         }
     );
     if p.saved_at.is_some() {
-        println!("saved               {}", time(p.saved_at.as_ref()));
+        out!("saved               {}", time(p.saved_at.as_ref()));
     }
 }
 
@@ -310,7 +310,7 @@ pub(super) async fn run<F: tonic::service::Interceptor>(
                 .map_err(|s| status_failure(s, url))?
                 .into_inner();
             if json {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&user_policy_json(&client, &p))
                         .unwrap_or_default()
@@ -399,7 +399,7 @@ async fn list<F: tonic::service::Interceptor>(
             "sources": r.sources.iter().map(source_json).collect::<Vec<_>>(),
             "users": r.users.iter().map(user_json).collect::<Vec<_>>(),
         });
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(&value).unwrap_or_default()
         );
@@ -424,7 +424,7 @@ async fn list<F: tonic::service::Interceptor>(
         .collect();
     print_table(&["USER", "NAME", "SOURCES", "COUNTED", "WHY"], rows);
     if accounts {
-        println!();
+        out!();
         let rows = r
             .users
             .iter()
@@ -446,10 +446,10 @@ async fn list<F: tonic::service::Interceptor>(
             rows,
         );
     }
-    println!();
+    out!();
     let counted_n = r.users.iter().filter(|u| u.counted).count();
     let policy = r.policy.as_ref().map_or("", |p| p.version.as_str());
-    println!(
+    out!(
         "{counted_n} of {} users counted under policy {policy}, as of {}",
         r.users.len(),
         time(r.as_of.as_ref())

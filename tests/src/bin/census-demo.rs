@@ -82,6 +82,8 @@ fn demo() -> Result<()> {
         print!("  {}", String::from_utf8_lossy(&out.stdout));
     }
 
+    println!("\n$ census agents");
+    print!("{}", collector.census_ok(["agents"])?);
     println!("\n$ census counts");
     print!("{}", collector.census_ok(["counts"])?);
     for (client, _, _, _) in &sites {

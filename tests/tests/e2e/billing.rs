@@ -692,3 +692,35 @@ fn parse_csv(text: &str) -> Result<Vec<Vec<String>>> {
     );
     Ok(rows)
 }
+
+#[tokio::test]
+async fn census_output_into_a_closed_pipe_ends_quietly() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let c = start(dir.path()).await?;
+    let agent = c.agent("acme", "hq").await?;
+    c.send(
+        &agent,
+        batch(
+            "agent-1",
+            1,
+            &[host("198.18.0.10", PC, v1::Category::Computer)],
+        ),
+    )
+    .await?;
+    // The reader is gone before census writes a byte (it first makes a TLS connection), as
+    // with `census counts | head -0`.
+    let mut child = tokio::process::Command::new(support::bin("census")?)
+        .args(["--collector", &c.url()])
+        .arg("--credentials")
+        .arg(c.dir.join("operator"))
+        .args(["devices", "--client", "acme"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    drop(child.stdout.take());
+    let out = child.wait_with_output().await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "{:?}: {stderr}", out.status);
+    ensure!(!stderr.contains("panicked"), "{stderr}");
+    Ok(())
+}
