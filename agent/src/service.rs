@@ -21,6 +21,8 @@ pub mod windows;
 
 use std::path::{Path, PathBuf};
 
+use census_proto::transport::Credentials;
+
 use crate::config::Config;
 
 /// The service's name, for systemd (`census-agent.service`) and for the Windows service
@@ -213,12 +215,15 @@ pub fn read_ca(path: &Path) -> Result<String, ServiceError> {
 /// Loads and validates the config the way the service will start with it: `token_file` the
 /// token the service is handed, `ca_file` the CA installed beside the config (if any), and
 /// (`state_dir_made_at_start`) no check of a state directory that the service manager creates
-/// only when it starts the service. The service's first start enrolls with the token.
+/// only when it starts the service. The service's first start enrolls with the token, unless
+/// one of `state_dirs` (where the service keeps its state) already holds a certificate: then
+/// no token is needed (a reinstall of an enrolled agent).
 pub fn check_config(
     config_path: &Path,
     token_path: &Path,
     ca_path: Option<&Path>,
     state_dir_made_at_start: bool,
+    state_dirs: &[PathBuf],
 ) -> Result<(), String> {
     let mut c = Config::from_file(config_path).map_err(|e| e.to_string())?;
     c.token = None;
@@ -230,6 +235,12 @@ pub fn check_config(
         c.state_dir = None;
     }
     c.validate().map_err(|e| e.to_string())?;
+    let enrolled = state_dirs
+        .iter()
+        .any(|d| Credentials::exist(&crate::enroll::identity_dir(d)));
+    if enrolled {
+        return Ok(());
+    }
     c.token().map(|_| ()).map_err(|e| e.to_string())
 }
 
@@ -274,6 +285,37 @@ pub fn windows_config(data_dir: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_enrolled_agent_needs_no_token_to_be_started() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            "collector = \"https://198.19.0.1:7400\"\nscopes = [\"198.18.0.0/24\"]\n",
+        )
+        .expect("write");
+        let token = dir.path().join("agent.token");
+        let state = dir.path().join("state");
+        let err = check_config(&config, &token, None, true, std::slice::from_ref(&state))
+            .expect_err("neither a token nor a certificate");
+        assert!(err.contains("token"), "{err}");
+        Credentials {
+            ca_pem: "ca".into(),
+            cert_pem: "cert".into(),
+            key_pem: "key".into(),
+        }
+        .save(&crate::enroll::identity_dir(&state))
+        .expect("save");
+        check_config(
+            &config,
+            &token,
+            None,
+            true,
+            &[dir.path().join("nope"), state],
+        )
+        .expect("enrolled: the token is not needed");
+    }
 
     #[test]
     fn the_windows_config_moves_every_path_under_program_data() {

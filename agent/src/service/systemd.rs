@@ -315,14 +315,21 @@ fn unit_path_text(path: &Path) -> Result<String, ServiceError> {
 }
 
 /// Loads and validates the config as the unit's `ExecStartPre` will, with the token the unit
-/// hands over; systemd creates the `StateDirectory=` only at start.
+/// hands over; systemd creates the `StateDirectory=` only at start. An agent enrolled before
+/// (a reinstall) needs no token: its state is where the unit keeps it, under `DynamicUser=`
+/// in `/var/lib/private/`.
 fn check_config(paths: &Paths) -> Result<(), String> {
     let ca = paths.ca_path();
+    let mut state_dirs = vec![paths.state_dir.clone()];
+    if let (Some(parent), Some(name)) = (paths.state_dir.parent(), paths.state_dir.file_name()) {
+        state_dirs.push(parent.join("private").join(name));
+    }
     super::check_config(
         &paths.config_path,
         &paths.token_path(),
         ca.is_file().then_some(ca.as_path()),
         true,
+        &state_dirs,
     )
 }
 

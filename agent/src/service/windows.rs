@@ -230,6 +230,7 @@ pub fn install(opts: &InstallOptions) -> Result<Vec<String>, ServiceError> {
             &paths.token_path(),
             ca_path.is_file().then_some(ca_path.as_path()),
             false,
+            std::slice::from_ref(&paths.state_dir),
         )
         .map_err(|e| {
             ServiceError::NotStarted(format!(
