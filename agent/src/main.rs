@@ -195,7 +195,7 @@ struct EnrollArgs {
     #[arg(long, env = "CENSUS_AGENT_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// The collector's CA certificate (its <data dir>/tls/ca.pem), to trust it by over
-    /// https:// [default: this machine's trust store].
+    /// https:// (needed: the agent trusts no other CA).
     #[arg(long, env = "CENSUS_AGENT_CA_FILE")]
     ca_file: Option<PathBuf>,
     /// Where the identity is kept (<state dir>/identity/); created if missing.

@@ -320,11 +320,7 @@ impl<'lab> Collector<'lab> {
     /// on a site's machine, into a new state directory (in the lab's directory); returns it,
     /// for `--state-dir`.
     pub fn enroll(&self, client: &str, site: &str) -> Result<PathBuf> {
-        let dir = tempfile::Builder::new()
-            .prefix("agent-state")
-            .tempdir_in(self.lab.dir())
-            .context("making a state directory")?
-            .keep();
+        let dir = lab_dir(self.lab, "agent-state")?;
         self.enroll_into(client, site, &dir)?;
         Ok(dir)
     }
@@ -537,6 +533,15 @@ pub fn http_get(lab: &Lab, ns: &str, url: &str) -> Result<HttpResponse> {
         headers,
         body: body.to_owned(),
     })
+}
+
+/// A fresh directory in the lab's directory (removed with the lab).
+pub fn lab_dir(lab: &Lab, prefix: &str) -> Result<PathBuf> {
+    Ok(tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(lab.dir())
+        .context("making a directory in the lab")?
+        .keep())
 }
 
 /// Writes `token` to a fresh file in the lab's directory, for `--token-file`.

@@ -2,13 +2,7 @@
 //! with a single-use token from its own site's namespace, listed by `census agents`, locked out
 //! by `census agent revoke`, and enrolled again with a new token.
 
-use std::{
-    ffi::OsStr,
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-    process::Output,
-    time::Duration,
-};
+use std::{ffi::OsStr, net::Ipv4Addr, path::Path, process::Output, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
 use census_tests::{
@@ -17,14 +11,6 @@ use census_tests::{
 };
 
 const HOSTS: u32 = 4;
-
-fn lab_dir(lab: &Lab, prefix: &str) -> Result<PathBuf> {
-    Ok(tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in(lab.dir())
-        .context("making a directory in the lab")?
-        .keep())
-}
 
 /// `census-agent enroll` in `ns` with a token file.
 fn enroll(
@@ -97,7 +83,7 @@ fn an_agent_enrolls_once_is_listed_and_a_revoked_one_is_refused_until_enrolled_a
 
     // Enrolled from the site, with the token and the collector's CA.
     let token = support::token_file(&lab, &collector.token("acme", "hq")?)?;
-    let state = lab_dir(&lab, "agent")?;
+    let state = support::lab_dir(&lab, "agent")?;
     let out = enroll(&lab, &ns, &collector, &token, &state, false)?;
     ensure!(out.status.success(), "enroll: {}", stderr(&out));
     let line = String::from_utf8_lossy(&out.stdout);
@@ -118,7 +104,7 @@ fn an_agent_enrolls_once_is_listed_and_a_revoked_one_is_refused_until_enrolled_a
     }
 
     // The token is spent: a second agent cannot enroll with it (exit 77, one line).
-    let other = lab_dir(&lab, "other")?;
+    let other = support::lab_dir(&lab, "other")?;
     let out = enroll(&lab, &ns, &collector, &token, &other, false)?;
     ensure!(out.status.code() == Some(77), "{out:?}");
     let errors = support::error_lines(&out);

@@ -7,7 +7,7 @@
 
 use std::{
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -38,15 +38,6 @@ fn site_with_hosts(lab: &Lab) -> Result<census_tests::lab::Site<'_>> {
     ))?;
     site.add_hosts(HostSpec::range(Ipv4Addr::new(198, 18, 0, 10), HOSTS))?;
     Ok(site)
-}
-
-/// A fresh directory in the lab's directory.
-fn lab_dir(lab: &Lab, prefix: &str) -> Result<PathBuf> {
-    Ok(tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in(lab.dir())
-        .context("making a directory in the lab")?
-        .keep())
 }
 
 /// Starts `census-agent run` every 10 s (the shortest interval) with a state directory and
@@ -188,7 +179,7 @@ fn a_collector_down_for_three_sweeps_loses_nothing_and_counts_nothing_twice() ->
     let lab = Lab::new()?;
     let site = site_with_hosts(&lab)?;
     let collector = Collector::start_at(&lab, &lab.dir().join("collector"), COLLECTOR_PORT)?;
-    let state = lab_dir(&lab, "agent-state")?;
+    let state = support::lab_dir(&lab, "agent-state")?;
     collector.enroll_into(CLIENT, "hq", &state)?;
     let agent = start_agent(&lab, site.agent().ns(), &collector.url(), &state)?;
 
@@ -310,7 +301,7 @@ fn an_agent_killed_mid_delivery_delivers_after_a_restart_and_nothing_counts_twic
     let lab = Lab::new()?;
     let site = site_with_hosts(&lab)?;
     let collector = Collector::start_at(&lab, &lab.dir().join("collector"), COLLECTOR_PORT)?;
-    let state = lab_dir(&lab, "agent-state")?;
+    let state = support::lab_dir(&lab, "agent-state")?;
     collector.enroll_into(CLIENT, "hq", &state)?;
     let ns = site.agent().ns();
     let agent = start_agent(&lab, ns, &collector.url(), &state)?;
