@@ -146,9 +146,14 @@ pub struct Registry {
 
 #[derive(Debug, Default)]
 struct RegistryInner {
-    by_cert: HashMap<[u8; 32], AgentRecord>,
-    /// When each agent's record was last written, by id.
-    persisted_ms: HashMap<String, u64>,
+    by_cert: HashMap<[u8; 32], Entry>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    agent: AgentRecord,
+    /// When the record was last written to the store.
+    persisted_ms: u64,
 }
 
 impl Registry {
@@ -170,17 +175,20 @@ impl Registry {
 
     pub fn insert(&self, agent: AgentRecord) {
         let mut inner = self.write();
-        inner
-            .persisted_ms
-            .insert(agent.id.clone(), agent.last_seen_ms);
         // A re-enrolled agent id leaves its old certificate behind.
-        inner.by_cert.retain(|_, a| a.id != agent.id);
-        inner.by_cert.insert(agent.cert_sha256, agent);
+        inner.by_cert.retain(|_, e| e.agent.id != agent.id);
+        inner.by_cert.insert(
+            agent.cert_sha256,
+            Entry {
+                persisted_ms: agent.last_seen_ms,
+                agent,
+            },
+        );
     }
 
     /// The agent a certificate belongs to, if it may still call.
     pub fn identify(&self, cert_sha256: &[u8; 32]) -> Result<AgentRecord, AuthError> {
-        match self.read().by_cert.get(cert_sha256) {
+        match self.read().by_cert.get(cert_sha256).map(|e| &e.agent) {
             None => Err(AuthError::UnknownCertificate),
             Some(a) if a.revoked => Err(AuthError::AgentRevoked(a.id.clone())),
             Some(a) => Ok(a.clone()),
@@ -188,7 +196,11 @@ impl Registry {
     }
 
     pub fn get(&self, id: &str) -> Option<AgentRecord> {
-        self.read().by_cert.values().find(|a| a.id == id).cloned()
+        self.read()
+            .by_cert
+            .values()
+            .find(|e| e.agent.id == id)
+            .map(|e| e.agent.clone())
     }
 
     /// Whether an id is taken.
@@ -197,33 +209,37 @@ impl Registry {
     }
 
     pub fn list(&self) -> Vec<AgentRecord> {
-        let mut out: Vec<AgentRecord> = self.read().by_cert.values().cloned().collect();
+        let mut out: Vec<AgentRecord> = self
+            .read()
+            .by_cert
+            .values()
+            .map(|e| e.agent.clone())
+            .collect();
         out.sort_by(|a, b| (&a.client, &a.site, &a.id).cmp(&(&b.client, &b.site, &b.id)));
         out
     }
 
-    /// Notes a batch from the agent with `cert_sha256`; returns its record when it is due to
-    /// be written to the store (a new version, or a minute since the last write).
+    /// Notes a batch from the agent with `cert_sha256`; returns its id when its record is due
+    /// to be written to the store (a new version, or a minute since the last write).
     pub fn seen(
         &self,
         cert_sha256: &[u8; 32],
         version: &str,
         backlog: u64,
         now_ms: u64,
-    ) -> Option<AgentRecord> {
+    ) -> Option<String> {
         let mut inner = self.write();
-        let agent = inner.by_cert.get_mut(cert_sha256)?;
+        let entry = inner.by_cert.get_mut(cert_sha256)?;
+        let agent = &mut entry.agent;
         let new_version = !version.is_empty() && agent.version != version;
         if new_version {
             version.clone_into(&mut agent.version);
         }
         agent.last_seen_ms = agent.last_seen_ms.max(now_ms);
         agent.backlog = backlog;
-        let agent = agent.clone();
-        let last = inner.persisted_ms.get(&agent.id).copied().unwrap_or(0);
-        if new_version || now_ms.saturating_sub(last) >= SEEN_PERSIST_MS {
-            inner.persisted_ms.insert(agent.id.clone(), now_ms);
-            Some(agent)
+        if new_version || now_ms.saturating_sub(entry.persisted_ms) >= SEEN_PERSIST_MS {
+            entry.persisted_ms = now_ms;
+            Some(entry.agent.id.clone())
         } else {
             None
         }
@@ -330,7 +346,9 @@ mod tests {
     fn last_seen_is_written_through_at_most_once_a_minute() {
         let r = Registry::new(vec![agent("a1", 1)]);
         let first = r.seen(&[1; 32], "0.1.0", 3, 100_000).expect("first is due");
-        assert_eq!((first.last_seen_ms, first.backlog), (100_000, 3));
+        assert_eq!(first, "a1");
+        let noted = r.get("a1").expect("a1");
+        assert_eq!((noted.last_seen_ms, noted.backlog), (100_000, 3));
         assert!(r.seen(&[1; 32], "0.1.0", 2, 110_000).is_none());
         assert_eq!(r.get("a1").map(|a| a.backlog), Some(2), "memory is current");
         assert!(

@@ -1,6 +1,6 @@
 //! Enrollment, the callers' certificates, and the agents list: who may call, and as whom.
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 use census_proto::{
     convert,
@@ -91,19 +91,25 @@ pub fn agent_to_wire(a: AgentRecord) -> v1::Agent {
     }
 }
 
-/// `s` without control characters, at most `MAX_LABEL` characters.
-fn label(s: &str) -> String {
-    s.chars()
-        .filter(|c| !c.is_control())
-        .take(MAX_LABEL)
-        .collect()
+/// `s` without control characters, at most `MAX_LABEL` characters; `s` itself (no copy) when
+/// it is that already, as an agent's version is on every batch.
+fn label(s: &str) -> Cow<'_, str> {
+    if s.len() <= MAX_LABEL && !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(
+        s.chars()
+            .filter(|c| !c.is_control())
+            .take(MAX_LABEL)
+            .collect(),
+    )
 }
 
 impl Collector {
     /// Notes a batch's agent as seen, writing its record now and then.
     pub(super) fn note_seen(&self, cert: &[u8; 32], batch: &v1::ObservationBatch) {
         let version = label(&batch.agent_version);
-        if let Some(record) = self
+        if let Some(id) = self
             .security
             .agents
             .seen(cert, &version, batch.backlog, now_ms())
@@ -117,7 +123,7 @@ impl Collector {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner());
                 // The record as it is now (revoked meanwhile, say), not as it was noted.
-                let Some(current) = security.agents.get(&record.id) else {
+                let Some(current) = security.agents.get(&id) else {
                     return;
                 };
                 if let Err(e) = store.put_agent(&current, false) {
@@ -203,8 +209,8 @@ impl EnrollmentService for Collector {
             id: agent_id.clone(),
             client: scope.client.clone(),
             site: scope.site.clone(),
-            hostname: label(&req.hostname),
-            version: label(&req.agent_version),
+            hostname: label(&req.hostname).into_owned(),
+            version: label(&req.agent_version).into_owned(),
             token_id: token.id.clone(),
             enrolled_ms: now,
             cert_sha256: issued.sha256,
