@@ -66,6 +66,38 @@ pub enum ServiceError {
     Platform(String),
 }
 
+/// Removes the file at `path`; whether it was there.
+#[cfg(any(target_os = "linux", windows))]
+fn remove_file(path: &Path) -> Result<bool, ServiceError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(ServiceError::io("removing", path, e)),
+    }
+}
+
+/// `uninstall` without `--purge`: the line saying what it kept.
+#[cfg(any(target_os = "linux", windows))]
+fn kept(config: &Path, state_dir: &Path) -> String {
+    format!(
+        "kept the config {} and the state in {} (--purge removes them)",
+        config.display(),
+        state_dir.display()
+    )
+}
+
+/// `uninstall --purge`: removes `files` (the config, the token and the CA beside it), a line
+/// in `done` for each that was there.
+#[cfg(any(target_os = "linux", windows))]
+fn remove_files(files: &[PathBuf], done: &mut Vec<String>) -> Result<(), ServiceError> {
+    for file in files {
+        if remove_file(file)? {
+            done.push(format!("removed {}", file.display()));
+        }
+    }
+    Ok(())
+}
+
 impl ServiceError {
     /// An I/O error while doing `action` on `path`, with a hint when it is a permission error.
     pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -14,7 +14,7 @@ use std::{
     process::Command,
 };
 
-use super::{DEFAULT_CONFIG, SERVICE_NAME, ServiceError};
+use super::{DEFAULT_CONFIG, SERVICE_NAME, ServiceError, remove_file};
 
 /// The unit as shipped: it names the default paths below, which [`render_unit`] replaces.
 pub const AGENT_UNIT: &str = include_str!("../../../deploy/systemd/census-agent.service");
@@ -223,22 +223,17 @@ pub fn uninstall(opts: &UninstallOptions) -> Result<Vec<String>, ServiceError> {
         done.push(format!("removed {}", binary.display()));
     }
     if !opts.purge {
-        done.push(format!(
-            "kept the config {} and the state in {} (--purge removes them)",
-            paths.config_path.display(),
-            paths.state_dir.display()
-        ));
+        done.push(super::kept(&paths.config_path, &paths.state_dir));
         return Ok(done);
     }
-    for file in [
-        paths.config_path.clone(),
-        paths.token_path(),
-        paths.ca_path(),
-    ] {
-        if remove_file(&file)? {
-            done.push(format!("removed {}", file.display()));
-        }
-    }
+    super::remove_files(
+        &[
+            paths.config_path.clone(),
+            paths.token_path(),
+            paths.ca_path(),
+        ],
+        &mut done,
+    )?;
     if let Some(dir) = paths.config_path.parent() {
         // Only if empty: the directory may hold other Census files (the collector's config).
         if fs::remove_dir(dir).is_ok() {
@@ -476,15 +471,6 @@ fn write_config_if_missing(path: &Path) -> Result<bool, ServiceError> {
         .and_then(|()| f.sync_all())
         .map_err(|e| ServiceError::io("writing", path, e))?;
     Ok(true)
-}
-
-/// Removes a file; `false` if it was not there.
-fn remove_file(path: &Path) -> Result<bool, ServiceError> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(ServiceError::io("removing", path, e)),
-    }
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ use windows_service::{
 use super::{
     SERVICE_NAME, ServiceError, check_config,
     control::{self, Control, Reply, State, Status},
-    windows_config,
+    remove_file, windows_config,
 };
 
 const DISPLAY_NAME: &str = "Census site agent";
@@ -315,22 +315,17 @@ pub fn uninstall(opts: &UninstallOptions) -> Result<Vec<String>, ServiceError> {
         let _ = fs::remove_dir(&paths.bin_dir);
     }
     if !opts.purge {
-        done.push(format!(
-            "kept the config {} and the state in {} (--purge removes them)",
-            paths.config_path.display(),
-            paths.state_dir.display()
-        ));
+        done.push(super::kept(&paths.config_path, &paths.state_dir));
         return Ok(done);
     }
-    for file in [
-        paths.config_path.clone(),
-        paths.token_path(),
-        paths.ca_path(),
-    ] {
-        if remove_file(&file)? {
-            done.push(format!("removed {}", file.display()));
-        }
-    }
+    super::remove_files(
+        &[
+            paths.config_path.clone(),
+            paths.token_path(),
+            paths.ca_path(),
+        ],
+        &mut done,
+    )?;
     if paths.state_dir.is_dir() {
         fs::remove_dir_all(&paths.state_dir)
             .map_err(|e| ServiceError::io("removing", &paths.state_dir, e))?;
@@ -405,14 +400,6 @@ fn write_config_if_missing(path: &Path, data_dir: &Path) -> Result<bool, Service
         .and_then(|()| f.sync_all())
         .map_err(|e| ServiceError::io("writing", path, e))?;
     Ok(true)
-}
-
-fn remove_file(path: &Path) -> Result<bool, ServiceError> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(ServiceError::io("removing", path, e)),
-    }
 }
 
 // === the service entry ===
