@@ -178,26 +178,51 @@ struct ServicePaths {
     ca_file: Option<PathBuf>,
 }
 
-/// `enroll`'s settings: a config file (only its collector, token, CA and state settings are
-/// used), overridden by `CENSUS_AGENT_*` variables, overridden by flags.
+/// The config file and how the agent reaches the collector and enrolls, which `enroll` and
+/// every command of [`Settings`] share.
 #[derive(Debug, Args)]
-struct EnrollArgs {
+struct Connection {
     /// TOML config file.
     #[arg(long, short = 'c', env = "CENSUS_AGENT_CONFIG")]
     config: Option<PathBuf>,
     /// The collector's gRPC URL, e.g. https://collector.example:7400.
     #[arg(long, env = "CENSUS_AGENT_COLLECTOR")]
     collector: Option<String>,
-    /// Enrollment token (prefer --token-file: flags show up in process lists).
+    /// Enrollment token, needed only while the agent has no certificate yet (prefer
+    /// --token-file: flags show up in process lists).
     #[arg(long, env = "CENSUS_AGENT_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// File holding the enrollment token (from `census token create --client C --site S`).
+    /// File holding the enrollment token (from `census token create --client C --site S`),
+    /// needed only while the agent has no certificate yet.
     #[arg(long, env = "CENSUS_AGENT_TOKEN_FILE")]
     token_file: Option<PathBuf>,
-    /// The collector's CA certificate (its <data dir>/tls/ca.pem), to trust it by over
-    /// https:// (needed: the agent trusts no other CA).
+    /// The collector's CA certificate (its <data dir>/tls/ca.pem), to trust it by when
+    /// enrolling over https:// (needed: the agent trusts no other CA).
     #[arg(long, env = "CENSUS_AGENT_CA_FILE")]
     ca_file: Option<PathBuf>,
+}
+
+impl Connection {
+    /// The config file (or the defaults) with these flags over it.
+    fn layered(&self) -> Result<Config, ConfigError> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        override_with(&mut c.collector, &self.collector);
+        override_with(&mut c.token, &self.token);
+        override_with(&mut c.token_file, &self.token_file);
+        override_with(&mut c.ca_file, &self.ca_file);
+        Ok(c)
+    }
+}
+
+/// `enroll`'s settings: a config file (only its collector, token, CA and state settings are
+/// used), overridden by `CENSUS_AGENT_*` variables, overridden by flags.
+#[derive(Debug, Args)]
+struct EnrollArgs {
+    #[command(flatten)]
+    connection: Connection,
     /// Where the identity is kept (<state dir>/identity/); created if missing.
     #[arg(long, env = "CENSUS_AGENT_STATE_DIR")]
     state_dir: Option<PathBuf>,
@@ -208,14 +233,7 @@ struct EnrollArgs {
 
 impl EnrollArgs {
     fn resolve(&self) -> Result<Config, ConfigError> {
-        let mut c = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
-        override_with(&mut c.collector, &self.collector);
-        override_with(&mut c.token, &self.token);
-        override_with(&mut c.token_file, &self.token_file);
-        override_with(&mut c.ca_file, &self.ca_file);
+        let mut c = self.connection.layered()?;
         override_with(&mut c.state_dir, &self.state_dir);
         c.validate_collector()?;
         if c.state_dir.is_none() {
@@ -293,22 +311,8 @@ impl ServicePaths {
 /// Settings: a config file, overridden by `CENSUS_AGENT_*` variables, overridden by flags.
 #[derive(Debug, Args)]
 struct Settings {
-    /// TOML config file.
-    #[arg(long, short = 'c', env = "CENSUS_AGENT_CONFIG")]
-    config: Option<PathBuf>,
-    /// The collector's gRPC URL, e.g. https://collector.example:7400.
-    #[arg(long, env = "CENSUS_AGENT_COLLECTOR")]
-    collector: Option<String>,
-    /// Enrollment token, used only while the agent has no certificate yet (prefer
-    /// --token-file: flags show up in process lists).
-    #[arg(long, env = "CENSUS_AGENT_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// File holding the enrollment token (used only while the agent has no certificate yet).
-    #[arg(long, env = "CENSUS_AGENT_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
-    /// The collector's CA certificate (its <data dir>/tls/ca.pem), for enrolling over https://.
-    #[arg(long, env = "CENSUS_AGENT_CA_FILE")]
-    ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    connection: Connection,
     /// CIDRs to sweep, comma-separated (repeatable).
     #[arg(long, env = "CENSUS_AGENT_SCOPE", value_delimiter = ',')]
     scope: Vec<String>,
@@ -389,20 +393,7 @@ impl Settings {
     }
 
     fn layered(&self) -> Result<Config, ConfigError> {
-        let mut c = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
-        if self.collector.is_some() {
-            c.collector.clone_from(&self.collector);
-        }
-        if self.token.is_some() {
-            c.token.clone_from(&self.token);
-        }
-        if self.token_file.is_some() {
-            c.token_file.clone_from(&self.token_file);
-        }
-        override_with(&mut c.ca_file, &self.ca_file);
+        let mut c = self.connection.layered()?;
         if !self.scope.is_empty() {
             c.scopes = config::parse_cidrs(&self.scope.join(","))?;
         }
