@@ -11,6 +11,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use census_proto::{
+    transport::Credentials,
+    v1::{self, enrollment_service_client::EnrollmentServiceClient},
+};
 use serde::Deserialize;
 
 use crate::lab::{Lab, Proc};
@@ -329,22 +333,7 @@ impl<'lab> Collector<'lab> {
     pub fn enroll_into(&self, client: &str, site: &str, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let token = token_file(self.lab, &self.token(client, site)?)?;
-        let out = self.lab.exec_timeout(
-            self.lab.core_ns(),
-            [
-                bin("census-agent")?.as_os_str(),
-                OsStr::new("enroll"),
-                OsStr::new("--collector"),
-                OsStr::new(&self.url()),
-                OsStr::new("--token-file"),
-                token.as_os_str(),
-                OsStr::new("--ca-file"),
-                self.ca_file().as_os_str(),
-                OsStr::new("--state-dir"),
-                dir.as_os_str(),
-            ],
-            Duration::from_secs(60),
-        )?;
+        let out = self.run_enroll(self.lab.core_ns(), &token, dir, false)?;
         if !out.status.success() {
             bail!(
                 "census-agent enroll failed ({}): {}",
@@ -393,6 +382,30 @@ impl<'lab> Collector<'lab> {
             self.config.as_deref(),
             &self.extra,
         )
+    }
+
+    /// Runs `census-agent enroll` in namespace `ns` against this collector (trusting its CA)
+    /// with the token in `token`, into state directory `dir` (`--force` with `force`); returns
+    /// its output whatever the exit status.
+    pub fn run_enroll(&self, ns: &str, token: &Path, dir: &Path, force: bool) -> Result<Output> {
+        let bin = bin("census-agent")?;
+        let (url, ca) = (self.url(), self.ca_file());
+        let mut args: Vec<&OsStr> = vec![
+            bin.as_os_str(),
+            OsStr::new("enroll"),
+            OsStr::new("--collector"),
+            OsStr::new(&url),
+            OsStr::new("--token-file"),
+            token.as_os_str(),
+            OsStr::new("--ca-file"),
+            ca.as_os_str(),
+            OsStr::new("--state-dir"),
+            dir.as_os_str(),
+        ];
+        if force {
+            args.push(OsStr::new("--force"));
+        }
+        self.lab.exec_timeout(ns, args, Duration::from_secs(60))
     }
 
     /// Runs `census ARGS` against this collector with the operator's credentials; returns its
@@ -759,4 +772,49 @@ impl GraphLab {
     pub fn log(&self) -> String {
         self.proc.log()
     }
+}
+
+// === Enrolling over gRPC, for tests and benchmarks that speak to a collector directly ===
+
+/// A fresh key pair and a CSR for it (`CN=<agent_id>`), as `census-agent enroll` makes them.
+pub fn key_and_csr(agent_id: &str) -> Result<(rcgen::KeyPair, Vec<u8>)> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, agent_id);
+    let csr = params.serialize_request(&key)?;
+    Ok((key, csr.der().to_vec()))
+}
+
+/// Calls `Enroll` on `channel` with `token` and a fresh key, as agent `agent_id` of
+/// `agent_version` on host `hostname`: its credentials and the collector's answer, or the
+/// status it refused with.
+pub async fn enroll_over(
+    channel: tonic::transport::Channel,
+    token: &str,
+    agent_id: &str,
+    hostname: &str,
+    agent_version: &str,
+) -> Result<std::result::Result<(Credentials, v1::EnrollResponse), tonic::Status>> {
+    let (key, csr_der) = key_and_csr(agent_id)?;
+    let r = match EnrollmentServiceClient::new(channel)
+        .enroll(v1::EnrollRequest {
+            token: token.into(),
+            csr_der,
+            agent_id: agent_id.into(),
+            hostname: hostname.into(),
+            agent_version: agent_version.into(),
+        })
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(status) => return Ok(Err(status)),
+    };
+    let creds = Credentials {
+        ca_pem: r.ca_pem.clone(),
+        cert_pem: r.certificate_pem.clone(),
+        key_pem: key.serialize_pem(),
+    };
+    Ok(Ok((creds, r)))
 }

@@ -58,9 +58,8 @@ use census_proto::{
     convert,
     transport::{Authenticate, Credentials},
     v1::{
-        self, admin_service_client::AdminServiceClient,
-        enrollment_service_client::EnrollmentServiceClient,
-        ingest_service_client::IngestServiceClient, query_service_client::QueryServiceClient,
+        self, admin_service_client::AdminServiceClient, ingest_service_client::IngestServiceClient,
+        query_service_client::QueryServiceClient,
     },
 };
 use census_tests::support;
@@ -358,24 +357,16 @@ impl TokenMaker {
             .with_context(|| format!("creating a token for {client}"))?
             .into_inner()
             .token;
-        let key = rcgen::KeyPair::generate()?;
-        let csr = rcgen::CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?;
-        let r = EnrollmentServiceClient::new(channel)
-            .enroll(v1::EnrollRequest {
-                token,
-                csr_der: csr.der().to_vec(),
-                agent_id: format!("bench-{client}"),
-                hostname: "bench".into(),
-                agent_version: env!("CARGO_PKG_VERSION").into(),
-            })
-            .await
-            .with_context(|| format!("enrolling an agent of {client}"))?
-            .into_inner();
-        Ok(Credentials {
-            ca_pem: r.ca_pem,
-            cert_pem: r.certificate_pem,
-            key_pem: key.serialize_pem(),
-        })
+        let (creds, _) = support::enroll_over(
+            channel,
+            &token,
+            &format!("bench-{client}"),
+            "bench",
+            env!("CARGO_PKG_VERSION"),
+        )
+        .await?
+        .with_context(|| format!("enrolling an agent of {client}"))?;
+        Ok(creds)
     }
 }
 

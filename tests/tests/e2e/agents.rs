@@ -2,7 +2,7 @@
 //! with a single-use token from its own site's namespace, listed by `census agents`, locked out
 //! by `census agent revoke`, and enrolled again with a new token.
 
-use std::{ffi::OsStr, net::Ipv4Addr, path::Path, process::Output, time::Duration};
+use std::{net::Ipv4Addr, path::Path, process::Output};
 
 use anyhow::{Context as _, Result, ensure};
 use census_tests::{
@@ -11,36 +11,6 @@ use census_tests::{
 };
 
 const HOSTS: u32 = 4;
-
-/// `census-agent enroll` in `ns` with a token file.
-fn enroll(
-    lab: &Lab,
-    ns: &str,
-    collector: &Collector<'_>,
-    token: &Path,
-    state: &Path,
-    force: bool,
-) -> Result<Output> {
-    let bin = support::bin("census-agent")?;
-    let ca = collector.ca_file();
-    let url = collector.url();
-    let mut args: Vec<&OsStr> = vec![
-        bin.as_os_str(),
-        OsStr::new("enroll"),
-        OsStr::new("--collector"),
-        OsStr::new(&url),
-        OsStr::new("--token-file"),
-        token.as_os_str(),
-        OsStr::new("--ca-file"),
-        ca.as_os_str(),
-        OsStr::new("--state-dir"),
-        state.as_os_str(),
-    ];
-    if force {
-        args.push(OsStr::new("--force"));
-    }
-    lab.exec_timeout(ns, args, Duration::from_secs(60))
-}
 
 fn run_once(lab: &Lab, ns: &str, collector: &Collector<'_>, state: &Path) -> Result<Output> {
     support::agent_once(
@@ -84,7 +54,7 @@ fn an_agent_enrolls_once_is_listed_and_a_revoked_one_is_refused_until_enrolled_a
     // Enrolled from the site, with the token and the collector's CA.
     let token = support::token_file(&lab, &collector.token("acme", "hq")?)?;
     let state = support::lab_dir(&lab, "agent")?;
-    let out = enroll(&lab, &ns, &collector, &token, &state, false)?;
+    let out = collector.run_enroll(&ns, &token, &state, false)?;
     ensure!(out.status.success(), "enroll: {}", stderr(&out));
     let line = String::from_utf8_lossy(&out.stdout);
     ensure!(
@@ -105,7 +75,7 @@ fn an_agent_enrolls_once_is_listed_and_a_revoked_one_is_refused_until_enrolled_a
 
     // The token is spent: a second agent cannot enroll with it (exit 77, one line).
     let other = support::lab_dir(&lab, "other")?;
-    let out = enroll(&lab, &ns, &collector, &token, &other, false)?;
+    let out = collector.run_enroll(&ns, &token, &other, false)?;
     ensure!(out.status.code() == Some(77), "{out:?}");
     let errors = support::error_lines(&out);
     ensure!(
@@ -113,7 +83,7 @@ fn an_agent_enrolls_once_is_listed_and_a_revoked_one_is_refused_until_enrolled_a
         "{errors:?}"
     );
     // Enrolling over an existing identity needs --force.
-    let out = enroll(&lab, &ns, &collector, &token, &state, false)?;
+    let out = collector.run_enroll(&ns, &token, &state, false)?;
     ensure!(out.status.code() == Some(64), "{out:?}");
 
     // It sweeps and delivers over mutual TLS, and the collector lists it.
@@ -157,7 +127,7 @@ fn an_agent_enrolls_once_is_listed_and_a_revoked_one_is_refused_until_enrolled_a
     // A new token and --force: the same state directory works again, and what was queued
     // while it was locked out is delivered.
     let token = support::token_file(&lab, &collector.token("acme", "hq")?)?;
-    let out = enroll(&lab, &ns, &collector, &token, &state, true)?;
+    let out = collector.run_enroll(&ns, &token, &state, true)?;
     ensure!(out.status.success(), "re-enroll: {}", stderr(&out));
     let out = run_once(&lab, &ns, &collector, &state)?;
     ensure!(

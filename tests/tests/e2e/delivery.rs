@@ -179,8 +179,7 @@ fn a_collector_down_for_three_sweeps_loses_nothing_and_counts_nothing_twice() ->
     let lab = Lab::new()?;
     let site = site_with_hosts(&lab)?;
     let collector = Collector::start_at(&lab, &lab.dir().join("collector"), COLLECTOR_PORT)?;
-    let state = support::lab_dir(&lab, "agent-state")?;
-    collector.enroll_into(CLIENT, "hq", &state)?;
+    let state = collector.enroll(CLIENT, "hq")?;
     let agent = start_agent(&lab, site.agent().ns(), &collector.url(), &state)?;
 
     // The first sweep is delivered while the collector is up.
@@ -301,8 +300,7 @@ fn an_agent_killed_mid_delivery_delivers_after_a_restart_and_nothing_counts_twic
     let lab = Lab::new()?;
     let site = site_with_hosts(&lab)?;
     let collector = Collector::start_at(&lab, &lab.dir().join("collector"), COLLECTOR_PORT)?;
-    let state = support::lab_dir(&lab, "agent-state")?;
-    collector.enroll_into(CLIENT, "hq", &state)?;
+    let state = collector.enroll(CLIENT, "hq")?;
     let ns = site.agent().ns();
     let agent = start_agent(&lab, ns, &collector.url(), &state)?;
     let first = wait_for(

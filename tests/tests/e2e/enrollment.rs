@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use census_collector::config::Config;
 use census_proto::{
-    convert,
     transport::Credentials,
     v1::{
         self, admin_service_client::AdminServiceClient, ingest_service_client::IngestServiceClient,
@@ -17,62 +16,14 @@ use census_proto::{
 };
 use tonic::{Code, Request};
 
-use crate::in_process::{Running, key_and_csr, start, start_with};
+use census_tests::support::key_and_csr;
+
+use crate::in_process::{Running, batch, start, start_with};
 
 const MAC1: [u8; 6] = [0x00, 0x16, 0x3e, 0x11, 0x22, 0x33];
 const MAC2: [u8; 6] = [0x00, 0x16, 0x3e, 0x44, 0x55, 0x66];
 
-fn batch(agent: &str, sequence: u64, ip: &str, mac: [u8; 6]) -> v1::ObservationBatch {
-    v1::ObservationBatch {
-        agent_id: agent.into(),
-        sequence,
-        observations: vec![v1::Observation {
-            observed_at: Some(convert::timestamp(std::time::SystemTime::now())),
-            method: v1::Method::Arp as i32,
-            addresses: vec![v1::IpAddress {
-                address: ip.into(),
-                answered: true,
-                ..Default::default()
-            }],
-            macs: vec![mac.to_vec()],
-            ..Default::default()
-        }],
-        agent_version: "0.0.0-test".into(),
-        sent_at: Some(convert::timestamp(std::time::SystemTime::now())),
-        ..Default::default()
-    }
-}
-
 impl Running {
-    /// Sends `batches` as `agent` on one stream: the acks, or the stream's error status.
-    async fn send_as(
-        &self,
-        agent: &Credentials,
-        batches: Vec<v1::ObservationBatch>,
-    ) -> Result<std::result::Result<usize, tonic::Status>> {
-        let mut ingest = IngestServiceClient::new(self.agent_channel(agent).await?);
-        let n = batches.len();
-        let mut acks = match ingest
-            .report(self.as_agent(agent, tokio_stream::iter(batches)))
-            .await
-        {
-            Ok(r) => r.into_inner(),
-            Err(status) => return Ok(Err(status)),
-        };
-        let mut got = 0;
-        while got < n {
-            match tokio::time::timeout(Duration::from_secs(10), acks.message())
-                .await
-                .context("ack timeout")?
-            {
-                Ok(Some(_)) => got += 1,
-                Ok(None) => break,
-                Err(status) => return Ok(Err(status)),
-            }
-        }
-        Ok(Ok(got))
-    }
-
     async fn token_expiring(&self, client: &str, site: &str, seconds: u64) -> Result<String> {
         let r = self
             .admin()
@@ -120,8 +71,12 @@ async fn tokens_enroll_one_agent_before_they_expire_and_forged_ones_nothing() ->
     );
     assert_eq!(r.ca_pem, c.ca_pem);
     assert_eq!(
-        c.send_as(&agent, vec![batch("agent-one", 1, "198.18.0.10", MAC1)])
-            .await??,
+        c.report(
+            &agent,
+            vec![batch("agent-one", 1, &[("198.18.0.10", MAC1)])]
+        )
+        .await??
+        .len(),
         1
     );
 
@@ -210,7 +165,8 @@ async fn a_revoked_agent_is_locked_out_at_once_even_on_an_open_stream() -> Resul
         .report(c.as_agent(&agent, tokio_stream::wrappers::ReceiverStream::new(rx)))
         .await?
         .into_inner();
-    tx.send(batch("agent-r", 1, "198.18.0.10", MAC1)).await?;
+    tx.send(batch("agent-r", 1, &[("198.18.0.10", MAC1)]))
+        .await?;
     acks.message().await?.context("first ack")?;
     let listed = c.agents().await?;
     let a = listed
@@ -231,7 +187,8 @@ async fn a_revoked_agent_is_locked_out_at_once_even_on_an_open_stream() -> Resul
         .await?
         .into_inner();
     assert!(revoked.agent.context("agent")?.revoked);
-    tx.send(batch("agent-r", 2, "198.18.0.11", MAC2)).await?;
+    tx.send(batch("agent-r", 2, &[("198.18.0.11", MAC2)]))
+        .await?;
     let status = acks
         .message()
         .await
@@ -240,7 +197,7 @@ async fn a_revoked_agent_is_locked_out_at_once_even_on_an_open_stream() -> Resul
     assert!(status.message().contains("revoked"), "{status:?}");
     // And a new stream is refused.
     refused(
-        c.send_as(&agent, vec![batch("agent-r", 3, "198.18.0.12", MAC2)])
+        c.report(&agent, vec![batch("agent-r", 3, &[("198.18.0.12", MAC2)])])
             .await?,
         Code::Unauthenticated,
         "revoked",
@@ -269,11 +226,11 @@ async fn an_agent_of_one_client_cannot_write_or_read_anything_of_another() -> Re
     let c = start(dir.path()).await?;
     let a = c.agent("acme", "hq").await?;
     let g = c.agent("globex", "hq").await?;
-    c.send_as(&g, vec![batch("g", 1, "198.18.0.10", MAC2)])
+    c.report(&g, vec![batch("g", 1, &[("198.18.0.10", MAC2)])])
         .await??;
     // Batches carry no client: whatever acme's agent sends, under any agent id (even the
     // globex agent's), lands in acme.
-    c.send_as(&a, vec![batch("g", 2, "198.18.0.10", MAC1)])
+    c.report(&a, vec![batch("g", 2, &[("198.18.0.10", MAC1)])])
         .await??;
     let acme = c.devices("acme").await?;
     let globex = c.devices("globex").await?;
@@ -300,7 +257,7 @@ async fn an_agent_of_one_client_cannot_write_or_read_anything_of_another() -> Re
     assert_eq!(err.code(), Code::PermissionDenied);
     // The operator's certificate is no agent's.
     refused(
-        c.send_as(&c.operator, vec![batch("o", 1, "198.18.0.11", MAC1)])
+        c.report(&c.operator, vec![batch("o", 1, &[("198.18.0.11", MAC1)])])
             .await?,
         Code::Unauthenticated,
         "no enrolled agent",
@@ -320,8 +277,7 @@ async fn without_a_trusted_certificate_nothing_but_enrollment_is_served() -> Res
         .report(Request::new(tokio_stream::iter(vec![batch(
             "n",
             1,
-            "198.18.0.10",
-            MAC1,
+            &[("198.18.0.10", MAC1)],
         )])))
         .await
         .map(|_| ())
@@ -354,8 +310,7 @@ async fn without_a_trusted_certificate_nothing_but_enrollment_is_served() -> Res
                 .report(Request::new(tokio_stream::iter(vec![batch(
                     "f",
                     1,
-                    "198.18.0.10",
-                    MAC1,
+                    &[("198.18.0.10", MAC1)],
                 )])))
                 .await
                 .map(|_| ()),
@@ -401,8 +356,9 @@ async fn development_mode_serves_plaintext_and_still_needs_an_enrolled_certifica
     .await?;
     let agent = c.agent("acme", "hq").await?;
     assert_eq!(
-        c.send_as(&agent, vec![batch("d", 1, "198.18.0.10", MAC1)])
-            .await??,
+        c.report(&agent, vec![batch("d", 1, &[("198.18.0.10", MAC1)])])
+            .await??
+            .len(),
         1
     );
     assert_eq!(c.devices("acme").await?.len(), 1);
@@ -412,8 +368,7 @@ async fn development_mode_serves_plaintext_and_still_needs_an_enrolled_certifica
         .report(Request::new(tokio_stream::iter(vec![batch(
             "d",
             2,
-            "198.18.0.11",
-            MAC2,
+            &[("198.18.0.11", MAC2)],
         )])))
         .await
         .map(|_| ())
@@ -442,8 +397,9 @@ async fn a_stream_that_never_finishes_is_cut_off_and_others_carry_on() -> Result
         .into_inner();
     // Meanwhile another agent delivers as usual.
     assert_eq!(
-        c.send_as(&healthy, vec![batch("h", 1, "198.18.0.10", MAC1)])
-            .await??,
+        c.report(&healthy, vec![batch("h", 1, &[("198.18.0.10", MAC1)])])
+            .await??
+            .len(),
         1
     );
     let status = tokio::time::timeout(Duration::from_secs(10), acks.message())
@@ -456,8 +412,9 @@ async fn a_stream_that_never_finishes_is_cut_off_and_others_carry_on() -> Result
     drop(tx);
     // The stalled agent can open a new stream and deliver.
     assert_eq!(
-        c.send_as(&stalled, vec![batch("s", 1, "198.18.0.11", MAC2)])
-            .await??,
+        c.report(&stalled, vec![batch("s", 1, &[("198.18.0.11", MAC2)])])
+            .await??
+            .len(),
         1
     );
     assert_eq!(c.devices("acme").await?.len(), 2);

@@ -3,14 +3,13 @@
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
-use anyhow::Context as _;
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use census_collector::{config::Config, metrics::Metrics, server};
 use census_proto::{
+    convert,
     transport::{self, Authenticate, Credentials},
     v1::{
-        self, admin_service_client::AdminServiceClient,
-        enrollment_service_client::EnrollmentServiceClient,
+        self, admin_service_client::AdminServiceClient, ingest_service_client::IngestServiceClient,
         query_service_client::QueryServiceClient,
     },
 };
@@ -82,17 +81,6 @@ pub async fn start_with(config: Config) -> Result<Running> {
     })
 }
 
-/// A fresh key pair and a CSR for it, as `census-agent enroll` makes them.
-pub fn key_and_csr(agent_id: &str) -> Result<(rcgen::KeyPair, Vec<u8>)> {
-    let key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, agent_id);
-    let csr = params.serialize_request(&key)?;
-    Ok((key, csr.der().to_vec()))
-}
-
 impl Running {
     pub fn url(&self) -> String {
         let scheme = if self.plaintext { "http" } else { "https" };
@@ -126,27 +114,36 @@ impl Running {
         token: &str,
         agent_id: &str,
     ) -> Result<std::result::Result<(Credentials, v1::EnrollResponse), tonic::Status>> {
-        let (key, csr_der) = key_and_csr(agent_id)?;
-        let mut client = EnrollmentServiceClient::new(self.channel_as(None).await?);
-        let r = match client
-            .enroll(v1::EnrollRequest {
-                token: token.into(),
-                csr_der,
-                agent_id: agent_id.into(),
-                hostname: "test-host".into(),
-                agent_version: "0.0.0-test".into(),
-            })
+        let channel = self.channel_as(None).await?;
+        census_tests::support::enroll_over(channel, token, agent_id, "test-host", "0.0.0-test")
             .await
-        {
+    }
+
+    /// Sends `batches` on one stream and returns the acks, or the stream's error status.
+    pub async fn report(
+        &self,
+        token: &Credentials,
+        batches: Vec<v1::ObservationBatch>,
+    ) -> Result<Result<Vec<v1::BatchAck>, tonic::Status>> {
+        let mut ingest = IngestServiceClient::new(self.agent_channel(token).await?);
+        let n = batches.len();
+        let stream = tokio_stream::iter(batches);
+        let mut acks = match ingest.report(self.as_agent(token, stream)).await {
             Ok(r) => r.into_inner(),
             Err(status) => return Ok(Err(status)),
         };
-        let creds = Credentials {
-            ca_pem: r.ca_pem.clone(),
-            cert_pem: r.certificate_pem.clone(),
-            key_pem: key.serialize_pem(),
-        };
-        Ok(Ok((creds, r)))
+        let mut out = Vec::new();
+        while out.len() < n {
+            match tokio::time::timeout(Duration::from_secs(10), acks.message())
+                .await
+                .context("ack timeout")?
+            {
+                Ok(Some(ack)) => out.push(ack),
+                Ok(None) => break,
+                Err(status) => return Ok(Err(status)),
+            }
+        }
+        Ok(Ok(out))
     }
 
     /// An agent enrolled into (client, site): its credentials.
@@ -222,4 +219,29 @@ pub fn uuid_like() -> String {
         "{:016x}",
         t ^ (N.fetch_add(1, Ordering::Relaxed) << 48) ^ u64::from(std::process::id())
     )
+}
+
+/// A batch of ARP observations of `hosts` (address, MAC), as agent `agent` sends it.
+pub fn batch(agent: &str, sequence: u64, hosts: &[(&str, [u8; 6])]) -> v1::ObservationBatch {
+    v1::ObservationBatch {
+        agent_id: agent.into(),
+        sequence,
+        observations: hosts
+            .iter()
+            .map(|(ip, mac)| v1::Observation {
+                observed_at: Some(convert::timestamp(std::time::SystemTime::now())),
+                method: v1::Method::Arp as i32,
+                addresses: vec![v1::IpAddress {
+                    address: (*ip).into(),
+                    answered: true,
+                    ..Default::default()
+                }],
+                macs: vec![mac.to_vec()],
+                ..Default::default()
+            })
+            .collect(),
+        agent_version: "0.0.0-test".into(),
+        sent_at: None,
+        ..Default::default()
+    }
 }

@@ -3,20 +3,13 @@
 //! site, and malformed or oversized batches end only their own stream. (Enrollment, mutual TLS
 //! and revocation are in `enrollment.rs`.)
 
-use std::time::Duration;
-
 use anyhow::{Context, Result};
-use census_proto::{
-    convert,
-    v1::{
-        self, admin_service_client::AdminServiceClient, ingest_service_client::IngestServiceClient,
-        query_service_client::QueryServiceClient,
-    },
+use census_proto::v1::{
+    self, admin_service_client::AdminServiceClient, query_service_client::QueryServiceClient,
 };
 use tonic::Code;
 
-use crate::in_process::{Running, start};
-use census_proto::transport::Credentials;
+use crate::in_process::{Running, batch, start};
 
 impl Running {
     async fn clients(&self) -> Result<Vec<String>> {
@@ -25,57 +18,6 @@ impl Running {
             .list_clients(self.op(v1::ListClientsRequest {}))
             .await?;
         Ok(r.into_inner().clients.into_iter().map(|c| c.name).collect())
-    }
-
-    /// Sends `batches` on one stream and returns the acks, or the stream's error status.
-    async fn report(
-        &self,
-        token: &Credentials,
-        batches: Vec<v1::ObservationBatch>,
-    ) -> Result<Result<Vec<v1::BatchAck>, tonic::Status>> {
-        let mut ingest = IngestServiceClient::new(self.agent_channel(token).await?);
-        let n = batches.len();
-        let stream = tokio_stream::iter(batches);
-        let mut acks = match ingest.report(self.as_agent(token, stream)).await {
-            Ok(r) => r.into_inner(),
-            Err(status) => return Ok(Err(status)),
-        };
-        let mut out = Vec::new();
-        while out.len() < n {
-            match tokio::time::timeout(Duration::from_secs(10), acks.message())
-                .await
-                .context("ack timeout")?
-            {
-                Ok(Some(ack)) => out.push(ack),
-                Ok(None) => break,
-                Err(status) => return Ok(Err(status)),
-            }
-        }
-        Ok(Ok(out))
-    }
-}
-
-fn batch(agent: &str, sequence: u64, hosts: &[(&str, [u8; 6])]) -> v1::ObservationBatch {
-    v1::ObservationBatch {
-        agent_id: agent.into(),
-        sequence,
-        observations: hosts
-            .iter()
-            .map(|(ip, mac)| v1::Observation {
-                observed_at: Some(convert::timestamp(std::time::SystemTime::now())),
-                method: v1::Method::Arp as i32,
-                addresses: vec![v1::IpAddress {
-                    address: (*ip).into(),
-                    answered: true,
-                    ..Default::default()
-                }],
-                macs: vec![mac.to_vec()],
-                ..Default::default()
-            })
-            .collect(),
-        agent_version: "test".into(),
-        sent_at: None,
-        ..Default::default()
     }
 }
 
