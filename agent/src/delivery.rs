@@ -302,6 +302,17 @@ pub enum Mode {
     Forever,
 }
 
+/// Waits out a back-off of `wait` (or until `shutdown`), marked as backing off meanwhile.
+async fn back_off(d: &Deliverer, wait: Duration, shutdown: &CancellationToken) {
+    d.status.backing_off.store(true, Ordering::Relaxed);
+    d.queue.poke();
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = tokio::time::sleep(wait) => {}
+    }
+    d.status.backing_off.store(false, Ordering::Relaxed);
+}
+
 /// Delivers what is queued, as `mode` says. Retryable failures (the collector unreachable, a
 /// stream cut) back off; a conflict (our sequence numbers already used with other content)
 /// continues under a new agent id at once; a batch the collector refuses as invalid is taken out
@@ -379,13 +390,7 @@ pub async fn deliver(
                      nothing is delivered until the agent is enrolled again (census-agent \
                      enroll --force --token-file FILE); retrying after a back-off"
                 );
-                d.status.backing_off.store(true, Ordering::Relaxed);
-                d.queue.poke();
-                tokio::select! {
-                    () = shutdown.cancelled() => {}
-                    () = tokio::time::sleep(wait) => {}
-                }
-                d.status.backing_off.store(false, Ordering::Relaxed);
+                back_off(d, wait, shutdown).await;
                 d.reload_identity();
             }
             // A refused batch is set aside already; the rest waits a back-off all the same, so
@@ -403,13 +408,7 @@ pub async fn deliver(
                     queued = d.queue.len(),
                     "delivery failed; retrying after a back-off"
                 );
-                d.status.backing_off.store(true, Ordering::Relaxed);
-                d.queue.poke();
-                tokio::select! {
-                    () = shutdown.cancelled() => {}
-                    () = tokio::time::sleep(wait) => {}
-                }
-                d.status.backing_off.store(false, Ordering::Relaxed);
+                back_off(d, wait, shutdown).await;
             }
             e => {
                 d.metrics.delivery_failed();

@@ -24,19 +24,6 @@ const MAC1: [u8; 6] = [0x00, 0x16, 0x3e, 0x11, 0x22, 0x33];
 const MAC2: [u8; 6] = [0x00, 0x16, 0x3e, 0x44, 0x55, 0x66];
 
 impl Running {
-    async fn token_expiring(&self, client: &str, site: &str, seconds: u64) -> Result<String> {
-        let r = self
-            .admin()
-            .await?
-            .create_token(self.op(v1::CreateTokenRequest {
-                client: client.into(),
-                site: site.into(),
-                expires_in_seconds: seconds,
-            }))
-            .await?;
-        Ok(r.into_inner().token)
-    }
-
     async fn agents(&self) -> Result<Vec<v1::Agent>> {
         Ok(self
             .admin()

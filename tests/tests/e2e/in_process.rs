@@ -180,15 +180,21 @@ impl Running {
         req
     }
 
-    /// A single-use enrollment token for (client, site).
+    /// A single-use enrollment token for (client, site), with the default lifetime.
     pub async fn token(&self, client: &str, site: &str) -> Result<String> {
+        self.token_expiring(client, site, 0).await
+    }
+
+    /// A single-use enrollment token for (client, site) that expires after `seconds` (0: the
+    /// collector's default).
+    pub async fn token_expiring(&self, client: &str, site: &str, seconds: u64) -> Result<String> {
         let r = self
             .admin()
             .await?
             .create_token(self.op(v1::CreateTokenRequest {
                 client: client.into(),
                 site: site.into(),
-                expires_in_seconds: 0,
+                expires_in_seconds: seconds,
             }))
             .await?;
         Ok(r.into_inner().token)
