@@ -23,7 +23,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
-use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, pem::PemObject as _};
+use rustls_pki_types::CertificateSigningRequestDer;
 use sha2::{Digest as _, Sha256};
 use time::{Duration, OffsetDateTime};
 use tracing::{info, warn};
@@ -357,15 +357,10 @@ fn own_ca(data_dir: &Path, now: OffsetDateTime) -> Result<(String, String, PathB
     Ok((cert.pem(), key.serialize_pem(), cert_path))
 }
 
-/// The SHA-256 of the first certificate in `pem`, if it holds one.
-pub fn pem_fingerprint(pem: &str) -> Option<[u8; 32]> {
-    CertificateDer::from_pem_slice(pem.as_bytes())
-        .ok()
-        .map(|c| fingerprint(c.as_ref()))
-}
-
 #[cfg(test)]
 mod tests {
+    use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+
     use super::*;
 
     fn listen() -> SocketAddr {

@@ -18,7 +18,7 @@ use crate::{
     graph::GraphLimits,
     metrics::{Metrics, grpc::GrpcMetricsLayer},
     pki::{Pki, PkiError},
-    service::{Collector, Limits, Security, agents_operator_check},
+    service::{Collector, Limits, Security, operator_check},
     store::{
         Store, StoreError,
         sled::{SledOptions, SledStore},
@@ -141,11 +141,11 @@ pub async fn run(
         .max_encoding_message_size(max);
     let query = tonic::service::interceptor::InterceptedService::new(
         QueryServiceServer::new(collector.clone()).max_encoding_message_size(64 * 1024 * 1024),
-        agents_operator_check(Arc::clone(&security)),
+        operator_check(Arc::clone(&security)),
     );
     let admin = tonic::service::interceptor::InterceptedService::new(
         AdminServiceServer::new(collector.clone()),
-        agents_operator_check(Arc::clone(&security)),
+        operator_check(Arc::clone(&security)),
     );
     let enrollment =
         EnrollmentServiceServer::new(collector.clone()).max_decoding_message_size(64 * 1024);

@@ -28,7 +28,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 mod agents;
 mod users;
 
-pub use agents::{DEFAULT_TOKEN_TTL_S, MAX_TOKEN_TTL_S, operator_check as agents_operator_check};
+pub use agents::operator_check;
 
 use crate::{
     auth::{self, AuthError, Registry},

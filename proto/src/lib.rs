@@ -25,9 +25,6 @@ pub mod v1 {
 /// The encoded `FileDescriptorSet` of `census.v1`, served by the collector's reflection service.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("census_v1_descriptor");
 
-/// The `authorization` metadata key carrying `Bearer <token>` on every call.
-pub const AUTHORIZATION: &str = "authorization";
-
 /// Only in the collector's development mode (plaintext, `--dev-plaintext`): the metadata key
 /// carrying the caller's certificate (DER), which TLS would otherwise present. Nothing proves
 /// the caller holds its key, which is why that mode is for development only.
