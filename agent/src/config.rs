@@ -144,7 +144,10 @@ pub struct ArpSettings {
     /// Sweep on-link scopes with ARP.
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// Requests per second, per interface, first requests and retries together.
+    /// The most requests per second, per interface, first requests, retries and checks
+    /// together. A sweep starts at 1200 per second (or this, if lower) and speeds up toward it
+    /// only while the addresses it asks again answer as fast as at the start; at 1200 or below,
+    /// it is a fixed rate.
     #[serde(default = "default_arp_rate")]
     pub rate: u32,
     /// How many more times an address that stayed silent is asked.
@@ -532,9 +535,9 @@ fn default_mdns_window_ms() -> u64 {
 fn default_interval() -> Duration {
     Duration::from_secs(15 * 60)
 }
-/// The same as `probe::arp::DEFAULT_RATE_PPS` (see there why: no faster than nmap's own rate).
+/// The same as `probe::arp::DEFAULT_RATE_PPS` (see there why, and how a sweep gets there).
 fn default_arp_rate() -> u32 {
-    1200
+    6000
 }
 /// The same as `probe::arp::DEFAULT_RETRIES`: a silent address is asked twice, as arp-scan and
 /// nmap ask it.

@@ -43,6 +43,10 @@ pub struct ArpFound {
     pub interface: String,
     pub probed: usize,
     pub requests_sent: u64,
+    /// Of those, checks (addresses that had answered, asked again to time the network).
+    pub checks_sent: u64,
+    /// The highest rate of requests per second the sweep reached.
+    pub peak_rate_pps: u32,
     /// (address, MAC, first seen)
     pub replies: Vec<(Ipv4Addr, [u8; 6], SystemTime)>,
 }
@@ -236,10 +240,10 @@ async fn sweep_arp(
     let mut waiting = Vec::new();
     for p in &plan.on_link {
         progress.say(format_args!(
-            "ARP: sweeping {} addresses on {} at {} pps",
+            "ARP: sweeping {} addresses on {} at {}",
             p.targets.len(),
             p.interface.name,
-            arp_config.rate_pps
+            arp::rate_text(&arp_config)
         ));
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (iface, targets, cfg, cancel) = (
@@ -262,6 +266,8 @@ async fn sweep_arp(
                         Ok(r) => {
                             all.probed += r.probed;
                             all.requests_sent += r.requests_sent;
+                            all.checks_sent += r.checks_sent;
+                            all.peak_rate_pps = all.peak_rate_pps.max(r.peak_rate_pps);
                             // Only answers to our own requests are first-hand evidence: a
                             // gratuitous ARP can claim any address with any MAC, and must not
                             // create devices.
@@ -290,7 +296,7 @@ async fn sweep_arp(
     for rx in waiting {
         match rx.await {
             Ok(Ok(found)) => {
-                info!(interface = %found.interface, probed = found.probed, replies = found.replies.len(), requests = found.requests_sent, "ARP sweep");
+                info!(interface = %found.interface, probed = found.probed, replies = found.replies.len(), requests = found.requests_sent, checks = found.checks_sent, peak_rate_pps = found.peak_rate_pps, "ARP sweep");
                 progress.say(format_args!(
                     "ARP: {} answered on {}",
                     found.replies.len(),
@@ -333,12 +339,12 @@ async fn sweep_arp(
             "ARP: resolving {} addresses on {} at {} per second",
             p.targets.len(),
             p.interface.name,
-            config.arp.rate
+            config.arp.rate.min(crate::probe::ARP_START_RATE_PPS)
         ));
         let found = iphelper::arp_sweep(
             &p.interface,
             &p.targets,
-            config.arp.rate,
+            config.arp.rate.min(crate::probe::ARP_START_RATE_PPS),
             config.arp.retries,
             cancel,
         )
@@ -692,6 +698,8 @@ mod tests {
             interface: "eth0".into(),
             probed: 254,
             requests_sent: 254,
+            checks_sent: 0,
+            peak_rate_pps: 1200,
             replies: replies.iter().map(|(a, m)| (ip(a), *m, T)).collect(),
         }
     }

@@ -335,7 +335,7 @@ struct Settings {
     /// Time between sweeps, e.g. 15m [default: 15m].
     #[arg(long, env = "CENSUS_AGENT_INTERVAL", value_parser = config::parse_duration)]
     interval: Option<std::time::Duration>,
-    /// ARP requests per second per interface, retries included [default: 1200].
+    /// Most ARP requests per second per interface, retries included; sweeps start at 1200/s and speed up toward it while the network keeps up (1200 or less: a fixed rate) [default: 6000].
     #[arg(long, env = "CENSUS_AGENT_ARP_RATE")]
     arp_rate: Option<u32>,
     /// How many more times an address silent to ARP is asked [default: 1].

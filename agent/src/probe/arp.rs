@@ -8,6 +8,14 @@
 //!   loop over a raw link. The link is a small trait so the loop's logic is tested without
 //!   privileges; production uses a pnet `AF_PACKET` channel.
 //!
+//! The rate follows the network too: a sweep starts at [`START_RATE_PPS`] and, every
+//! [`CHECK_EVERY`] requests, asks an address that has already answered once more (a check).
+//! A check answered about as fast as the sweep's fastest answer speeds the sweep up by a
+//! quarter, up to the configured rate; one answered late (a queue building up somewhere)
+//! slows it by a quarter, and one not answered at all (a lost frame) halves it, never below
+//! the start rate. A configured rate at or below the start rate is a fixed rate, without
+//! checks.
+//!
 //! Timing follows the network, nmap-style: every answer to one of our requests is timed, and
 //! both the wait before a silent address is asked again and the listening time after the last
 //! request are `4 x` the highest latency seen so far, at least 50 ms, at most the configured
@@ -29,13 +37,13 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, instrument, warn};
 
-use self::pace::{Latency, Pacer};
+use self::pace::{Check, Latency, Pacer, RateControl};
 use self::packet::{ArpOp, ArpPacket, BROADCAST};
 use crate::iface::Interface;
 
@@ -61,9 +69,13 @@ const SLEEP_SLICE: Duration = Duration::from_millis(20);
 /// answer yet (see the module docs).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ArpConfig {
-    /// Requests per second, first requests and retries together. Default 1200
-    /// ([`DEFAULT_RATE_PPS`]).
+    /// The most requests per second, first requests, retries and checks together. Default
+    /// 6000 ([`DEFAULT_RATE_PPS`]).
     pub rate_pps: u32,
+    /// The rate a sweep starts at and never falls below; it rises toward `rate_pps` while the
+    /// network keeps up (see the module docs). At or above `rate_pps`, the sweep runs at
+    /// `rate_pps` throughout. Default 1200 ([`START_RATE_PPS`]).
+    pub start_rate_pps: u32,
     /// How many more times a target that has not answered is asked. Default 1
     /// ([`DEFAULT_RETRIES`]).
     pub retries: u32,
@@ -75,15 +87,19 @@ pub struct ArpConfig {
     pub round_gap: Duration,
 }
 
-/// The default request rate: 1200 ARP requests per second. Each is a 60-byte broadcast frame
-/// (42 bytes of Ethernet and ARP, padded to Ethernet's minimum), so 72 kB/s (0.58 Mbit/s: under
-/// 0.1% of a gigabit link, 0.6% of 100 Mbit/s), and 1200 broadcasts a second that every host on
-/// the segment must look at. That is no more than nmap itself sends at its defaults on the
-/// benchmark's sites (`nmap -sn --packet-trace`, three runs each): its first 255 requests on the
-/// /24 at 1216 per second, and at most 1260 to 1307 in any one second on the /20 (1420 to 1520
-/// in its busiest 100 ms on either site). arp-scan's default, 256 kbit/s, is about 500 a second.
-/// A /24 then takes about a third of a second, a /16 about two minutes.
-pub const DEFAULT_RATE_PPS: u32 = 1200;
+pub use super::ARP_START_RATE_PPS as START_RATE_PPS;
+
+/// The default highest rate: 6000 ARP requests per second, 0.36 MB/s (2.9 Mbit/s) of
+/// broadcast while a sweep runs at it: 0.3% of a gigabit link, 3% of 100 Mbit/s. Reached only
+/// on a network that answers the sweep's checks as fast at that rate as at the start, so a
+/// /24 takes about a tenth of a second to ask, a /20 about 1.5 s, a /16 (20 hosts) as long as
+/// its few answers let it speed up. A switch port with broadcast storm control set below it
+/// (or dynamic ARP inspection's rate limit) needs `arp.rate` set below that limit.
+pub const DEFAULT_RATE_PPS: u32 = 6000;
+
+/// A check (an address that already answered, asked again) goes out after this many other
+/// requests: about 3% more requests for a rate that follows the network.
+pub const CHECK_EVERY: u64 = 32;
 
 /// The default number of retries: one, so a silent address is asked twice, as arp-scan and
 /// nmap ask it. A retry is what catches a lost request or reply (a busy host, a Wi-Fi client
@@ -93,10 +109,23 @@ pub const DEFAULT_RATE_PPS: u32 = 1200;
 /// addresses are silent.
 pub const DEFAULT_RETRIES: u32 = 1;
 
+/// How a sweep's rate reads in a log or progress line.
+pub fn rate_text(cfg: &ArpConfig) -> String {
+    if cfg.start_rate_pps < cfg.rate_pps {
+        format!(
+            "{} to {} requests/s (faster while the network keeps up)",
+            cfg.start_rate_pps, cfg.rate_pps
+        )
+    } else {
+        format!("{} requests/s", cfg.rate_pps)
+    }
+}
+
 impl Default for ArpConfig {
     fn default() -> Self {
         ArpConfig {
             rate_pps: DEFAULT_RATE_PPS,
+            start_rate_pps: START_RATE_PPS,
             retries: DEFAULT_RETRIES,
             reply_window: Duration::from_secs(1),
             round_gap: Duration::from_millis(200),
@@ -128,7 +157,12 @@ pub struct ArpSweepResult {
     /// MACs (an address conflict, a failover pair) has several entries, at most
     /// [`MAX_MACS_PER_IP`].
     pub replies: Vec<ArpReply>,
+    /// Every request that went out: first requests, retries and checks.
     pub requests_sent: u64,
+    /// Of those, checks (an address that had answered, asked again to time the network).
+    pub checks_sent: u64,
+    /// The highest rate the sweep reached, in requests per second.
+    pub peak_rate_pps: u32,
     /// The sweep was cancelled before it finished: `replies` is what it had by then.
     pub cancelled: bool,
 }
@@ -290,6 +324,8 @@ impl Plan {
             probed: 0,
             replies: Vec::new(),
             requests_sent: 0,
+            checks_sent: 0,
+            peak_rate_pps: 0,
             cancelled: false,
         }
     }
@@ -476,8 +512,18 @@ struct Shared {
     stop: CancellationToken,
     /// When the sender finished; `NOT_YET` while it is still running.
     sender_done_ns: AtomicU64,
+    /// The latest target to answer one of our requests, plus one; 0 before any has.
+    last_answered: AtomicUsize,
+    /// The check in flight: its target (`NO_CHECK` when none), when it went out, and when
+    /// its target answered after that (`NOT_YET` until then).
+    check_target: AtomicUsize,
+    check_sent_ns: AtomicU64,
+    check_answered_ns: AtomicU64,
     t0: Instant,
 }
+
+/// `Shared::check_target` when no check is in flight.
+const NO_CHECK: usize = usize::MAX;
 
 impl Shared {
     fn new(targets: usize, cancel: &CancellationToken) -> Self {
@@ -488,6 +534,10 @@ impl Shared {
             latency: Latency::default(),
             stop: cancel.child_token(),
             sender_done_ns: AtomicU64::new(NOT_YET),
+            last_answered: AtomicUsize::new(0),
+            check_target: AtomicUsize::new(NO_CHECK),
+            check_sent_ns: AtomicU64::new(NOT_YET),
+            check_answered_ns: AtomicU64::new(NOT_YET),
             t0: Instant::now(),
         }
     }
@@ -541,6 +591,7 @@ fn run(
         first = %plan.targets.first().map_or(Ipv4Addr::UNSPECIFIED, |t| t.ip),
         last = %plan.targets.last().map_or(Ipv4Addr::UNSPECIFIED, |t| t.ip),
         rate_pps = cfg.rate_pps,
+        start_rate_pps = cfg.start_rate_pps,
         retries = cfg.retries,
         "ARP sweep starting"
     );
@@ -605,6 +656,8 @@ fn run(
         probed = plan.targets.len(),
         requests_sent = sent.requests,
         retries_sent = sent.retries,
+        checks_sent = sent.checks,
+        peak_rate_pps = sent.peak_rate,
         answered = shared.answered.iter().filter(|a| a.load(Ordering::Relaxed)).count(),
         pairs = replies.len(),
         highest_latency_us = shared.latency.highest().map(|d| d.as_micros() as u64),
@@ -619,6 +672,8 @@ fn run(
         probed: plan.targets.len(),
         replies,
         requests_sent: sent.requests,
+        checks_sent: sent.checks,
+        peak_rate_pps: sent.peak_rate,
         cancelled,
     })
 }
@@ -630,6 +685,10 @@ struct Sent {
     requests: u64,
     /// Of those, retries.
     retries: u64,
+    /// Of those, checks.
+    checks: u64,
+    /// The highest rate reached.
+    peak_rate: u32,
     /// The error that stopped it, if any.
     error: Option<io::Error>,
 }
@@ -645,19 +704,64 @@ enum Next {
 
 /// Sends every target its first request in the plan's order, then asks each silent one again
 /// once it has waited the adaptive wait since its latest request, up to `cfg.retries` times,
-/// all at `cfg.rate_pps`. Stops early when `shared.stop` is cancelled; a target that has
-/// answered is never asked again.
+/// at the rate [`RateControl`] sets from the checks (sent between them, see the module docs).
+/// Stops early when `shared.stop` is cancelled; a target that has answered is never asked
+/// again, except as a check.
 fn send_requests(tx: &mut dyn FrameTx, plan: &Plan, cfg: &ArpConfig, shared: &Shared) -> Sent {
-    let mut pacer = Pacer::new(cfg.rate_pps);
-    let mut sent = Sent::default();
+    let mut control = RateControl::new(cfg.start_rate_pps, cfg.rate_pps);
+    let mut pacer = Pacer::new(control.rate());
+    let mut sent = Sent {
+        peak_rate: control.rate(),
+        ..Sent::default()
+    };
     let mut fresh = 0..plan.targets.len();
     // Targets to ask again, with how many times they have been asked, in the order of their
     // latest request: with one wait for all, the front is always the first one due. At most
     // one entry per target, so bounded by the plan.
     let mut again: VecDeque<(usize, u32)> = VecDeque::new();
+    // When the check in flight went out, and how many requests went out since the last check.
+    let mut check_sent: Option<u64> = None;
+    let mut since_check = 0u64;
     loop {
         if shared.stop.is_cancelled() {
             return sent;
+        }
+        if control.adaptive() {
+            if let Some(check) = resolve_check(&mut check_sent, cfg, shared) {
+                let fastest = shared.latency.lowest().unwrap_or_default();
+                if control.on_check(check, fastest) {
+                    pacer.set_rate(control.rate());
+                    sent.peak_rate = sent.peak_rate.max(control.rate());
+                }
+            }
+            let due = check_sent.is_none() && since_check >= CHECK_EVERY;
+            if let Some(i) = due
+                .then(|| shared.last_answered.load(Ordering::Acquire).checked_sub(1))
+                .flatten()
+            {
+                if !pace(&mut pacer, shared) {
+                    return sent;
+                }
+                let now = shared.now_ns();
+                shared.check_target.store(NO_CHECK, Ordering::SeqCst);
+                shared.check_answered_ns.store(NOT_YET, Ordering::SeqCst);
+                shared.check_sent_ns.store(now, Ordering::SeqCst);
+                shared.check_target.store(i, Ordering::SeqCst);
+                match ask(tx, plan, i, now, shared) {
+                    Ok(true) => {
+                        sent.requests += 1;
+                        sent.checks += 1;
+                        check_sent = Some(now);
+                        since_check = 0;
+                    }
+                    Ok(false) => return sent,
+                    Err(e) => {
+                        sent.error = Some(e);
+                        return sent;
+                    }
+                }
+                continue;
+            }
         }
         let next = next_request(&mut again, &mut fresh, cfg, shared);
         let (i, asked) = match next {
@@ -668,33 +772,17 @@ fn send_requests(tx: &mut dyn FrameTx, plan: &Plan, cfg: &ArpConfig, shared: &Sh
             }
             Next::Done => return sent,
         };
-        let Some(target) = plan.targets.get(i) else {
-            continue;
-        };
-        loop {
-            if shared.stop.is_cancelled() {
-                return sent;
-            }
-            match pacer.try_take(Instant::now()) {
-                Ok(()) => break,
-                Err(wait) => std::thread::sleep(wait.min(SLEEP_SLICE)),
-            }
+        if !pace(&mut pacer, shared) {
+            return sent;
         }
         // Checked again at send time: it may have answered while we waited for the pacer.
         if shared.answered(i) {
             continue;
         }
-        // Stamped before the frame goes out, so the answer is never timed against an older
-        // request (which would make the latency, and every wait after it, too long).
-        let now = shared.now_ns();
-        if let Some(t) = shared.last_sent_ns.get(i) {
-            t.store(now, Ordering::Release);
-        }
-        shared.last_send_ns.store(now, Ordering::Release);
-        let frame = packet::build_request(plan.mac, target.src, target.ip);
-        match send_one(tx, &frame, &shared.stop) {
+        match ask(tx, plan, i, shared.now_ns(), shared) {
             Ok(true) => {
                 sent.requests += 1;
+                since_check += 1;
                 if asked > 0 {
                     sent.retries += 1;
                 }
@@ -709,6 +797,51 @@ fn send_requests(tx: &mut dyn FrameTx, plan: &Plan, cfg: &ArpConfig, shared: &Sh
             again.push_back((i, asked + 1));
         }
     }
+}
+
+/// Waits until the pacer allows the next request; false if stopped meanwhile.
+fn pace(pacer: &mut Pacer, shared: &Shared) -> bool {
+    loop {
+        if shared.stop.is_cancelled() {
+            return false;
+        }
+        match pacer.try_take(Instant::now()) {
+            Ok(()) => return true,
+            Err(wait) => std::thread::sleep(wait.min(SLEEP_SLICE)),
+        }
+    }
+}
+
+/// Sends target `i` a request, stamped `now` (before the frame goes out, so the answer is
+/// never timed against an older request, which would make the latency, and every wait after
+/// it, too long). `Ok(false)` if stopped before it went out.
+fn ask(tx: &mut dyn FrameTx, plan: &Plan, i: usize, now: u64, shared: &Shared) -> io::Result<bool> {
+    let Some(target) = plan.targets.get(i) else {
+        return Ok(true);
+    };
+    if let Some(t) = shared.last_sent_ns.get(i) {
+        t.store(now, Ordering::Release);
+    }
+    shared.last_send_ns.store(now, Ordering::Release);
+    let frame = packet::build_request(plan.mac, target.src, target.ip);
+    send_one(tx, &frame, &shared.stop)
+}
+
+/// What the check in flight (sent at `check_sent`) came to, once it is known: answered, or
+/// lost once the adaptive wait has passed without an answer. Clears it then.
+fn resolve_check(check_sent: &mut Option<u64>, cfg: &ArpConfig, shared: &Shared) -> Option<Check> {
+    let sent_at = (*check_sent)?;
+    let answered = shared.check_answered_ns.load(Ordering::SeqCst);
+    let check = if answered != NOT_YET {
+        Check::Answered(Duration::from_nanos(answered.saturating_sub(sent_at)))
+    } else if shared.now_ns().saturating_sub(sent_at) > nanos(shared.latency.wait(cfg.round_gap)) {
+        Check::Lost
+    } else {
+        return None;
+    };
+    *check_sent = None;
+    shared.check_target.store(NO_CHECK, Ordering::SeqCst);
+    Some(check)
 }
 
 /// Picks the sender's next request: the next first request, else the front retry if its
@@ -808,6 +941,18 @@ fn receive(
             shared
                 .latency
                 .observe(Duration::from_nanos(now.saturating_sub(sent_at)));
+            shared.last_answered.store(idx + 1, Ordering::Release);
+            if shared.check_target.load(Ordering::SeqCst) == idx {
+                let check_sent = shared.check_sent_ns.load(Ordering::SeqCst);
+                if check_sent != NOT_YET && now >= check_sent {
+                    let _ = shared.check_answered_ns.compare_exchange(
+                        NOT_YET,
+                        now,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    );
+                }
+            }
         }
     }
 }
@@ -841,16 +986,23 @@ mod timing_tests {
 
     type Wire = (Instant, Vec<u8>);
 
-    /// Hosts that answer every request for their address after their own delay.
+    /// Hosts that answer every request for their address after their own delay (only the
+    /// first one, with `once`).
     struct SlowTx {
         wire: mpsc::Sender<Wire>,
         hosts: Vec<(Ipv4Addr, Duration)>,
+        once: bool,
+        answered: Vec<Ipv4Addr>,
     }
 
     impl FrameTx for SlowTx {
         fn send(&mut self, frame: &[u8]) -> io::Result<()> {
             let req = packet::parse(frame).expect("the sweep sends well-formed ARP");
+            if self.once && self.answered.contains(&req.target_ip) {
+                return Ok(());
+            }
             for &(ip, delay) in self.hosts.iter().filter(|h| h.0 == req.target_ip) {
+                self.answered.push(ip);
                 let mac = [0x02, 0xc3, 0x08, 0, 0xaa, ip.octets()[3]];
                 let reply = ArpPacket {
                     eth_src: mac,
@@ -905,10 +1057,24 @@ mod timing_tests {
         cfg: &ArpConfig,
         cancel: &CancellationToken,
     ) -> (ArpSweepResult, Duration) {
+        sweep_with(hosts, false, first, last, cfg, cancel)
+    }
+
+    /// [`sweep`], with hosts that answer only their first request if `once`.
+    fn sweep_with(
+        hosts: &[(u8, Duration)],
+        once: bool,
+        first: u8,
+        last: u8,
+        cfg: &ArpConfig,
+        cancel: &CancellationToken,
+    ) -> (ArpSweepResult, Duration) {
         let (wire_tx, wire_rx) = mpsc::channel();
         let mut tx = SlowTx {
             wire: wire_tx,
             hosts: hosts.iter().map(|&(l, d)| (ip(l), d)).collect(),
+            once,
+            answered: Vec::new(),
         };
         let mut rx = SlowRx {
             wire: wire_rx,
@@ -929,6 +1095,7 @@ mod timing_tests {
     fn cfg(round_gap_ms: u64, reply_window_ms: u64) -> ArpConfig {
         ArpConfig {
             rate_pps: 20_000,
+            start_rate_pps: 20_000,
             retries: 1,
             reply_window: Duration::from_millis(reply_window_ms),
             round_gap: Duration::from_millis(round_gap_ms),
@@ -1011,6 +1178,75 @@ mod timing_tests {
         assert_eq!(found(&r), [ip(10)]);
         assert_eq!(r.requests_sent, 1);
         assert!(took < Duration::from_millis(600), "took {took:?}");
+    }
+
+    /// Every fourth address of 2..=253 answers at once.
+    fn every_fourth() -> Vec<(u8, Duration)> {
+        (2..=253).step_by(4).map(|l| (l, Duration::ZERO)).collect()
+    }
+
+    fn adaptive(start: u32, cap: u32) -> ArpConfig {
+        ArpConfig {
+            rate_pps: cap,
+            start_rate_pps: start,
+            ..cfg(200, 1000)
+        }
+    }
+
+    #[test]
+    fn checks_answered_in_time_speed_the_sweep_up_to_the_cap() {
+        let hosts = every_fourth();
+        let (r, took) = sweep(
+            &hosts,
+            2,
+            253,
+            &adaptive(500, 8000),
+            &CancellationToken::new(),
+        );
+        assert_eq!(r.replies.len(), hosts.len(), "every host found");
+        assert!(r.checks_sent >= 5, "{r:?}");
+        assert_eq!(
+            r.requests_sent - r.checks_sent,
+            252 + (252 - 63),
+            "first requests and one retry per silent address"
+        );
+        assert_eq!(r.peak_rate_pps, 8000, "{r:?}");
+        // About 440 requests at 500/s would take 0.88 s; speeding up takes a fraction of it.
+        assert!(took < Duration::from_millis(600), "took {took:?}");
+    }
+
+    #[test]
+    fn lost_checks_keep_the_sweep_at_its_start_rate() {
+        // Each host answers its first request only: every check is lost.
+        let hosts = every_fourth();
+        let (r, took) = sweep_with(
+            &hosts,
+            true,
+            2,
+            253,
+            &adaptive(2000, 20_000),
+            &CancellationToken::new(),
+        );
+        assert_eq!(r.replies.len(), hosts.len(), "every host found");
+        assert!(r.checks_sent >= 1, "{r:?}");
+        assert_eq!(r.peak_rate_pps, 2000, "{r:?}");
+        // At least the requests at 2000/s (over 0.2 s), never 20000/s.
+        assert!(took >= Duration::from_millis(200), "took {took:?}");
+    }
+
+    #[test]
+    fn a_rate_at_or_below_the_start_sends_no_checks() {
+        let hosts = every_fourth();
+        let (r, _) = sweep(
+            &hosts,
+            2,
+            253,
+            &adaptive(20_000, 20_000),
+            &CancellationToken::new(),
+        );
+        assert_eq!(r.replies.len(), hosts.len());
+        assert_eq!((r.checks_sent, r.peak_rate_pps), (0, 20_000));
+        assert_eq!(r.requests_sent, 252 + (252 - 63));
     }
 
     #[test]

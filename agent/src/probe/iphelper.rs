@@ -264,6 +264,8 @@ mod windows {
             interface: iface.name.clone(),
             probed: r.probed,
             requests_sent: r.calls,
+            checks_sent: 0,
+            peak_rate_pps: rate_pps,
             replies: r
                 .found
                 .into_iter()

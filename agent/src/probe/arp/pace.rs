@@ -9,6 +9,9 @@
 //!   most `burst`).
 //! - [`Latency`] and [`adaptive_wait`]: how long to wait for an answer, from the reply latency
 //!   measured so far in the sweep, nmap-style, between a floor and the configured maximum.
+//! - [`RateControl`]: the sending rate, from what the sweep's check requests (an address that
+//!   already answered, asked again) tell of the network: faster while they come back as fast
+//!   as the fastest answer, slower when they come back late or not at all.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -43,6 +46,8 @@ pub(crate) fn adaptive_wait(highest: Option<Duration>, cap: Duration) -> Duratio
 pub(crate) struct Latency {
     /// Highest latency in ns, plus one; 0 while nothing has been measured.
     highest_ns_plus_one: AtomicU64,
+    /// Lowest latency in ns, plus one; 0 while nothing has been measured.
+    lowest_ns_plus_one: AtomicU64,
 }
 
 impl Latency {
@@ -53,6 +58,20 @@ impl Latency {
             .min(u64::MAX - 1);
         self.highest_ns_plus_one
             .fetch_max(ns + 1, Ordering::Relaxed);
+        // 0 means "none yet": replace it, or keep the lower of two samples.
+        let _ = self
+            .lowest_ns_plus_one
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                (old == 0 || ns + 1 < old).then_some(ns + 1)
+            });
+    }
+
+    /// The lowest latency recorded, if any.
+    pub(crate) fn lowest(&self) -> Option<Duration> {
+        match self.lowest_ns_plus_one.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(Duration::from_nanos(n - 1)),
+        }
     }
 
     /// The highest latency recorded, if any.
@@ -66,6 +85,80 @@ impl Latency {
     /// [`adaptive_wait`] for what has been seen so far.
     pub(crate) fn wait(&self, cap: Duration) -> Duration {
         adaptive_wait(self.highest(), cap)
+    }
+}
+
+/// How much later than twice the fastest answer of the sweep a check's answer may come and
+/// still count as "the network keeps up". Hosts on a switched LAN answer ARP in well under a
+/// millisecond; a queue that builds up in a switch, an access point or the hosts themselves
+/// shows as answers that come back milliseconds later than they did.
+pub(crate) const QUEUE_SLACK: Duration = Duration::from_millis(5);
+/// The rate grows by a quarter after each check answered in time...
+const SPEED_UP: f64 = 1.25;
+/// ...shrinks by a quarter after one answered late...
+const SLOW_DOWN_LATE: f64 = 0.75;
+/// ...and halves after one not answered at all (a lost request or reply: loss is the
+/// stronger sign of a network that does not keep up).
+const SLOW_DOWN_LOST: f64 = 0.5;
+
+/// What one check request came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Check {
+    /// Answered after this long.
+    Answered(Duration),
+    /// Not answered within the adaptive wait.
+    Lost,
+}
+
+/// The sending rate of a sweep, between its start rate (the floor) and the configured rate
+/// (the cap): multiplicative increase while checks come back in time, multiplicative decrease
+/// when they come back late or are lost (AIMD's decrease, with a multiplicative increase
+/// because a sweep lasts seconds, not a connection's lifetime). With the cap at or below the
+/// start rate it is a fixed rate, the cap.
+#[derive(Clone, Debug)]
+pub(crate) struct RateControl {
+    rate: f64,
+    floor: f64,
+    cap: f64,
+}
+
+impl RateControl {
+    pub(crate) fn new(start_pps: u32, cap_pps: u32) -> Self {
+        let cap = f64::from(cap_pps.max(1));
+        let floor = f64::from(start_pps.max(1)).min(cap);
+        RateControl {
+            rate: floor,
+            floor,
+            cap,
+        }
+    }
+
+    /// True if the rate can change at all (the cap is above the start).
+    pub(crate) fn adaptive(&self) -> bool {
+        self.cap > self.floor
+    }
+
+    /// The rate now, in requests per second.
+    pub(crate) fn rate(&self) -> u32 {
+        // In [1, cap], and the cap came from a u32.
+        self.rate.round() as u32
+    }
+
+    /// Takes one check's outcome into account; `fastest` is the fastest answer of the sweep
+    /// so far. Returns true if the rate changed.
+    pub(crate) fn on_check(&mut self, check: Check, fastest: Duration) -> bool {
+        let factor = match check {
+            Check::Answered(latency)
+                if latency <= fastest.saturating_mul(2).saturating_add(QUEUE_SLACK) =>
+            {
+                SPEED_UP
+            }
+            Check::Answered(_) => SLOW_DOWN_LATE,
+            Check::Lost => SLOW_DOWN_LOST,
+        };
+        let before = self.rate();
+        self.rate = (self.rate * factor).clamp(self.floor, self.cap);
+        self.rate() != before
     }
 }
 
@@ -86,15 +179,23 @@ impl Pacer {
     /// and on a loaded machine (the benchmark's lab, where the kernel copies every broadcast
     /// to hundreds of namespaces) a burst of 2 let 500 pps fall to about 450.
     pub(crate) fn new(rate_per_sec: u32) -> Self {
-        let rate = u64::from(rate_per_sec.max(1));
-        let interval = Duration::from_nanos((1_000_000_000 / rate).max(1));
-        let burst = (rate / 200).clamp(8, 256);
-        let tolerance = interval.saturating_mul(u32::try_from(burst - 1).unwrap_or(255));
-        Pacer {
-            interval,
-            tolerance,
+        let mut p = Pacer {
+            interval: Duration::ZERO,
+            tolerance: Duration::ZERO,
             tat: None,
-        }
+        };
+        p.set_rate(rate_per_sec);
+        p
+    }
+
+    /// Changes the rate from the next event on (the schedule already taken stands).
+    pub(crate) fn set_rate(&mut self, rate_per_sec: u32) {
+        let rate = u64::from(rate_per_sec.max(1));
+        self.interval = Duration::from_nanos((1_000_000_000 / rate).max(1));
+        let burst = (rate / 200).clamp(8, 256);
+        self.tolerance = self
+            .interval
+            .saturating_mul(u32::try_from(burst - 1).unwrap_or(255));
     }
 
     /// Takes one slot if the schedule allows an event at `now`; otherwise says how long to
@@ -179,10 +280,87 @@ mod tests {
     }
 
     #[test]
+    fn the_rate_grows_while_checks_come_back_in_time_and_falls_when_not() {
+        let ms = Duration::from_millis;
+        let us = Duration::from_micros;
+        let mut r = RateControl::new(1200, 6000);
+        assert!(r.adaptive());
+        assert_eq!(r.rate(), 1200, "starts at the start rate");
+        // Answers as fast as the fastest (300 us), or within 2x + 5 ms of it: faster.
+        assert!(r.on_check(Check::Answered(us(300)), us(300)));
+        assert_eq!(r.rate(), 1500);
+        assert!(r.on_check(Check::Answered(us(5600)), us(300)));
+        assert_eq!(r.rate(), 1875);
+        for _ in 0..20 {
+            r.on_check(Check::Answered(us(400)), us(300));
+        }
+        assert_eq!(r.rate(), 6000, "never above the cap");
+        assert!(!r.on_check(Check::Answered(us(400)), us(300)));
+        // Late (a queue building up): a quarter slower; lost: half.
+        assert!(r.on_check(Check::Answered(ms(6)), us(300)));
+        assert_eq!(r.rate(), 4500);
+        assert!(r.on_check(Check::Lost, us(300)));
+        assert_eq!(r.rate(), 2250);
+        for _ in 0..20 {
+            r.on_check(Check::Lost, us(300));
+        }
+        assert_eq!(r.rate(), 1200, "never below the start rate");
+        // No overflow on absurd samples.
+        r.on_check(Check::Answered(Duration::MAX), Duration::MAX);
+        assert_eq!(r.rate(), 1500);
+    }
+
+    #[test]
+    fn a_cap_at_or_below_the_start_is_a_fixed_rate() {
+        for (start, cap) in [(1200, 1200), (1200, 500), (0, 0)] {
+            let mut r = RateControl::new(start, cap);
+            assert!(!r.adaptive());
+            let fixed = r.rate();
+            assert_eq!(fixed, cap.max(1));
+            assert!(!r.on_check(Check::Answered(Duration::ZERO), Duration::ZERO));
+            assert!(!r.on_check(Check::Lost, Duration::ZERO));
+            assert_eq!(r.rate(), fixed);
+        }
+    }
+
+    #[test]
+    fn a_new_rate_applies_to_the_next_events() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(1000);
+        let mut now = t0;
+        let mut n = 0u32;
+        // One second at 1000/s, then one at 4000/s.
+        while now < t0 + Duration::from_secs(1) {
+            match p.try_take(now) {
+                Ok(()) => n += 1,
+                Err(wait) => now += wait,
+            }
+        }
+        let first = n;
+        p.set_rate(4000);
+        while now < t0 + Duration::from_secs(2) {
+            match p.try_take(now) {
+                Ok(()) => n += 1,
+                Err(wait) => now += wait,
+            }
+        }
+        assert!(
+            (1000..=1010).contains(&first),
+            "{first} in the first second"
+        );
+        assert!(
+            (3990..=4030).contains(&(n - first)),
+            "{} in the second",
+            n - first
+        );
+    }
+
+    #[test]
     fn latency_keeps_the_highest_sample() {
         let l = Latency::default();
         let cap = Duration::from_millis(200);
         assert_eq!(l.highest(), None);
+        assert_eq!(l.lowest(), None);
         assert_eq!(l.wait(cap), cap, "the cap until a reply is timed");
         l.observe(Duration::ZERO);
         assert_eq!(
@@ -194,6 +372,7 @@ mod tests {
         l.observe(Duration::from_millis(20));
         l.observe(Duration::from_millis(3));
         assert_eq!(l.highest(), Some(Duration::from_millis(20)));
+        assert_eq!(l.lowest(), Some(Duration::ZERO));
         assert_eq!(l.wait(cap), Duration::from_millis(80));
         l.observe(Duration::MAX);
         assert_eq!(l.wait(cap), cap);

@@ -38,6 +38,7 @@ fn iface() -> Interface {
 fn fast() -> ArpConfig {
     ArpConfig {
         rate_pps: 20_000,
+        start_rate_pps: 20_000,
         retries: 2,
         reply_window: Duration::from_millis(100),
         round_gap: Duration::from_millis(30),
@@ -389,6 +390,7 @@ fn pacing_holds_the_configured_rate() {
     };
     let cfg = ArpConfig {
         rate_pps: 20_000,
+        start_rate_pps: 20_000,
         retries: 0,
         reply_window: Duration::ZERO,
         round_gap: Duration::ZERO,
@@ -480,6 +482,7 @@ struct LabOutput {
     replies: Vec<String>,
     probed: usize,
     requests_sent: u64,
+    checks_sent: u64,
     elapsed_ms: u64,
 }
 
@@ -527,6 +530,7 @@ fn child_sweep() {
         replies,
         probed: r.probed,
         requests_sent: r.requests_sent,
+        checks_sent: r.checks_sent,
         elapsed_ms,
     });
 }
@@ -591,7 +595,12 @@ fn lab_sweep_finds_exactly_the_live_hosts() -> anyhow::Result<()> {
     };
     let out = sweep_in(&lab, &agent, &few)?;
     assert_eq!(out.replies, expected, "{out:?}");
-    assert_eq!((out.probed, out.requests_sent), (5, 7), "{out:?}");
+    // Too few requests for a check (one goes out after every 32).
+    assert_eq!(
+        (out.probed, out.requests_sent, out.checks_sent),
+        (5, 7, 0),
+        "{out:?}"
+    );
 
     // The whole /24 but our own address.
     let all = LabInput {
@@ -600,7 +609,16 @@ fn lab_sweep_finds_exactly_the_live_hosts() -> anyhow::Result<()> {
     };
     let out = sweep_in(&lab, &agent, &all)?;
     assert_eq!(out.replies, expected, "{out:?}");
-    assert_eq!((out.probed, out.requests_sent), (253, 503), "{out:?}");
+    // 253 first requests and 250 retries, plus the checks between them.
+    assert_eq!(
+        (out.probed, out.requests_sent - out.checks_sent),
+        (253, 503),
+        "{out:?}"
+    );
+    assert!(
+        (1..=503 / CHECK_EVERY).contains(&out.checks_sent),
+        "{out:?}"
+    );
     eprintln!(
         "ARP lab /24 sweep (3 live, default config): {} ms",
         out.elapsed_ms
