@@ -165,6 +165,7 @@ impl Lab {
             lab: self,
             ns,
             segment,
+            port: port_a,
             eth0: iface("eth0", a.ip, mac_a),
             eth1: Some(iface("eth1", b.ip, mac_b)),
         })
