@@ -1035,6 +1035,7 @@ mod tests {
         );
         assert_eq!(Config::default().metrics_listen, None);
         assert_eq!(c.queue, QueueSettings::default());
+        assert_eq!(c.arp, ArpSettings::default(), "the example shows the defaults");
     }
 
     #[test]
