@@ -92,7 +92,7 @@ pub use super::ARP_START_RATE_PPS as START_RATE_PPS;
 /// The default highest rate: 6000 ARP requests per second, 0.36 MB/s (2.9 Mbit/s) of
 /// broadcast while a sweep runs at it: 0.3% of a gigabit link, 3% of 100 Mbit/s. Reached only
 /// on a network that answers the sweep's checks as fast at that rate as at the start, so a
-/// /24 takes about a tenth of a second to ask, a /20 about 1.5 s, a /16 (20 hosts) as long as
+/// /24 takes about a fifth of a second to ask, a /20 about 1.5 s, a /16 (20 hosts) as long as
 /// its few answers let it speed up. A switch port with broadcast storm control set below it
 /// (or dynamic ARP inspection's rate limit) needs `arp.rate` set below that limit.
 pub const DEFAULT_RATE_PPS: u32 = 6000;
