@@ -1035,7 +1035,11 @@ mod tests {
         );
         assert_eq!(Config::default().metrics_listen, None);
         assert_eq!(c.queue, QueueSettings::default());
-        assert_eq!(c.arp, ArpSettings::default(), "the example shows the defaults");
+        assert_eq!(
+            c.arp,
+            ArpSettings::default(),
+            "the example shows the defaults"
+        );
     }
 
     #[test]
