@@ -1196,23 +1196,23 @@ mod timing_tests {
     #[test]
     fn checks_answered_in_time_speed_the_sweep_up_to_the_cap() {
         let hosts = every_fourth();
-        let (r, took) = sweep(
+        let (r, _) = sweep(
             &hosts,
             2,
             253,
-            &adaptive(500, 8000),
+            &adaptive(1000, 4000),
             &CancellationToken::new(),
         );
         assert_eq!(r.replies.len(), hosts.len(), "every host found");
-        assert!(r.checks_sent >= 5, "{r:?}");
+        // About 440 requests: 13 checks, of which 7 in time take 1000/s past 4000/s (a check
+        // that a stalled test machine times late costs about one and a half of them).
+        assert!(r.checks_sent >= 12, "{r:?}");
         assert_eq!(
             r.requests_sent - r.checks_sent,
             252 + (252 - 63),
             "first requests and one retry per silent address"
         );
-        assert_eq!(r.peak_rate_pps, 8000, "{r:?}");
-        // About 440 requests at 500/s would take 0.88 s; speeding up takes a fraction of it.
-        assert!(took < Duration::from_millis(600), "took {took:?}");
+        assert_eq!(r.peak_rate_pps, 4000, "{r:?}");
     }
 
     #[test]
