@@ -125,16 +125,17 @@ fn useful_serial(s: &str) -> bool {
 
 /// The identifiers of one observation made at `site`.
 pub fn identifiers(obs: &CleanObservation, site: &str) -> Identifiers {
-    let mut strong = BTreeSet::new();
-    let mut weak = BTreeSet::new();
+    // Sorted and without repeats once all are in (see below), as sets would hold them.
+    let mut strong = Vec::new();
+    let mut weak = Vec::new();
     let mut out = Identifiers::default();
     for mac in obs.macs.iter().chain(&obs.interface_macs) {
         match mac_class(*mac) {
             MacClass::Strong => {
-                strong.insert(format!("{MAC}{mac}"));
+                strong.push(format!("{MAC}{mac}"));
             }
             MacClass::Local if obs.macs.contains(mac) => {
-                weak.insert(format!("{LOCAL_MAC}{mac}"));
+                weak.push(format!("{LOCAL_MAC}{mac}"));
             }
             MacClass::Virtual if obs.interface_macs.contains(mac) => out.owns_virtual.push(*mac),
             MacClass::Virtual => out.answered_virtual.push(*mac),
@@ -142,13 +143,13 @@ pub fn identifiers(obs: &CleanObservation, site: &str) -> Identifiers {
         }
     }
     if let Some(engine) = obs.engine_id.as_deref().filter(|e| e.len() >= 5) {
-        strong.insert(format!("{ENGINE}{}", hex::encode(engine)));
+        strong.push(format!("{ENGINE}{}", hex::encode(engine)));
     }
     if let Some(serial) = obs.serial.as_deref().filter(|s| useful_serial(s)) {
-        strong.insert(format!("{SERIAL}{}", serial.trim()));
+        strong.push(format!("{SERIAL}{}", serial.trim()));
     }
     if let Some(host) = obs.mdns_host.as_deref().filter(|h| !h.is_empty()) {
-        weak.insert(format!(
+        weak.push(format!(
             "{MDNS}{}",
             host.trim_end_matches('.').to_ascii_lowercase()
         ));
@@ -157,11 +158,15 @@ pub fn identifiers(obs: &CleanObservation, site: &str) -> Identifiers {
     out.owns_virtual.dedup();
     out.answered_virtual.sort();
     out.answered_virtual.dedup();
+    for keys in [&mut strong, &mut weak] {
+        keys.sort_unstable();
+        keys.dedup();
+    }
     if !strong.is_empty() {
-        out.keys = strong.into_iter().collect();
+        out.keys = strong;
     } else if !weak.is_empty() {
         out.weak_only = true;
-        out.keys = weak.into_iter().collect();
+        out.keys = weak;
     } else if out.answered_virtual.is_empty() {
         out.weak_only = true;
         out.keys = obs
@@ -325,6 +330,23 @@ pub trait Graph {
     /// key may read as absent.
     fn take_key(&mut self, key: &str) -> Result<Option<KeyRecord>, Self::Error> {
         self.key(key)
+    }
+    /// Shows `f` who answers on an address (or `None`) to change; when `f` returns `true`, what
+    /// it left is stored. A graph that keeps records overrides it to look the address up once
+    /// and change its record in place.
+    fn update_address_owner(
+        &mut self,
+        site: &str,
+        ip: IpAddr,
+        f: impl FnOnce(&mut Option<AddressOwner>) -> bool,
+    ) -> Result<(), Self::Error> {
+        let mut owner = self.address_owner(site, ip)?;
+        if f(&mut owner)
+            && let Some(owner) = &owner
+        {
+            self.put_address_owner(site, ip, owner)?;
+        }
+        Ok(())
     }
     /// Stores a key's record, handing it over: a graph that keeps records overrides it to keep
     /// this one instead of a copy.
@@ -699,23 +721,28 @@ pub fn apply<G: Graph>(
         if !answered || obs.proxy_arp {
             continue;
         }
-        let newer = match g.address_owner(&scope.site, *ip)? {
-            None => true,
-            Some(o) => {
-                (at, std::cmp::Reverse(primary.as_str()))
-                    > (o.last_seen_ms, std::cmp::Reverse(o.key.as_str()))
+        g.update_address_owner(&scope.site, *ip, |owner| {
+            let newer = match owner {
+                None => true,
+                Some(o) => {
+                    (at, std::cmp::Reverse(primary.as_str()))
+                        > (o.last_seen_ms, std::cmp::Reverse(o.key.as_str()))
+                }
+            };
+            if newer {
+                match owner {
+                    // Seen again: only the time changes.
+                    Some(o) if o.key == *primary => o.last_seen_ms = at,
+                    _ => {
+                        *owner = Some(AddressOwner {
+                            key: primary.clone(),
+                            last_seen_ms: at,
+                        });
+                    }
+                }
             }
-        };
-        if newer {
-            g.put_address_owner(
-                &scope.site,
-                *ip,
-                &AddressOwner {
-                    key: primary.clone(),
-                    last_seen_ms: at,
-                },
-            )?;
-        }
+            newer
+        })?;
     }
     // Virtual MACs it owns: it is their router.
     for mac in &ids.owns_virtual {

@@ -297,6 +297,25 @@ impl Graph for Overlay<'_> {
         write_keyed(&mut self.owners, k, owner);
         Ok(())
     }
+    fn update_address_owner(
+        &mut self,
+        site: &str,
+        ip: IpAddr,
+        f: impl FnOnce(&mut Option<AddressOwner>) -> bool,
+    ) -> Result<(), StoreError> {
+        let k = self.owner_key(site, ip);
+        let slot = match self.owners.entry(k) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let slot = load(self.graph, self.client, e.key(), &mut self.scratch)?;
+                e.insert(slot)
+            }
+        };
+        if f(&mut slot.value) {
+            slot.dirty = true;
+        }
+        Ok(())
+    }
     fn virtual_mac(&mut self, mac: MacAddr) -> Result<Option<VirtualMacRecord>, StoreError> {
         let k = self.vmac_key(mac);
         read_keyed(
