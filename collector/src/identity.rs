@@ -125,16 +125,17 @@ fn useful_serial(s: &str) -> bool {
 
 /// The identifiers of one observation made at `site`.
 pub fn identifiers(obs: &CleanObservation, site: &str) -> Identifiers {
-    let mut strong = BTreeSet::new();
-    let mut weak = BTreeSet::new();
+    // Sorted and without repeats once all are in (see below), as sets would hold them.
+    let mut strong = Vec::new();
+    let mut weak = Vec::new();
     let mut out = Identifiers::default();
     for mac in obs.macs.iter().chain(&obs.interface_macs) {
         match mac_class(*mac) {
             MacClass::Strong => {
-                strong.insert(format!("{MAC}{mac}"));
+                strong.push(format!("{MAC}{mac}"));
             }
             MacClass::Local if obs.macs.contains(mac) => {
-                weak.insert(format!("{LOCAL_MAC}{mac}"));
+                weak.push(format!("{LOCAL_MAC}{mac}"));
             }
             MacClass::Virtual if obs.interface_macs.contains(mac) => out.owns_virtual.push(*mac),
             MacClass::Virtual => out.answered_virtual.push(*mac),
@@ -142,13 +143,13 @@ pub fn identifiers(obs: &CleanObservation, site: &str) -> Identifiers {
         }
     }
     if let Some(engine) = obs.engine_id.as_deref().filter(|e| e.len() >= 5) {
-        strong.insert(format!("{ENGINE}{}", hex::encode(engine)));
+        strong.push(format!("{ENGINE}{}", hex::encode(engine)));
     }
     if let Some(serial) = obs.serial.as_deref().filter(|s| useful_serial(s)) {
-        strong.insert(format!("{SERIAL}{}", serial.trim()));
+        strong.push(format!("{SERIAL}{}", serial.trim()));
     }
     if let Some(host) = obs.mdns_host.as_deref().filter(|h| !h.is_empty()) {
-        weak.insert(format!(
+        weak.push(format!(
             "{MDNS}{}",
             host.trim_end_matches('.').to_ascii_lowercase()
         ));
@@ -157,11 +158,15 @@ pub fn identifiers(obs: &CleanObservation, site: &str) -> Identifiers {
     out.owns_virtual.dedup();
     out.answered_virtual.sort();
     out.answered_virtual.dedup();
+    for keys in [&mut strong, &mut weak] {
+        keys.sort_unstable();
+        keys.dedup();
+    }
     if !strong.is_empty() {
-        out.keys = strong.into_iter().collect();
+        out.keys = strong;
     } else if !weak.is_empty() {
         out.weak_only = true;
-        out.keys = weak.into_iter().collect();
+        out.keys = weak;
     } else if out.answered_virtual.is_empty() {
         out.weak_only = true;
         out.keys = obs
@@ -318,6 +323,30 @@ pub trait Graph {
     /// records encoded overrides it to decode only those.
     fn device_keys(&mut self, id: &str) -> Result<Option<(String, Vec<String>)>, Self::Error> {
         self.with_device(id, |d| d.map(|d| (d.id.clone(), d.keys.clone())))
+    }
+    /// A key's record (or `None`), handed over to be changed and put back with
+    /// [`Graph::put_key_owned`] before the key is read again: a graph that keeps records
+    /// overrides it to move the record out instead of copying it, so until it is put back the
+    /// key may read as absent.
+    fn take_key(&mut self, key: &str) -> Result<Option<KeyRecord>, Self::Error> {
+        self.key(key)
+    }
+    /// Shows `f` who answers on an address (or `None`) to change; when `f` returns `true`, what
+    /// it left is stored. A graph that keeps records overrides it to look the address up once
+    /// and change its record in place.
+    fn update_address_owner(
+        &mut self,
+        site: &str,
+        ip: IpAddr,
+        f: impl FnOnce(&mut Option<AddressOwner>) -> bool,
+    ) -> Result<(), Self::Error> {
+        let mut owner = self.address_owner(site, ip)?;
+        if f(&mut owner)
+            && let Some(owner) = &owner
+        {
+            self.put_address_owner(site, ip, owner)?;
+        }
+        Ok(())
     }
     /// Stores a key's record, handing it over: a graph that keeps records overrides it to keep
     /// this one instead of a copy.
@@ -482,8 +511,11 @@ pub fn fold(a: &mut DeviceRecord, b: &DeviceRecord) {
 }
 
 /// A device's record, rebuilt from its keys' contributions.
-fn rebuild<G: Graph>(g: &mut G, client: &str, keys: &[String]) -> Result<DeviceRecord, G::Error> {
-    let mut keys = keys.to_vec();
+fn rebuild<G: Graph>(
+    g: &mut G,
+    client: &str,
+    mut keys: Vec<String>,
+) -> Result<DeviceRecord, G::Error> {
     keys.sort();
     keys.dedup();
     let mut dev = empty(client);
@@ -516,13 +548,13 @@ struct Settled {
 fn settle<G: Graph>(
     g: &mut G,
     client: &str,
-    keys: &[String],
+    keys: Vec<String>,
     old_ids: &[String],
 ) -> Result<Settled, G::Error> {
     let dev = rebuild(g, client, keys)?;
     for k in &dev.keys {
         if g.with_key(k, |rec| rec.is_some_and(|r| r.device != dev.id))?
-            && let Some(mut rec) = g.key(k)?
+            && let Some(mut rec) = g.take_key(k)?
         {
             rec.device.clone_from(&dev.id);
             g.put_key_owned(k, rec)?;
@@ -585,12 +617,12 @@ pub fn apply<G: Graph>(
         }
         return Ok(());
     }
-    let primary = ids.keys[0].clone();
-    let mut primary_rec = g.key(&primary)?;
-    let cut_from = primary_rec
-        .as_ref()
-        .map(|r| r.cut_from.clone())
-        .unwrap_or_default();
+    let primary = &ids.keys[0];
+    // Taken, not copied: it is put back below, changed, before the primary key is read again
+    // (the other keys are distinct from it).
+    let mut primary_rec = g.take_key(primary)?;
+    let no_cuts = BTreeSet::new();
+    let cut_from = primary_rec.as_ref().map_or(&no_cuts, |r| &r.cut_from);
 
     // The keys this observation may join: not cut from the primary (an operator's split holds).
     let mut joined: Vec<String> = vec![primary.clone()];
@@ -601,7 +633,7 @@ pub fn apply<G: Graph>(
         }
         let (cut, device) = g.with_key(k, |rec| {
             (
-                rec.is_some_and(|r| r.cut_from.contains(&primary)),
+                rec.is_some_and(|r| r.cut_from.contains(primary)),
                 rec.map(|r| r.device.clone()),
             )
         })?;
@@ -615,29 +647,27 @@ pub fn apply<G: Graph>(
     }
 
     // Every key of every device involved, unless that device holds a key cut from the primary.
-    let mut before = Vec::new();
-    let mut merged_ids = Vec::new();
-    let mut device_keys: Vec<String> = Vec::new();
+    let mut before: Vec<(String, Vec<String>)> = Vec::new();
     for id in &devices {
         let Some((dev_id, dev_keys)) = g.device_keys(id)? else {
             continue;
         };
-        if !dev_keys.contains(&primary) && dev_keys.iter().any(|k| cut_from.contains(k)) {
+        if !dev_keys.contains(primary) && dev_keys.iter().any(|k| cut_from.contains(k)) {
             // Keep apart what an operator split.
             joined.retain(|k| !dev_keys.contains(k));
             continue;
         }
-        before.push((dev_id.clone(), dev_keys.clone()));
-        merged_ids.push(dev_id);
-        device_keys.extend(dev_keys);
+        before.push((dev_id, dev_keys));
     }
+    let merged_ids: Vec<String> = before.iter().map(|(id, _)| id.clone()).collect();
+    // Sorted and without repeats, as a set would hold them.
     let mut all_keys: Vec<String> = joined
         .iter()
+        .chain(before.iter().flat_map(|(_, keys)| keys))
         .cloned()
-        .chain(device_keys)
-        .collect::<BTreeSet<_>>()
-        .into_iter()
         .collect();
+    all_keys.sort_unstable();
+    all_keys.dedup();
     all_keys.truncate(MAX_DEVICE_KEYS);
 
     // The observation's contribution lives on the primary key.
@@ -648,7 +678,7 @@ pub fn apply<G: Graph>(
         cut_from: BTreeSet::new(),
     });
     fold(&mut rec.contribution, &contrib);
-    g.put_key_owned(&primary, rec)?;
+    g.put_key_owned(primary, rec)?;
     for k in &all_keys {
         if !g.with_key(k, |rec| rec.is_some())? {
             g.put_key_owned(
@@ -661,7 +691,7 @@ pub fn apply<G: Graph>(
             )?;
         }
     }
-    let dev = settle(g, &scope.client, &all_keys, &merged_ids)?;
+    let dev = settle(g, &scope.client, all_keys, &merged_ids)?;
     if before.len() > 1 {
         let mut event = Event {
             seq: 0,
@@ -691,23 +721,28 @@ pub fn apply<G: Graph>(
         if !answered || obs.proxy_arp {
             continue;
         }
-        let newer = match g.address_owner(&scope.site, *ip)? {
-            None => true,
-            Some(o) => {
-                (at, std::cmp::Reverse(primary.as_str()))
-                    > (o.last_seen_ms, std::cmp::Reverse(o.key.as_str()))
+        g.update_address_owner(&scope.site, *ip, |owner| {
+            let newer = match owner {
+                None => true,
+                Some(o) => {
+                    (at, std::cmp::Reverse(primary.as_str()))
+                        > (o.last_seen_ms, std::cmp::Reverse(o.key.as_str()))
+                }
+            };
+            if newer {
+                match owner {
+                    // Seen again: only the time changes.
+                    Some(o) if o.key == *primary => o.last_seen_ms = at,
+                    _ => {
+                        *owner = Some(AddressOwner {
+                            key: primary.clone(),
+                            last_seen_ms: at,
+                        });
+                    }
+                }
             }
-        };
-        if newer {
-            g.put_address_owner(
-                &scope.site,
-                *ip,
-                &AddressOwner {
-                    key: primary.clone(),
-                    last_seen_ms: at,
-                },
-            )?;
-        }
+            newer
+        })?;
     }
     // Virtual MACs it owns: it is their router.
     for mac in &ids.owns_virtual {
@@ -805,7 +840,7 @@ pub fn merge<G: Graph>(
     };
     uncut(g, &ka, &kb)?;
     let all: Vec<String> = ka.iter().chain(&kb).cloned().collect();
-    let dev = settle(g, client, &all, &[a.to_owned(), b.to_owned()])?;
+    let dev = settle(g, client, all, &[a.to_owned(), b.to_owned()])?;
     let mut event = Event {
         seq: 0,
         at_ms,
@@ -840,8 +875,8 @@ pub fn split<G: Graph>(
     }
     cut(g, &part, &rest)?;
     g.delete_device(id)?;
-    let a = settle(g, client, &part, &[])?;
-    let b = settle(g, client, &rest, &[])?;
+    let a = settle(g, client, part, &[])?;
+    let b = settle(g, client, rest, &[])?;
     let mut event = Event {
         seq: 0,
         at_ms,
@@ -927,7 +962,7 @@ pub fn undo<G: Graph>(g: &mut G, client: &str, seq: u64, at_ms: u64) -> EditResu
     }
     let mut after = Vec::new();
     for p in &parts {
-        let d = settle(g, client, p, &[])?;
+        let d = settle(g, client, p.clone(), &[])?;
         after.push((d.id.clone(), d.keys.clone()));
     }
     let mut event = Event {

@@ -364,14 +364,19 @@ fn tagged(kind: u8, rest: &[u8]) -> Vec<u8> {
 /// A `graph` key of `kind` from parts.
 fn graph_key(kind: u8, parts: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
-    k.push(kind);
+    push_graph_key(&mut k, kind, parts);
+    k
+}
+
+/// Appends a `graph` key of `kind` from parts to `out`.
+fn push_graph_key(out: &mut Vec<u8>, kind: u8, parts: &[&[u8]]) {
+    out.push(kind);
     for (i, p) in parts.iter().enumerate() {
         if i > 0 {
-            k.push(0);
+            out.push(0);
         }
-        k.extend_from_slice(p);
+        out.extend_from_slice(p);
     }
-    k
 }
 
 /// The prefix of every `graph` key of `kind` under `parts`.
@@ -387,17 +392,50 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
 
 /// A device record as stored: its counting summary, then the record (see the module docs).
 fn encode_device(device: &DeviceRecord) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::with_capacity(192);
+    encode_device_into(device, &mut out)?;
+    Ok(out)
+}
+
+/// Appends a device record as stored (see [`encode_device`]) to `out`.
+fn encode_device_into(device: &DeviceRecord, out: &mut Vec<u8>) -> Result<(), StoreError> {
     let s = DeviceSummary::of(device);
     let category = s.category.as_bytes();
     let len = u16::try_from(category.len())
         .map_err(|_| StoreError::Engine("category label longer than 64 KiB".into()))?;
-    let mut out = Vec::with_capacity(192);
     out.push(FORMAT_DEVICE);
     out.extend_from_slice(&s.last_seen_ms.to_be_bytes());
     out.push(u8::from(s.weak_only) | (u8::from(s.named) << 1));
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(category);
-    postcard::to_extend(device, out).map_err(|e| StoreError::Engine(e.to_string()))
+    postcard_into(device, out)
+}
+
+/// Appends the postcard encoding of `value` to `out`.
+fn postcard_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), StoreError> {
+    postcard::serialize_with_flavor(value, Append(out))
+        .map_err(|e| StoreError::Engine(e.to_string()))
+}
+
+/// postcard's output onto the end of a vector that already holds other bytes.
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
 }
 
 /// The counting summary in front of a stored device record, and where the record starts.
@@ -666,9 +704,10 @@ impl Store for SledStore {
                         .map(|o| o.observed_ms)
                         .max()
                         .unwrap_or(0);
-                    let mut record = applied_ms.to_be_bytes().to_vec();
-                    record.extend_from_slice(&batch.digest);
-                    writes.push((batch_key, Some(record)));
+                    let mut record = [0u8; 40];
+                    record[..8].copy_from_slice(&applied_ms.to_be_bytes());
+                    record[8..].copy_from_slice(&batch.digest);
+                    writes.put(&batch_key, Some(&record))?;
                     let ticket = self.pipeline.commit(client, writes)?;
                     self.counts.update(&scope.client, changes);
                     (BatchOutcome::Stored, Some(ticket))

@@ -39,8 +39,9 @@ use sled::IVec;
 
 use super::{StoreError, engine, memtable::Memtable, wal};
 
-/// One writer's commit: `graph` keys and their new values (`None` removes).
-pub(super) type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+/// One writer's commit: `graph` keys and their new values (removals too), encoded as the
+/// log's frame.
+pub(super) type Writes = wal::Frame;
 
 /// In `meta`: the number of the last log segment written to sled (u64 BE).
 pub(super) const CHECKPOINT: &[u8] = b"wal-checkpoint";
@@ -263,15 +264,9 @@ impl Pipeline {
 
     /// Appends a commit to the log and puts it in the buffer: readers see it from now on; it is
     /// durable once [`Pipeline::wait_durable`] returns for its ticket. `client` owns every key.
-    pub(super) fn commit(&self, client: &[u8], writes: Writes) -> Result<Ticket, StoreError> {
-        let mut frame = Vec::with_capacity(
-            writes
-                .iter()
-                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 9)
-                .sum::<usize>()
-                + 8,
-        );
-        wal::encode_frame(&writes, &mut frame)?;
+    pub(super) fn commit(&self, client: &[u8], mut writes: Writes) -> Result<Ticket, StoreError> {
+        writes.seal()?;
+        let frame = writes.bytes();
         let sh = &self.shared;
         let mut s = sh.lock();
         loop {
@@ -293,7 +288,7 @@ impl Pipeline {
             }
             break;
         }
-        s.pending.extend_from_slice(&frame);
+        s.pending.extend_from_slice(frame);
         s.appended += frame.len() as u64;
         s.segment_bytes += frame.len() as u64;
         let now = Instant::now();
@@ -301,9 +296,7 @@ impl Pipeline {
             s.oldest = now;
         }
         s.last_commit = now;
-        for (k, v) in &writes {
-            s.active.insert(client, k, v.as_deref());
-        }
+        writes.for_each(|k, v| s.active.insert(client, k, v));
         if s.active.bytes() >= s.limits.buffer_bytes || s.segment_bytes >= s.limits.log_bytes {
             sh.wake.notify_one();
         }

@@ -12,7 +12,7 @@ use super::{
     commit::{Pipeline, Writes},
     counts::Changes,
     counts::OwnedSummary,
-    decode, device_summary, encode_device, engine, graph_key,
+    decode, device_summary, encode_device_into, engine, graph_key, postcard_into, push_graph_key,
 };
 use crate::{
     identity::{AddressOwner, Event, Graph, KeyRecord, VirtualMacRecord},
@@ -142,26 +142,35 @@ fn write_keyed<T: Clone>(map: &mut HashMap<Vec<u8>, Slot<T>>, k: Vec<u8>, value:
     );
 }
 
-/// Adds a record's write (or removal) to a writer's batch.
+/// The `graph` key of who answers on `ip` at `site`: `o client\0site\0address`.
+fn owner_key(client: &[u8], site: &str, ip: IpAddr) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut k = Vec::with_capacity(client.len() + site.len() + 48);
+    push_graph_key(&mut k, OWNER, &[client, site.as_bytes(), b""]);
+    // The address as text, written in place rather than into a string of its own. Writing to
+    // a vector cannot fail.
+    let _ = write!(k, "{ip}");
+    k
+}
+
+/// Writes a key held whole.
+fn bytes(k: &[u8]) -> impl FnOnce(&mut Vec<u8>) + '_ {
+    move |out| out.extend_from_slice(k)
+}
+
+/// Adds a record's write (or removal) to a writer's batch: its key as `key` writes it.
 fn stage<T: Serialize>(
     writes: &mut Writes,
-    k: Vec<u8>,
+    key: impl FnOnce(&mut Vec<u8>),
     value: Option<&T>,
 ) -> Result<(), StoreError> {
-    let value = match value {
-        // Room for a typical record, so encoding does not grow the buffer step by step.
-        Some(v) => Some(
-            postcard::to_extend(v, {
-                let mut out = Vec::with_capacity(256);
-                out.push(FORMAT_V1);
-                out
-            })
-            .map_err(|e| StoreError::Engine(e.to_string()))?,
-        ),
-        None => None,
-    };
-    writes.push((k, value));
-    Ok(())
+    match value {
+        Some(v) => writes.set(key, |out| {
+            out.push(FORMAT_V1);
+            postcard_into(v, out)
+        }),
+        None => writes.remove(key),
+    }
 }
 
 impl<'a> Overlay<'a> {
@@ -191,10 +200,7 @@ impl<'a> Overlay<'a> {
     }
 
     fn owner_key(&self, site: &str, ip: IpAddr) -> Vec<u8> {
-        graph_key(
-            OWNER,
-            &[self.client, site.as_bytes(), ip.to_string().as_bytes()],
-        )
+        owner_key(self.client, site, ip)
     }
 
     fn vmac_key(&self, mac: MacAddr) -> Vec<u8> {
@@ -208,37 +214,39 @@ impl<'a> Overlay<'a> {
     /// Every write, and what changed for counting: each written device's summary (`None`
     /// for a deleted one).
     pub(super) fn into_writes(self) -> Result<(Writes, Changes), StoreError> {
-        let mut writes = Writes::new();
+        // Room for typical records, so the frame is not grown step by step.
+        let mut writes =
+            Writes::with_capacity((self.keys.len() + self.devices.len() + self.owners.len()) * 320);
         let mut changes = Changes::new();
         let c = self.client;
         for (k, slot) in self.keys.iter().filter(|(_, s)| s.dirty) {
             stage(
                 &mut writes,
-                graph_key(KEY, &[c, k.as_bytes()]),
+                |out| push_graph_key(out, KEY, &[c, k.as_bytes()]),
                 slot.value.as_ref(),
             )?;
         }
         for (id, slot) in self.devices.into_iter().filter(|(_, s)| s.dirty) {
-            let k = graph_key(DEVICE, &[c, id.as_bytes()]);
+            let key = |out: &mut Vec<u8>| push_graph_key(out, DEVICE, &[c, id.as_bytes()]);
             match &slot.value {
                 Some(d) => {
-                    writes.push((k, Some(encode_device(d)?)));
+                    writes.set(key, |out| encode_device_into(d, out))?;
                     changes.push((id, Some(OwnedSummary::of(&DeviceSummary::of(d)))));
                 }
                 None => {
-                    writes.push((k, None));
+                    writes.remove(key)?;
                     changes.push((id, None));
                 }
             }
         }
-        for (k, slot) in self.owners.into_iter().filter(|(_, s)| s.dirty) {
-            stage(&mut writes, k, slot.value.as_ref())?;
+        for (k, slot) in self.owners.iter().filter(|(_, s)| s.dirty) {
+            stage(&mut writes, bytes(k), slot.value.as_ref())?;
         }
-        for (k, slot) in self.vmacs.into_iter().filter(|(_, s)| s.dirty) {
-            stage(&mut writes, k, slot.value.as_ref())?;
+        for (k, slot) in self.vmacs.iter().filter(|(_, s)| s.dirty) {
+            stage(&mut writes, bytes(k), slot.value.as_ref())?;
         }
-        for (k, slot) in self.events.into_iter().filter(|(_, s)| s.dirty) {
-            stage(&mut writes, k, slot.value.as_ref())?;
+        for (k, slot) in self.events.iter().filter(|(_, s)| s.dirty) {
+            stage(&mut writes, bytes(k), slot.value.as_ref())?;
         }
         Ok((writes, changes))
     }
@@ -287,6 +295,25 @@ impl Graph for Overlay<'_> {
     ) -> Result<(), StoreError> {
         let k = self.owner_key(site, ip);
         write_keyed(&mut self.owners, k, owner);
+        Ok(())
+    }
+    fn update_address_owner(
+        &mut self,
+        site: &str,
+        ip: IpAddr,
+        f: impl FnOnce(&mut Option<AddressOwner>) -> bool,
+    ) -> Result<(), StoreError> {
+        let k = self.owner_key(site, ip);
+        let slot = match self.owners.entry(k) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let slot = load(self.graph, self.client, e.key(), &mut self.scratch)?;
+                e.insert(slot)
+            }
+        };
+        if f(&mut slot.value) {
+            slot.dirty = true;
+        }
         Ok(())
     }
     fn virtual_mac(&mut self, mac: MacAddr) -> Result<Option<VirtualMacRecord>, StoreError> {
@@ -367,9 +394,31 @@ impl Graph for Overlay<'_> {
         Ok(())
     }
     fn put_device_owned(&mut self, device: DeviceRecord) -> Result<(), StoreError> {
-        let id = device.id.clone();
-        write_named(&mut self.devices, &id, Some(device));
+        match self.devices.get_mut(&device.id) {
+            Some(slot) => {
+                slot.value = Some(device);
+                slot.dirty = true;
+            }
+            None => {
+                let id = device.id.clone();
+                self.devices.insert(
+                    id,
+                    Slot {
+                        value: Some(device),
+                        dirty: true,
+                    },
+                );
+            }
+        }
         Ok(())
+    }
+    fn take_key(&mut self, k: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let c = self.client;
+        slot_named(&mut self.keys, self.graph, c, &mut self.scratch, k, || {
+            graph_key(KEY, &[c, k.as_bytes()])
+        })?;
+        // Moved out: until it is put back the key reads as absent (see [`Graph::take_key`]).
+        Ok(self.keys.get_mut(k).and_then(|slot| slot.value.take()))
     }
     fn put_event(&mut self, event: &mut Event) -> Result<(), StoreError> {
         if event.seq == 0 {
@@ -385,6 +434,17 @@ impl Graph for Overlay<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_owner_key_names_the_address_as_text() {
+        for ip in ["198.18.0.10", "2001:db8::1", "::ffff:198.18.0.1"] {
+            let ip: IpAddr = ip.parse().expect("ip");
+            assert_eq!(
+                owner_key(b"acme", "hq", ip),
+                graph_key(OWNER, &[b"acme", b"hq", ip.to_string().as_bytes()])
+            );
+        }
+    }
 
     #[test]
     fn a_device_head_is_the_front_of_its_record() {
@@ -407,7 +467,7 @@ mod tests {
             anomalies: Vec::new(),
         };
         let k = graph_key(DEVICE, &[b"acme", d.id.as_bytes()]);
-        let stored = encode_device(&d).expect("encode");
+        let stored = super::super::encode_device(&d).expect("encode");
         assert_eq!(
             decode_head(&k, &stored).expect("head"),
             (d.id.clone(), d.keys.clone())

@@ -32,45 +32,130 @@ const HEADER: usize = 8;
 const MAX_FRAME: usize = 1 << 30;
 
 /// One write of a record: key, and its new value (`None` removes it).
+#[cfg(test)]
 pub(super) type Record = (Vec<u8>, Option<Vec<u8>>);
 
 /// Appends one frame holding `writes` to `out` (nothing when there are none).
+#[cfg(test)]
 pub(super) fn encode_frame(writes: &[Record], out: &mut Vec<u8>) -> Result<(), StoreError> {
-    if writes.is_empty() {
-        return Ok(());
-    }
-    let start = out.len();
-    out.extend_from_slice(&[0; HEADER]);
+    let mut frame = Frame::with_capacity(0);
     for (k, v) in writes {
-        push_len(out, k.len())?;
-        out.extend_from_slice(k);
-        match v {
-            Some(v) => {
-                out.push(1);
-                push_len(out, v.len())?;
-                out.extend_from_slice(v);
-            }
-            None => out.push(0),
-        }
+        frame.put(k, v.as_deref())?;
     }
-    let payload = out.len() - start - HEADER;
-    if payload > MAX_FRAME {
-        out.truncate(start);
-        return Err(StoreError::Engine(format!(
-            "one commit of {payload} bytes is larger than the log's frames may be"
-        )));
-    }
-    let crc = crc32fast::hash(&out[start + HEADER..]);
-    out[start..start + 4].copy_from_slice(&(payload as u32).to_le_bytes());
-    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    frame.seal()?;
+    out.extend_from_slice(frame.bytes());
     Ok(())
 }
 
-fn push_len(out: &mut Vec<u8>, len: usize) -> Result<(), StoreError> {
-    let len =
-        u32::try_from(len).map_err(|_| StoreError::Engine("a record longer than 4 GiB".into()))?;
-    out.extend_from_slice(&len.to_le_bytes());
-    Ok(())
+/// One commit's frame, built in place: each record is encoded straight into the bytes the log
+/// stores, so a commit's writes are encoded once, with no allocation of their own, and copied
+/// once (into the log's buffer); the write buffer takes them from here too
+/// ([`Frame::for_each`]).
+#[derive(Debug)]
+pub(super) struct Frame {
+    /// The header's room, then the payload.
+    buf: Vec<u8>,
+    records: usize,
+}
+
+impl Frame {
+    /// An empty frame with room for about `bytes` of records.
+    pub(super) fn with_capacity(bytes: usize) -> Self {
+        let mut buf = Vec::with_capacity(HEADER + bytes);
+        buf.extend_from_slice(&[0; HEADER]);
+        Frame { buf, records: 0 }
+    }
+
+    /// Appends a record set to a value: `key` and `value` append its key and its value to the
+    /// vector they are given. A failed `value` leaves the frame as it was.
+    pub(super) fn set(
+        &mut self,
+        key: impl FnOnce(&mut Vec<u8>),
+        value: impl FnOnce(&mut Vec<u8>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let start = self.buf.len();
+        let result = self.key(key).and_then(|()| {
+            self.buf.push(1);
+            let at = self.buf.len();
+            self.buf.extend_from_slice(&[0; 4]);
+            value(&mut self.buf)?;
+            self.patch_len(at)
+        });
+        self.done(start, result)
+    }
+
+    /// Appends the removal of a record.
+    pub(super) fn remove(&mut self, key: impl FnOnce(&mut Vec<u8>)) -> Result<(), StoreError> {
+        let start = self.buf.len();
+        let result = self.key(key).map(|()| self.buf.push(0));
+        self.done(start, result)
+    }
+
+    /// Appends a record from its bytes (`None` removes it).
+    pub(super) fn put(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
+        let key = |out: &mut Vec<u8>| out.extend_from_slice(key);
+        match value {
+            Some(v) => self.set(key, |out| {
+                out.extend_from_slice(v);
+                Ok(())
+            }),
+            None => self.remove(key),
+        }
+    }
+
+    fn key(&mut self, key: impl FnOnce(&mut Vec<u8>)) -> Result<(), StoreError> {
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]);
+        key(&mut self.buf);
+        self.patch_len(at)
+    }
+
+    /// Writes the length of what follows the 4 bytes at `at` into them.
+    fn patch_len(&mut self, at: usize) -> Result<(), StoreError> {
+        let len = u32::try_from(self.buf.len() - at - 4)
+            .map_err(|_| StoreError::Engine("a record longer than 4 GiB".into()))?;
+        self.buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        Ok(())
+    }
+
+    fn done(&mut self, start: usize, result: Result<(), StoreError>) -> Result<(), StoreError> {
+        match result {
+            Ok(()) => self.records += 1,
+            Err(_) => self.buf.truncate(start),
+        }
+        result
+    }
+
+    /// Writes the frame's length and CRC, once every record is in: [`Frame::bytes`] is then
+    /// the frame as the log stores it.
+    pub(super) fn seal(&mut self) -> Result<(), StoreError> {
+        if self.records == 0 {
+            return Ok(());
+        }
+        let payload = self.buf.len() - HEADER;
+        if payload > MAX_FRAME {
+            return Err(StoreError::Engine(format!(
+                "one commit of {payload} bytes is larger than the log's frames may be"
+            )));
+        }
+        let crc = crc32fast::hash(&self.buf[HEADER..]);
+        self.buf[..4].copy_from_slice(&(payload as u32).to_le_bytes());
+        self.buf[4..HEADER].copy_from_slice(&crc.to_le_bytes());
+        Ok(())
+    }
+
+    /// The sealed frame's bytes: nothing when it holds no records (no frame is written for
+    /// them).
+    pub(super) fn bytes(&self) -> &[u8] {
+        if self.records == 0 { &[] } else { &self.buf }
+    }
+
+    /// Hands each record to `apply`, in order, as [`read_segment`] would.
+    pub(super) fn for_each(&self, mut apply: impl FnMut(&[u8], Option<&[u8]>)) {
+        // Written by this frame's own methods: always well formed.
+        let parsed = records(&self.buf[HEADER..], &mut apply);
+        debug_assert!(parsed, "a frame built here does not parse");
+    }
 }
 
 /// What reading a segment found.
@@ -321,6 +406,38 @@ mod tests {
 
         remove_segments(dir.path(), 7).expect("remove");
         assert!(segments(dir.path()).expect("list").is_empty());
+    }
+
+    #[test]
+    fn a_frame_hands_back_its_records_and_a_failed_one_leaves_no_trace() {
+        let mut frame = Frame::with_capacity(16);
+        frame.put(b"da\0x", Some(&[3, 1, 2])).expect("put");
+        let before = frame.buf.clone();
+        let failed = frame.set(
+            |out| out.extend_from_slice(b"half"),
+            |out| {
+                out.push(9);
+                Err(StoreError::Engine("encoding failed".into()))
+            },
+        );
+        assert!(failed.is_err());
+        assert_eq!(frame.buf, before);
+        frame
+            .remove(|out| out.extend_from_slice(b"ka\0y"))
+            .expect("remove");
+        frame.put(b"", Some(&[])).expect("put");
+        frame.seal().expect("seal");
+        let mut got = Vec::new();
+        frame.for_each(|k, v| got.push((k.to_vec(), v.map(<[u8]>::to_vec))));
+        assert_eq!(got, records());
+        // The same bytes as the log reads back.
+        let mut encoded = Vec::new();
+        encode_frame(&records(), &mut encoded).expect("encode");
+        assert_eq!(frame.bytes(), &encoded[..]);
+        // No records, no frame.
+        let mut empty = Frame::with_capacity(0);
+        empty.seal().expect("seal");
+        assert!(empty.bytes().is_empty());
     }
 
     #[test]
