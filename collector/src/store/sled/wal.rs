@@ -440,6 +440,42 @@ mod tests {
         assert!(empty.bytes().is_empty());
     }
 
+    /// The bytes of a frame, spelled out from the format in the module docs, so a change to
+    /// the encoder cannot silently change what logs already on disk hold.
+    #[test]
+    fn a_frame_has_the_documented_bytes() {
+        let mut frame = Frame::with_capacity(0);
+        frame.put(b"ab", Some(&[7, 8, 9])).expect("put");
+        frame
+            .remove(|out| out.extend_from_slice(b"c"))
+            .expect("remove");
+        frame.put(b"", Some(&[])).expect("put");
+        frame.seal().expect("seal");
+        let payload: Vec<u8> = [
+            // "ab" set to [7, 8, 9]
+            &[2, 0, 0, 0][..],
+            b"ab",
+            &[1],
+            &[3, 0, 0, 0],
+            &[7, 8, 9],
+            // "c" removed
+            &[1, 0, 0, 0],
+            b"c",
+            &[0],
+            // "" set to nothing
+            &[0, 0, 0, 0],
+            &[1],
+            &[0, 0, 0, 0],
+        ]
+        .concat();
+        let mut expected = (payload.len() as u32).to_le_bytes().to_vec();
+        expected.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        expected.extend_from_slice(&payload);
+        assert_eq!(frame.bytes(), &expected[..]);
+        // The header: 29 bytes of payload, and its CRC-32 (IEEE, as zlib.crc32 computes it).
+        assert_eq!(&expected[..8], &[29, 0, 0, 0, 84, 244, 1, 87]);
+    }
+
     #[test]
     fn garbage_is_reported_not_panicked() {
         let dir = tempfile::tempdir().expect("tempdir");
