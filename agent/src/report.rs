@@ -291,7 +291,8 @@ pub async fn connect(
 }
 
 /// Sends `batches` on one ingest stream and waits until each is acknowledged, or until the
-/// stream fails. Each carries `backlog`, the batches queued when the window was sent. Returns
+/// stream fails. `backlog` is the batches queued when the window was sent, the window (the
+/// queue's front) included; each batch carries how many of them wait behind it. Returns
 /// the sequences acknowledged in either case, so a caller resends only the rest.
 pub async fn deliver(
     channel: Channel,
@@ -336,13 +337,15 @@ async fn deliver_inner(
     let mut request = Request::new(ReceiverStream::new(rx));
     auth.apply(&mut request);
     // `sent_at` is the moment of sending, so the collector can correct a wrong agent clock;
-    // `backlog` is what waits behind (and with) this window, for `census agents`.
+    // Each batch's `backlog` is what waits in the queue behind it, for `census agents`: 0 on
+    // the last one of an agent that is caught up.
     let sent_at = Some(convert::timestamp(SystemTime::now()));
     let to_send: Vec<v1::ObservationBatch> = batches
         .iter()
-        .map(|b| v1::ObservationBatch {
+        .zip(1u64..)
+        .map(|(b, n)| v1::ObservationBatch {
             sent_at,
-            backlog,
+            backlog: backlog.saturating_sub(n),
             ..b.clone()
         })
         .collect();

@@ -99,7 +99,7 @@ fn an_agent_enrolls_once_is_listed_and_a_revoked_one_is_refused_until_enrolled_a
     ensure!(a["client"] == "acme" && a["site"] == "hq", "{a}");
     ensure!(a["version"] == env!("CARGO_PKG_VERSION"), "{a}");
     ensure!(a["last_seen"].is_string() && a["revoked"] == false, "{a}");
-    ensure!(a["backlog"].as_u64().is_some(), "{a}");
+    ensure!(a["backlog"] == 0, "caught up, nothing left queued: {a}");
     let tokens: Vec<serde_json::Value> =
         serde_json::from_str(&collector.census_ok(["token", "list", "--json"])?)?;
     ensure!(
