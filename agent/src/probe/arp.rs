@@ -734,7 +734,9 @@ fn send_requests(tx: &mut dyn FrameTx, plan: &Plan, cfg: &ArpConfig, shared: &Sh
                     sent.peak_rate = sent.peak_rate.max(control.rate());
                 }
             }
-            let due = check_sent.is_none() && since_check >= CHECK_EVERY;
+            // Only while requests remain: a check after the last one would time nothing.
+            let work_left = !fresh.is_empty() || !again.is_empty();
+            let due = work_left && check_sent.is_none() && since_check >= CHECK_EVERY;
             if let Some(i) = due
                 .then(|| shared.last_answered.load(Ordering::Acquire).checked_sub(1))
                 .flatten()
