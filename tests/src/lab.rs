@@ -912,6 +912,9 @@ impl<'lab> Site<'lab> {
             agent.port
         )];
         for h in hosts {
+            if h.segment != self.lan() {
+                bail!("host {} is not on site {:?}'s LAN", h.eth0.ip, self.name);
+            }
             // ARP's operation (1, request) is at offset 6, its target address at 24.
             tc.push(format!(
                 "filter add dev {} ingress protocol arp prio 1 u32 match u16 0x0001 0xffff at 6 \
