@@ -26,6 +26,7 @@
 mod client;
 pub mod convert;
 pub mod entry;
+pub mod groups;
 pub mod show;
 
 use std::path::PathBuf;
@@ -41,9 +42,15 @@ use crate::config::{DIRECTORY_PASSWORD_ENV, DirectorySettings};
 /// and not contacts, whose objectClass is not user) that are users.
 pub const USER_FILTER: &str = "(&(objectCategory=person)(objectClass=user))";
 
-/// Users per batch when a read is sent: with every field at its cap a user is about 18 KiB
-/// (64 memberOf DNs of 255 bytes), so 100 stay far below gRPC's 4 MiB message limit.
+/// The most users per batch when a read is sent (fewer when they are large, see
+/// [`MAX_BATCH_USER_BYTES`]).
 pub const DEFAULT_USERS_PER_BATCH: usize = 100;
+
+/// The most encoded bytes of users per batch: a quarter of gRPC's 4 MiB message limit, so the
+/// batch's other fields (the `DirectoryRead`, the agent id; a few hundred bytes) never matter.
+/// A user at every cap (1024 memberOf DNs of 255 bytes) is about 265 KiB, so a batch always
+/// holds at least one user and stays far below the limit.
+pub const MAX_BATCH_USER_BYTES: usize = 1024 * 1024;
 
 /// The most bytes read from `password_file` or `ca_file`.
 const MAX_SECRET_FILE_BYTES: u64 = 1024 * 1024;
@@ -84,42 +91,72 @@ impl DirectoryReadResult {
         self,
         read_id: &str,
         max_per_batch: usize,
+        max_bytes: usize,
     ) -> Vec<(v1::DirectoryRead, Vec<v1::DirectoryUser>)> {
         let header = self.header(read_id);
-        to_batches_parts(&header, self.users, max_per_batch)
+        to_batches_parts(&header, self.users, max_per_batch, max_bytes)
+    }
+
+    /// How many batches [`DirectoryReadResult::into_parts`] makes with the defaults.
+    pub fn batch_count(&self) -> usize {
+        batch_sizes(&self.users, DEFAULT_USERS_PER_BATCH, MAX_BATCH_USER_BYTES).len()
     }
 }
 
-/// Splits a read's users into batches of at most `max_per_batch` (at least 1), each with its
-/// `DirectoryRead`: `header` with `part` counting from 1 and `parts` the total. A read of no
-/// users is still one part, so the collector learns that the directory was read and is empty.
+/// Splits a read's users into batches of at most `max_per_batch` users (at least 1) and at most
+/// `max_bytes` of encoded users (as they are encoded in `ObservationBatch.users`; a single user
+/// larger than that is a batch of its own), each with its `DirectoryRead`: `header` with `part`
+/// counting from 1 and `parts` the total. A read of no users is still one part, so the
+/// collector learns that the directory was read and is empty.
 pub fn to_batches_parts(
     header: &v1::DirectoryRead,
     users: Vec<v1::DirectoryUser>,
     max_per_batch: usize,
+    max_bytes: usize,
 ) -> Vec<(v1::DirectoryRead, Vec<v1::DirectoryUser>)> {
-    let size = max_per_batch.max(1);
-    let mut chunks: Vec<Vec<v1::DirectoryUser>> = Vec::with_capacity(users.len().div_ceil(size));
-    let mut users = users.into_iter().peekable();
-    while users.peek().is_some() {
-        chunks.push(users.by_ref().take(size).collect());
-    }
-    if chunks.is_empty() {
-        chunks.push(Vec::new());
-    }
-    let parts = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
-    chunks
+    let sizes = batch_sizes(&users, max_per_batch, max_bytes);
+    let parts = u32::try_from(sizes.len()).unwrap_or(u32::MAX);
+    let mut users = users.into_iter();
+    sizes
         .into_iter()
         .zip(1u32..)
-        .map(|(chunk, part)| {
+        .map(|(size, part)| {
             let read = v1::DirectoryRead {
                 part,
                 parts,
                 ..header.clone()
             };
-            (read, chunk)
+            (read, users.by_ref().take(size).collect())
         })
         .collect()
+}
+
+/// How many users each batch of [`to_batches_parts`] takes, in order (one empty batch for no
+/// users).
+pub fn batch_sizes(
+    users: &[v1::DirectoryUser],
+    max_per_batch: usize,
+    max_bytes: usize,
+) -> Vec<usize> {
+    use prost::Message as _;
+    let most = max_per_batch.max(1);
+    let mut sizes = Vec::new();
+    let (mut count, mut bytes) = (0usize, 0usize);
+    for user in users {
+        // `users` is field 7 of ObservationBatch: a one-byte key, then the length and the user.
+        let body = user.encoded_len();
+        let len = 1 + prost::length_delimiter_len(body) + body;
+        if count > 0 && (count == most || bytes.saturating_add(len) > max_bytes) {
+            sizes.push(count);
+            (count, bytes) = (0, 0);
+        }
+        count += 1;
+        bytes = bytes.saturating_add(len);
+    }
+    if count > 0 || sizes.is_empty() {
+        sizes.push(count);
+    }
+    sizes
 }
 
 /// The one part that reports a failed read: the collector keeps the users it had and marks
@@ -193,6 +230,10 @@ pub enum DirectoryError {
         "the directory holds more than {max} users under {base_dn}: raise directory.max_users or narrow directory.base_dn"
     )]
     TooManyUsers { max: usize, base_dn: String },
+    #[error(
+        "the directory holds more than {what} under {base_dn}: narrow directory.base_dn (group nesting cannot be resolved from part of the directory)"
+    )]
+    TooManyGroups { what: String, base_dn: String },
     #[error("the directory read was cancelled")]
     Cancelled,
     #[error("the directory read failed: {0}")]
@@ -304,7 +345,7 @@ mod unit_tests {
     #[test]
     fn users_split_into_numbered_parts() {
         let users: Vec<_> = (0..7).map(user).collect();
-        let parts = to_batches_parts(&header(), users.clone(), 3);
+        let parts = to_batches_parts(&header(), users.clone(), 3, MAX_BATCH_USER_BYTES);
         assert_eq!(parts.len(), 3);
         let sizes: Vec<usize> = parts.iter().map(|(_, u)| u.len()).collect();
         assert_eq!(sizes, [3, 3, 1]);
@@ -322,18 +363,102 @@ mod unit_tests {
 
     #[test]
     fn exact_multiples_empty_reads_and_a_zero_batch_size() {
-        let parts = to_batches_parts(&header(), (0..6).map(user).collect(), 3);
+        let parts = to_batches_parts(
+            &header(),
+            (0..6).map(user).collect(),
+            3,
+            MAX_BATCH_USER_BYTES,
+        );
         assert_eq!(
             parts.iter().map(|(_, u)| u.len()).collect::<Vec<_>>(),
             [3, 3]
         );
         assert_eq!(parts[1].0.parts, 2);
-        let empty = to_batches_parts(&header(), Vec::new(), 100);
+        let empty = to_batches_parts(&header(), Vec::new(), 100, MAX_BATCH_USER_BYTES);
         assert_eq!(empty.len(), 1, "an empty directory is still one part");
         assert_eq!((empty[0].0.part, empty[0].0.parts), (1, 1));
         assert!(empty[0].1.is_empty());
-        let ones = to_batches_parts(&header(), (0..2).map(user).collect(), 0);
+        let ones = to_batches_parts(
+            &header(),
+            (0..2).map(user).collect(),
+            0,
+            MAX_BATCH_USER_BYTES,
+        );
         assert_eq!(ones.len(), 2, "a batch size of 0 is taken as 1");
+    }
+
+    /// A user at every cap of the reader: 255-byte strings, [`entry::MAX_MEMBER_OF`] DNs.
+    fn largest_user(n: u8) -> v1::DirectoryUser {
+        let text = "x".repeat(convert::MAX_TEXT_BYTES);
+        v1::DirectoryUser {
+            object_guid: vec![n; 16],
+            object_sid: format!("S-1-5-21-{}", "4294967295-".repeat(14)),
+            sam_account_name: text.clone(),
+            user_principal_name: text.clone(),
+            display_name: text.clone(),
+            distinguished_name: text.clone(),
+            member_of: vec![text; entry::MAX_MEMBER_OF],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn batches_are_split_by_bytes_as_well_as_by_count() {
+        use prost::Message as _;
+        // Ten of the largest users: a few per batch, every batch under the byte budget.
+        let users: Vec<_> = (0..10).map(largest_user).collect();
+        let body = users[0].encoded_len();
+        let one = 1 + prost::length_delimiter_len(body) + body;
+        assert!(one > 250 * 1024 && one < MAX_BATCH_USER_BYTES, "{one}");
+        let parts = to_batches_parts(&header(), users.clone(), 100, MAX_BATCH_USER_BYTES);
+        let per = MAX_BATCH_USER_BYTES / one;
+        assert_eq!(parts.len(), 10usize.div_ceil(per));
+        let total = u32::try_from(parts.len()).expect("small");
+        for (i, (read, chunk)) in parts.iter().enumerate() {
+            assert_eq!(read.part, u32::try_from(i).expect("small") + 1);
+            assert_eq!(read.parts, total);
+            assert!(!chunk.is_empty());
+            let batch = v1::ObservationBatch {
+                agent_id: "a".repeat(128),
+                users: chunk.clone(),
+                directory_read: Some(read.clone()),
+                ..Default::default()
+            };
+            let len = batch.encoded_len();
+            assert!(len <= MAX_BATCH_USER_BYTES + 1024, "{len} bytes");
+            assert!(len < 4 * 1024 * 1024);
+        }
+        let back: Vec<_> = parts.into_iter().flat_map(|(_, u)| u).collect();
+        assert_eq!(back, users, "every user once, in order");
+
+        // Small users are still split by count alone.
+        let small = to_batches_parts(&header(), (0..250).map(user).collect(), 100, 1024 * 1024);
+        assert_eq!(
+            small.iter().map(|(_, u)| u.len()).collect::<Vec<_>>(),
+            [100, 100, 50]
+        );
+
+        // A single user larger than the budget is a batch of its own, between smaller ones.
+        let huge = largest_user(9);
+        let users = vec![user(1), huge.clone(), user(2), user(3)];
+        let parts = to_batches_parts(&header(), users, 100, 10 * 1024);
+        assert_eq!(
+            parts.iter().map(|(_, u)| u.len()).collect::<Vec<_>>(),
+            [1, 1, 2]
+        );
+        assert_eq!(parts[1].1, [huge]);
+        assert_eq!(
+            parts
+                .iter()
+                .map(|(r, _)| (r.part, r.parts))
+                .collect::<Vec<_>>(),
+            [(1, 3), (2, 3), (3, 3)]
+        );
+        assert_eq!(
+            batch_sizes(&[], 100, 10),
+            [0],
+            "an empty read is one empty part"
+        );
     }
 
     #[test]
@@ -346,7 +471,7 @@ mod unit_tests {
             pages: 1,
             skipped: 0,
         };
-        let parts = result.into_parts("r1", 2);
+        let parts = result.into_parts("r1", 2, MAX_BATCH_USER_BYTES);
         assert_eq!(parts.len(), 3);
         assert_eq!(
             parts[0].0,

@@ -530,7 +530,8 @@ fn directory_exit_code(e: &DirectoryError) -> u8 {
         | DirectoryError::CaFile { .. }
         | DirectoryError::Untrusted { .. }
         | DirectoryError::WrongName { .. }
-        | DirectoryError::TooManyUsers { .. } => EX_USAGE,
+        | DirectoryError::TooManyUsers { .. }
+        | DirectoryError::TooManyGroups { .. } => EX_USAGE,
         DirectoryError::Unreachable { .. }
         | DirectoryError::Timeout { .. }
         | DirectoryError::Tls { .. } => EX_UNAVAILABLE,
@@ -631,11 +632,7 @@ fn users(settings: &Settings, json: bool) -> ExitCode {
         match directory::read(&config.directory, &shutdown).await {
             Ok(read) => {
                 let now = std::time::SystemTime::now();
-                let batches = read
-                    .users
-                    .len()
-                    .div_ceil(directory::DEFAULT_USERS_PER_BATCH)
-                    .max(1);
+                let batches = read.batch_count();
                 if json {
                     out!("{}", directory::show::read_json(&read, batches, now));
                 } else {

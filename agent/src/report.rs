@@ -445,10 +445,10 @@ mod tests {
         assert_eq!(batches[2].observations.len(), 201);
     }
 
-    /// A batch of [`crate::directory::DEFAULT_USERS_PER_BATCH`] users with every field at
-    /// the reader's caps (255-byte strings, 64 memberOf DNs) stays well inside the 4 MiB a
-    /// gRPC message may have (the collector's `max_message_bytes` default and our encoder's
-    /// limit).
+    /// A read of [`crate::directory::DEFAULT_USERS_PER_BATCH`] users with every field at the
+    /// reader's caps (255-byte strings, `MAX_MEMBER_OF` memberOf DNs) is split so that every
+    /// batch stays well inside the 4 MiB a gRPC message may have (the collector's
+    /// `max_message_bytes` default and our encoder's limit).
     #[test]
     fn a_batch_of_the_largest_users_fits_a_message() {
         use prost::Message as _;
@@ -479,9 +479,18 @@ mod tests {
             error: text,
         };
         let users = vec![user; crate::directory::DEFAULT_USERS_PER_BATCH];
-        let batches = directory_batches(&"a".repeat(128), u64::MAX - 1, vec![(read, users)]);
-        let len = batches[0].encoded_len();
-        assert!(len < 2 * 1024 * 1024, "{len} bytes");
+        let parts = crate::directory::to_batches_parts(
+            &read,
+            users,
+            crate::directory::DEFAULT_USERS_PER_BATCH,
+            crate::directory::MAX_BATCH_USER_BYTES,
+        );
+        assert!(parts.len() > 1, "{} parts", parts.len());
+        let batches = directory_batches(&"a".repeat(128), 0, parts);
+        for batch in &batches {
+            let len = batch.encoded_len();
+            assert!(len < 2 * 1024 * 1024, "{len} bytes");
+        }
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! acknowledged; otherwise it sweeps every interval (with jitter) and reads the directory every
 //! `directory.interval`, as [`Schedule`] says, until the shutdown token is cancelled, while a
 //! delivery task sends what is queued. A read spans as many batches as it has parts (at most
-//! [`DEFAULT_USERS_PER_BATCH`] users each, no observations); a failed read is one batch whose
-//! part carries the error.
+//! [`DEFAULT_USERS_PER_BATCH`] users and [`MAX_BATCH_USER_BYTES`] of them each, no
+//! observations); a failed read is one batch whose part carries the error.
 
 use std::{
     path::PathBuf,
@@ -23,7 +23,9 @@ pub use crate::discovery::SweepSummary;
 use crate::{
     config::{Config, ConfigError},
     delivery::{self, Deliverer, Mode},
-    directory::{self, DEFAULT_USERS_PER_BATCH, DirectoryError, DirectoryReadResult},
+    directory::{
+        self, DEFAULT_USERS_PER_BATCH, DirectoryError, DirectoryReadResult, MAX_BATCH_USER_BYTES,
+    },
     discovery::{self, Progress},
     enroll::{self, EnrollError, Start},
     iface,
@@ -313,7 +315,7 @@ pub async fn cycle(
 }
 
 /// A read's outcome as the parts to send: every user in parts of at most
-/// [`DEFAULT_USERS_PER_BATCH`], or, for a failed read, one part with the error (logged here,
+/// [`DEFAULT_USERS_PER_BATCH`] users and [`MAX_BATCH_USER_BYTES`], or, for a failed read, one part with the error (logged here,
 /// one warn line) so the collector keeps the previous users and marks them stale. The failed
 /// part is named `directory_name`; without a name (no base DN configured and no complete read
 /// yet) it is not sent, since the collector keeps users by directory name and refuses a part
@@ -338,7 +340,7 @@ pub fn directory_parts(
                 batches: 0,
                 error: None,
             };
-            let parts = read.into_parts(&read_id, DEFAULT_USERS_PER_BATCH);
+            let parts = read.into_parts(&read_id, DEFAULT_USERS_PER_BATCH, MAX_BATCH_USER_BYTES);
             summary.batches = parts.len();
             info!(
                 directory = %summary.directory,
@@ -882,7 +884,12 @@ mod tests {
             read_id: "r1".into(),
             ..Default::default()
         };
-        let parts = directory::to_batches_parts(&header, (0..=250u8).map(user).collect(), 100);
+        let parts = directory::to_batches_parts(
+            &header,
+            (0..=250u8).map(user).collect(),
+            100,
+            MAX_BATCH_USER_BYTES,
+        );
         let batches = report::directory_batches("agent-1", 42, parts);
         assert_eq!(
             batches.iter().map(|b| b.sequence).collect::<Vec<_>>(),

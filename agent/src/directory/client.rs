@@ -1,7 +1,8 @@
 //! The LDAP conversation of one directory read: connect (TLS from the start for `ldaps://`, or
 //! StartTLS), simple bind, find the base DN in the rootDSE when none is configured, then one
-//! search for users in pages of `page_size` with the paged-results control (RFC 2696; Active
-//! Directory answers an unpaged search with at most 1000 entries and an error). Paging is done
+//! search for users and one for groups (to resolve nested membership, `groups.rs`), each in
+//! pages of `page_size` with the paged-results control (RFC 2696; Active Directory answers an
+//! unpaged search with at most 1000 entries and an error). Paging is done
 //! here rather than with ldap3's `PagedResults` adapter so that every page has its own deadline,
 //! the pages are counted, and a server that keeps handing out cookies cannot loop the agent.
 //! Every step runs under `timeout_ms`; each failure is mapped to one [`DirectoryError`] line.
@@ -19,10 +20,13 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::convert::domain_of;
-use super::entry::{USER_ATTRIBUTES, paged_cookie, parse_entry, to_user};
+use super::entry::{MAX_MEMBER_OF, RawEntry, USER_ATTRIBUTES, paged_cookie, parse_entry, to_user};
+use super::groups::{
+    Full, GROUP_ATTRIBUTES, GROUP_FILTER, GroupGraph, MAX_DIRECTORY_GROUPS, MAX_GROUP_LINKS,
+};
 use super::{DirectoryError, DirectoryReadResult, USER_FILTER, password, read_small_file};
 use crate::config::DirectorySettings;
 
@@ -301,20 +305,23 @@ impl Plan {
             })
     }
 
-    /// Every user under `base_dn`, in pages; also the number of pages and of entries skipped.
-    async fn search_users(
+    /// One paged search under `base_dn` (`what` names it in errors: "user search"), handing
+    /// each entry to `on_entry`, which may end the search with an error; returns the pages.
+    async fn paged_search(
         &self,
         ldap: &mut Ldap,
         base_dn: &str,
-    ) -> Result<(Vec<v1::DirectoryUser>, u32, u32), DirectoryError> {
+        what: &str,
+        filter: &str,
+        attributes: &[&str],
+        mut on_entry: impl FnMut(Option<RawEntry>) -> Result<(), DirectoryError>,
+    ) -> Result<u32, DirectoryError> {
         let page_size = i32::try_from(self.page_size).unwrap_or(1000);
         let mut cookie: Vec<u8> = Vec::new();
-        let mut users: Vec<v1::DirectoryUser> = Vec::new();
-        let mut seen: HashSet<Vec<u8>> = HashSet::new();
-        let (mut pages, mut skipped, mut empty_in_a_row) = (0u32, 0u32, 0u32);
+        let (mut pages, mut empty_in_a_row) = (0u32, 0u32);
         loop {
             pages += 1;
-            let step = format!("page {pages} of the user search");
+            let step = format!("page {pages} of the {what}");
             // Critical: a server that cannot page must fail, not answer with a truncated list.
             let control: RawControl = PagedResults {
                 size: page_size,
@@ -325,12 +332,7 @@ impl Plan {
             let search = ldap
                 .with_controls(control)
                 .with_timeout(self.timeout)
-                .search(
-                    base_dn,
-                    Scope::Subtree,
-                    USER_FILTER,
-                    USER_ATTRIBUTES.to_vec(),
-                );
+                .search(base_dn, Scope::Subtree, filter, attributes.to_vec());
             let SearchResult(entries, result) = tokio::time::timeout(self.timeout, search)
                 .await
                 .map_err(|_| self.timeout_error(&step))?
@@ -344,7 +346,7 @@ impl Plan {
                 return Err(self.search_error(
                     base_dn,
                     format!(
-                        "{} ({}) {}{hint}",
+                        "{what}: {} ({}) {}{hint}",
                         result_name(result.rc),
                         result.rc,
                         one_line(&result.text)
@@ -360,17 +362,7 @@ impl Plan {
                 if entry.is_ref() || entry.is_intermediate() {
                     continue;
                 }
-                let user = parse_entry(&entry.0).and_then(|raw| to_user(&raw).ok());
-                match user {
-                    Some(user) if seen.insert(user.object_guid.clone()) => users.push(user),
-                    _ => skipped += 1,
-                }
-                if users.len() + skipped as usize > self.max_users {
-                    return Err(DirectoryError::TooManyUsers {
-                        max: self.max_users,
-                        base_dn: base_dn.to_owned(),
-                    });
-                }
+                on_entry(parse_entry(&entry.0))?;
             }
             let control = result.ctrls.iter().find(|c| c.1.ctype == PAGED_RESULTS_OID);
             let Some(control) = control else {
@@ -383,25 +375,127 @@ impl Plan {
                 .as_deref()
                 .and_then(paged_cookie)
                 .ok_or_else(|| {
-                    self.search_error(base_dn, "malformed paged-results control".into())
+                    self.search_error(base_dn, format!("{what}: malformed paged-results control"))
                 })?;
             if next.is_empty() {
                 break;
             }
             if next.len() > MAX_COOKIE_BYTES {
-                return Err(
-                    self.search_error(base_dn, format!("a paging cookie of {} bytes", next.len()))
-                );
+                return Err(self.search_error(
+                    base_dn,
+                    format!("{what}: a paging cookie of {} bytes", next.len()),
+                ));
             }
             if empty_in_a_row > MAX_EMPTY_PAGES {
                 return Err(self.search_error(
                     base_dn,
-                    format!("{empty_in_a_row} empty pages in a row: the server is looping"),
+                    format!("{what}: {empty_in_a_row} empty pages in a row: the server is looping"),
                 ));
             }
             cookie = next;
         }
+        Ok(pages)
+    }
+
+    /// Every user under `base_dn`, in pages; also the number of pages and of entries skipped.
+    /// Each user's memberOf is still its direct groups here.
+    async fn search_users(
+        &self,
+        ldap: &mut Ldap,
+        base_dn: &str,
+    ) -> Result<(Vec<v1::DirectoryUser>, u32, u32), DirectoryError> {
+        let mut users: Vec<v1::DirectoryUser> = Vec::new();
+        let mut seen: HashSet<Vec<u8>> = HashSet::new();
+        let mut skipped = 0u32;
+        let pages = self
+            .paged_search(
+                ldap,
+                base_dn,
+                "user search",
+                USER_FILTER,
+                &USER_ATTRIBUTES,
+                |raw| {
+                    let user = raw.as_ref().and_then(|raw| {
+                        let user = to_user(raw).ok()?;
+                        let direct = raw.values("memberOf").filter(|v| !v.is_empty()).count();
+                        if direct > MAX_MEMBER_OF {
+                            warn!(
+                                user = %user.sam_account_name,
+                                groups = direct,
+                                kept = MAX_MEMBER_OF,
+                                "a user is a direct member of more groups than the agent sends: \
+                                 it is sent with the first {MAX_MEMBER_OF} in sorted order"
+                            );
+                        }
+                        Some(user)
+                    });
+                    match user {
+                        Some(user) if seen.insert(user.object_guid.clone()) => users.push(user),
+                        _ => skipped += 1,
+                    }
+                    if users.len() + skipped as usize > self.max_users {
+                        return Err(DirectoryError::TooManyUsers {
+                            max: self.max_users,
+                            base_dn: base_dn.to_owned(),
+                        });
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
         Ok((users, pages, skipped))
+    }
+
+    /// Every group under `base_dn` with the groups it is a direct member of. A failure fails
+    /// the read: resolving nesting from part of the directory could miss an exclusion group.
+    async fn search_groups(
+        &self,
+        ldap: &mut Ldap,
+        base_dn: &str,
+    ) -> Result<(GroupGraph, u32), DirectoryError> {
+        let mut graph = GroupGraph::new();
+        let pages = self
+            .paged_search(
+                ldap,
+                base_dn,
+                "group search",
+                GROUP_FILTER,
+                &GROUP_ATTRIBUTES,
+                |raw| {
+                    // A group entry that does not parse names no group to follow; skip it as the
+                    // user search skips a user without a GUID.
+                    let Some(raw) = raw else { return Ok(()) };
+                    graph
+                        .add_entry(&raw)
+                        .map_err(|full| DirectoryError::TooManyGroups {
+                            what: match full {
+                                Full::Groups => format!("{MAX_DIRECTORY_GROUPS} groups"),
+                                Full::Links => format!("{MAX_GROUP_LINKS} group memberships"),
+                            },
+                            base_dn: base_dn.to_owned(),
+                        })
+                },
+            )
+            .await?;
+        Ok((graph, pages))
+    }
+}
+
+/// Replaces each user's direct memberOf with every group they are in, nested included, and
+/// warns for a user in more than [`MAX_MEMBER_OF`] groups (sent with the first in sorted order).
+pub(super) fn resolve_nesting(users: &mut [v1::DirectoryUser], graph: &GroupGraph) {
+    for user in users {
+        let closure = graph.closure(user.member_of.iter().map(String::as_str));
+        if closure.total > closure.groups.len() {
+            warn!(
+                user = %user.sam_account_name,
+                groups = closure.total,
+                kept = closure.groups.len(),
+                "a user is in more groups (nested included) than the agent sends: it is sent \
+                 with the first {MAX_MEMBER_OF} in sorted order"
+            );
+        }
+        user.member_of = closure.groups;
     }
 }
 
@@ -427,7 +521,14 @@ pub(super) async fn run(plan: Plan) -> Result<DirectoryReadResult, DirectoryErro
         Some(base) => base.clone(),
         None => plan.default_naming_context(&mut ldap).await?,
     };
-    let (users, pages, skipped) = plan.search_users(&mut ldap, &base_dn).await?;
+    let (mut users, pages, skipped) = plan.search_users(&mut ldap, &base_dn).await?;
+    let (groups, group_pages) = plan.search_groups(&mut ldap, &base_dn).await?;
+    debug!(
+        groups = groups.groups(),
+        pages = group_pages,
+        "directory groups read"
+    );
+    resolve_nesting(&mut users, &groups);
     // Courtesy only: the read is complete whatever the unbind does.
     let _ = tokio::time::timeout(plan.timeout, ldap.unbind()).await;
     Ok(DirectoryReadResult {

@@ -11,8 +11,11 @@ use ldap3::asn1::{PL, StructureTag, TagClass, parse_tag};
 
 use super::convert::{boolean, cap_text, filetime, guid_bytes, int32_bits, sid_to_string};
 
-/// The most memberOf DNs kept per user.
-pub const MAX_MEMBER_OF: usize = 64;
+/// The most memberOf DNs a user is sent with: direct groups here, then every group, nested
+/// included, once the read has resolved nesting (`groups.rs`). Far more than any real account is
+/// in (AD's own token limit bites long before, at about 1015 security groups); a user past it is
+/// sent with the first `MAX_MEMBER_OF` in sorted order and a warning is logged.
+pub const MAX_MEMBER_OF: usize = 1024;
 
 /// What a search for users asks for (lowercase is how [`RawEntry`] names them).
 pub const USER_ATTRIBUTES: [&str; 14] = [
@@ -312,7 +315,9 @@ mod tests {
     #[test]
     fn hostile_and_odd_values_are_capped_or_left_unset() {
         let huge = vec![b'x'; 100_000];
-        let groups: Vec<Vec<u8>> = (0..500).map(|i| s(&format!("CN=G{i:03},DC=lab"))).collect();
+        let groups: Vec<Vec<u8>> = (0..MAX_MEMBER_OF + 100)
+            .map(|i| s(&format!("CN=G{i:04},DC=lab")))
+            .collect();
         let attrs = vec![
             ("objectGUID", vec![GUID.to_vec()]),
             ("objectSid", vec![vec![1, 5, 0]]),
@@ -347,7 +352,7 @@ mod tests {
         assert!(!user.critical_system_object);
         assert!(!user.has_service_principal_name, "an empty value is no SPN");
         assert_eq!(user.member_of.len(), MAX_MEMBER_OF);
-        assert_eq!(user.member_of[0], "CN=G000,DC=lab");
+        assert_eq!(user.member_of[0], "CN=G0000,DC=lab");
         assert_eq!(user.distinguished_name.len(), MAX_TEXT_BYTES);
     }
 
