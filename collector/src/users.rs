@@ -41,8 +41,10 @@ pub const UAC_ACCOUNTDISABLE: u32 = 0x2;
 pub const MAX_TEXT: usize = 256;
 /// Longest memberOf DN kept.
 pub const MAX_DN: usize = 1024;
-/// Most memberOf DNs kept per account.
-pub const MAX_GROUPS: usize = 256;
+/// Most memberOf DNs kept per account: as many as the agent sends (its `MAX_MEMBER_OF`), every
+/// group the account is in, nested included. Kept in sorted order, so a longer list (from an
+/// agent with a larger cap) loses the same groups every read.
+pub const MAX_GROUPS: usize = 1024;
 /// Longest source name (`ad:` or `entra:` and the directory).
 pub const MAX_SOURCE: usize = 270;
 
@@ -180,15 +182,17 @@ pub fn ad_account(source: &str, user: &v1::DirectoryUser, read_at_ms: u64) -> Op
         .find(|s| !s.is_empty())
         .cloned()
         .unwrap_or_else(|| id.clone());
+    // Sorted before the cap, so which groups a list too long loses does not depend on the
+    // order they came in (the message size limit bounds the work).
     let mut member_of: Vec<String> = user
         .member_of
         .iter()
-        .take(MAX_GROUPS)
         .map(|g| cap(g, MAX_DN))
         .filter(|g| !g.is_empty())
         .collect();
     member_of.sort();
     member_of.dedup();
+    member_of.truncate(MAX_GROUPS);
     let facts = AdFacts {
         object_sid: sid,
         sam_account_name: sam,

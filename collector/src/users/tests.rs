@@ -170,6 +170,46 @@ fn exclusion_groups_match_by_dn_or_name() {
     assert!(decide_one(&other, &a).billable);
 }
 
+/// An agent sends every group a user is in, nested included, up to its cap of 1024: an
+/// exclusion group late in a long list still excludes (the old cap of 256 dropped it).
+#[test]
+fn an_exclusion_group_late_in_a_long_list_still_excludes() {
+    let mut groups: Vec<String> = (0..1000)
+        .map(|i| format!("CN=Team {i:04},OU=Groups,DC=corp,DC=example"))
+        .collect();
+    groups.push("CN=Zz Billing Exclusions,OU=Groups,DC=corp,DC=example".into());
+    let u = v1::DirectoryUser {
+        member_of: groups,
+        ..ad_user(1, "many-groups")
+    };
+    let a = ad(&u);
+    let Facts::Ad(f) = &a.facts else {
+        panic!("ad facts")
+    };
+    assert_eq!(f.member_of.len(), 1001, "every group kept");
+    let p = UserPolicy {
+        rules: UserPolicyRules {
+            exclusion_groups: vec!["Zz Billing Exclusions".into()],
+            ..UserPolicyRules::default()
+        },
+        ..UserPolicy::default()
+    };
+    let d = decide_one(&p, &a);
+    assert!(!d.billable, "{}", d.reason);
+    assert!(d.reason.contains("Zz Billing Exclusions"), "{}", d.reason);
+    // Past the cap, the first MAX_GROUPS in sorted order are kept whatever the order sent.
+    let mut reversed = u.clone();
+    reversed.member_of = (0..MAX_GROUPS + 50)
+        .rev()
+        .map(|i| format!("CN=g{i:05}"))
+        .collect();
+    let Facts::Ad(f) = ad(&reversed).facts else {
+        panic!("ad facts")
+    };
+    assert_eq!(f.member_of.len(), MAX_GROUPS);
+    assert_eq!(f.member_of[0], "CN=g00000");
+}
+
 #[test]
 fn hostile_values_are_capped_and_guidless_accounts_refused() {
     let mut u = ad_user(1, &"x".repeat(10_000));
