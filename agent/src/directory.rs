@@ -1,17 +1,22 @@
 //! Reading the site's Active Directory for users: the agent binds to a domain controller over
-//! LDAPS (or LDAP with StartTLS), runs one paged search for user objects, and hands back each
-//! account as a `census.v1.DirectoryUser` with what the collector's billable-user policy needs
-//! (objectGUID and objectSid as join keys to Entra ID, sAMAccountType, userAccountControl,
-//! accountExpires, lastLogonTimestamp, isCriticalSystemObject, servicePrincipalName, memberOf).
+//! LDAPS (or LDAP with StartTLS), runs one paged search for user objects and one for groups,
+//! and hands back each account as a `census.v1.DirectoryUser` with what the collector's
+//! billable-user policy needs (objectGUID and objectSid as join keys to Entra ID,
+//! sAMAccountType, userAccountControl, accountExpires, lastLogonTimestamp,
+//! isCriticalSystemObject, servicePrincipalName, and `member_of`: every group the user is in,
+//! nested groups included, so that a member of an exclusion group through a nested group is
+//! excluded too).
 //! Whether an account counts is the collector's call, not the agent's: the agent reports, with
 //! evidence, and judges nothing.
 //!
 //! Layout:
 //! - `directory.rs` (this file): [`read`], its result and errors, and [`to_batches_parts`],
-//!   which splits a read into the parts of `census.v1.DirectoryRead`.
+//!   which splits a read into the parts of `census.v1.DirectoryRead` by count and by bytes.
 //! - `directory/client.rs`: the LDAP conversation (TLS, bind, rootDSE, paged search), every
 //!   step under a timeout.
 //! - `directory/entry.rs`: BER entries and paged-results cookies to users, without I/O.
+//! - `directory/groups.rs`: the group → parent groups map and each user's groups, nested
+//!   included (cycles, caps), without I/O.
 //! - `directory/convert.rs`: SIDs, GUIDs, FILETIMEs, AD integers and capped text, without I/O.
 //! - `directory/show.rs`: a read as `census-agent users` prints it (table or JSON).
 //!
@@ -64,7 +69,8 @@ pub struct DirectoryReadResult {
     pub base_dn: String,
     /// When the read started.
     pub read_at: SystemTime,
-    /// Every user, in the directory's order, each once (by objectGUID).
+    /// Every user, in the directory's order, each once (by objectGUID), with every group they
+    /// are in, nested included.
     pub users: Vec<v1::DirectoryUser>,
     /// Pages the paged search took.
     pub pages: u32,

@@ -1,6 +1,7 @@
 //! A directory read as `census-agent users` prints it: a table with one line per user and a
-//! summary line, or one JSON document. Facts only (enabled, expired, last logon, flags); whether
-//! a user is billable is the collector's policy.
+//! summary line, or one JSON document. Facts only (enabled, expired, last logon, groups, flags);
+//! whether a user is billable is the collector's policy. Groups are every group the user is in,
+//! nested groups included (the read resolves nesting), not only AD's direct memberOf.
 
 use std::time::SystemTime;
 
@@ -60,13 +61,14 @@ fn rfc3339(t: Option<&prost_types::Timestamp>) -> Option<String> {
 /// The header line of [`user_line`]'s table.
 pub fn header_line() -> String {
     format!(
-        "{:<20} {:<40} {:<8} {:<7} {:<10} FLAGS",
-        "ACCOUNT", "UPN", "STATE", "EXPIRED", "LAST LOGON"
+        "{:<20} {:<40} {:<8} {:<7} {:<10} {:>6} FLAGS",
+        "ACCOUNT", "UPN", "STATE", "EXPIRED", "LAST LOGON", "GROUPS"
     )
 }
 
 /// One user as a table line: sAMAccountName, UPN, enabled or disabled, expired, the date of
-/// lastLogonTimestamp (which lags the real last logon by up to 14 days) or `never`, flags.
+/// lastLogonTimestamp (which lags the real last logon by up to 14 days) or `never`, how many
+/// groups the user is in (nested included), flags.
 pub fn user_line(u: &v1::DirectoryUser, now: SystemTime) -> String {
     let or_dash = |s: &str| {
         if s.is_empty() {
@@ -79,12 +81,13 @@ pub fn user_line(u: &v1::DirectoryUser, now: SystemTime) -> String {
         .map_or_else(|| "never".to_owned(), |t| t.chars().take(10).collect());
     let flags = flags(u);
     format!(
-        "{:<20} {:<40} {:<8} {:<7} {:<10} {}",
+        "{:<20} {:<40} {:<8} {:<7} {:<10} {:>6} {}",
         or_dash(&u.sam_account_name),
         or_dash(&u.user_principal_name),
         if enabled(u) { "enabled" } else { "disabled" },
         if expired(u, now) { "yes" } else { "no" },
         last_logon,
+        u.member_of.len(),
         if flags.is_empty() {
             "-".to_owned()
         } else {
@@ -118,7 +121,8 @@ pub fn summary_line(
 }
 
 /// One user as JSON: every field the agent sends, the GUID in its text form, times in RFC 3339
-/// (`null` when unset), and the derived `enabled`, `expired` and `flags`.
+/// (`null` when unset), and the derived `enabled`, `expired` and `flags`. `member_of` is every
+/// group the user is in, nested included, sorted (as sent to the collector).
 pub fn user_json(u: &v1::DirectoryUser, now: SystemTime) -> serde_json::Value {
     json!({
         "sam_account_name": u.sam_account_name,
@@ -206,9 +210,15 @@ mod tests {
             line.contains(" enabled ") && line.contains(" never "),
             "{line}"
         );
-        assert!(line.ends_with(" -"), "{line}");
+        assert!(line.ends_with("      0 -"), "no groups, no flags: {line}");
         u.last_logon = Some(convert::timestamp(at(1_455_526_400)));
         u.user_principal_name.clear();
+        u.member_of = vec!["CN=A,DC=lab".into(), "CN=B,DC=lab".into()];
+        assert!(
+            user_line(&u, now).ends_with("      2 -"),
+            "{}",
+            user_line(&u, now)
+        );
         let line = user_line(&u, now);
         assert!(line.contains(" 2016-02-15 "), "{line}");
         assert!(line.contains(" - "), "an empty UPN shows as -: {line}");

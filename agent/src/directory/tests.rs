@@ -325,6 +325,8 @@ fn lab_reads_a_real_active_directory() -> Result<()> {
         "dave",
         "frank",
         "gina",
+        "hank",
+        "ivan",
     ] {
         dc.add_user(name, pw)?;
     }
@@ -335,6 +337,17 @@ fn lab_reads_a_real_active_directory() -> Result<()> {
     dc.add_spn("http/backup.lab.census.test", "svc-backup")?;
     dc.add_group("Billing Exclusions")?;
     dc.add_group_members("Billing Exclusions", &["dave"])?;
+    // Nesting: hank is in Contractors EU, in Contractors, in Billing Exclusions.
+    dc.add_group("Contractors")?;
+    dc.add_group("Contractors EU")?;
+    dc.add_group_members("Billing Exclusions", &["Contractors"])?;
+    dc.add_group_members("Contractors", &["Contractors EU"])?;
+    dc.add_group_members("Contractors EU", &["hank"])?;
+    // A cycle: ivan is in Cycle A, which is in Cycle B, which is in Cycle A.
+    dc.add_group("Cycle A")?;
+    dc.add_group("Cycle B")?;
+    dc.add_group_members("Cycle B", &["Cycle A"])?;
+    dc.add_group_members("Cycle A", &["Cycle B", "ivan"])?;
     dc.add_computer("ws01")?;
     dc.add_contact("Erin External")?;
     let stale = 131_000_000_000_000_000i64; // 2016-02-16T09:46:40Z
@@ -590,9 +603,28 @@ fn lab_reads_a_real_active_directory() -> Result<()> {
         "{krbtgt:?}"
     );
     ensure!(user("Guest")?.critical);
-    // memberOf is capped at 64, sorted.
+    // Nested groups: hank, two levels inside Billing Exclusions, is a member of it.
+    let hank = user("hank")?;
+    let group = |cn: &str| format!("CN={cn},CN=Users,{base}");
+    ensure!(
+        hank.member_of
+            == [
+                group("Billing Exclusions"),
+                // Sorted as bytes: "Contractors EU," before "Contractors,".
+                group("Contractors EU"),
+                group("Contractors"),
+            ],
+        "{hank:?}"
+    );
+    // A cycle: each group once, and the read ends.
+    let ivan = user("ivan")?;
+    ensure!(
+        ivan.member_of == [group("Cycle A"), group("Cycle B")],
+        "{ivan:?}"
+    );
+    // gina's 70 groups are all kept (the old cap of 64 dropped six), sorted.
     let gina = user("gina")?;
-    ensure!(gina.member_of.len() == 64, "{}", gina.member_of.len());
+    ensure!(gina.member_of.len() == 70, "{}", gina.member_of.len());
     ensure!(gina.member_of.windows(2).all(|w| w[0] < w[1]));
     // Computers and contacts are not users: the filter leaves them out.
     ensure!(!users.contains_key("ws01$"));

@@ -296,6 +296,7 @@ fn directory_users_from_samba_and_entra_count_once_per_person() -> Result<()> {
         "dave",
         "frank",
         "gina",
+        "hank",
     ] {
         dc.add_user(name, password)?;
     }
@@ -304,6 +305,13 @@ fn directory_users_from_samba_and_entra_count_once_per_person() -> Result<()> {
     dc.add_spn("http/backup.corp.census.test", "svc-backup")?;
     dc.add_group("Billing Exclusions")?;
     dc.add_group_members("Billing Exclusions", &["dave"])?;
+    // hank is only in Contractors EU, two levels inside Billing Exclusions (by way of
+    // Contractors), and Contractors EU and Contractors are in each other: a cycle.
+    dc.add_group("Contractors")?;
+    dc.add_group("Contractors EU")?;
+    dc.add_group_members("Billing Exclusions", &["Contractors"])?;
+    dc.add_group_members("Contractors", &["Contractors EU"])?;
+    dc.add_group_members("Contractors EU", &["Contractors", "hank"])?;
     dc.add_computer("ws01")?;
     dc.add_contact("Erin External")?;
     let recent = filetime_days_ago(2);
@@ -314,6 +322,7 @@ fn directory_users_from_samba_and_entra_count_once_per_person() -> Result<()> {
         "carol",
         "svc-backup",
         "dave",
+        "hank",
         "Administrator",
     ] {
         dc.set_last_logon(name, recent)?;
@@ -457,8 +466,8 @@ fn directory_users_from_samba_and_entra_count_once_per_person() -> Result<()> {
         bob["accounts"].as_array().map(Vec::len) == Some(2) && bob["counted"] == false,
         "{bob}"
     );
-    // alice, erin, dave (no exclusion group yet) and zoe (cloud only).
-    ensure!(counted_users(&collector, "corp")? == 4, "{listing}");
+    // alice, erin, dave and hank (no exclusion group yet) and zoe (cloud only).
+    ensure!(counted_users(&collector, "corp")? == 5, "{listing}");
 
     // The policy: the exclusion group, then no stale-logon rule, then service accounts.
     let set = |args: &[&str]| -> Result<()> {
@@ -474,6 +483,16 @@ fn directory_users_from_samba_and_entra_count_once_per_person() -> Result<()> {
             .as_str()
             .is_some_and(|r| r.contains("member of exclusion group CN=Billing Exclusions")),
         "{dave}"
+    );
+    // hank too, though Billing Exclusions holds him only through two nested groups (and a
+    // cycle): the agent sent every group he is in.
+    let hank = person(&collector.users("corp")?, "hank")?.clone();
+    ensure!(
+        hank["counted"] == false
+            && hank["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("member of exclusion group CN=Billing Exclusions")),
+        "{hank}"
     );
     set(&["--stale-logon-days", "0"])?;
     // + frank, gina and the bulk users.
