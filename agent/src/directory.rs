@@ -629,6 +629,239 @@ mod unit_tests {
         server.abort();
     }
 
+    // === a scripted LDAP server ===
+
+    use ldap3::asn1::{PL, StructureTag, TagClass, parse_tag};
+
+    fn prim(class: TagClass, id: u64, bytes: &[u8]) -> StructureTag {
+        StructureTag {
+            class,
+            id,
+            payload: PL::P(bytes.to_vec()),
+        }
+    }
+
+    fn cons(class: TagClass, id: u64, inner: Vec<StructureTag>) -> StructureTag {
+        StructureTag {
+            class,
+            id,
+            payload: PL::C(inner),
+        }
+    }
+
+    fn octets(bytes: &[u8]) -> StructureTag {
+        prim(TagClass::Universal, 4, bytes)
+    }
+
+    /// BER, definite lengths, tag numbers below 31 (all LDAP needs here).
+    fn ber(tag: &StructureTag) -> Vec<u8> {
+        let class = match tag.class {
+            TagClass::Universal => 0x00,
+            TagClass::Application => 0x40,
+            TagClass::Context => 0x80,
+            TagClass::Private => 0xc0,
+        };
+        let (constructed, content) = match &tag.payload {
+            PL::P(bytes) => (0x00, bytes.clone()),
+            PL::C(inner) => (0x20, inner.iter().flat_map(ber).collect()),
+        };
+        let mut out = vec![class | constructed | u8::try_from(tag.id).expect("small tag")];
+        let len = content.len();
+        if len < 0x80 {
+            out.push(u8::try_from(len).expect("short"));
+        } else {
+            let bytes = u32::try_from(len).expect("fits").to_be_bytes();
+            out.push(0x84);
+            out.extend_from_slice(&bytes);
+        }
+        out.extend_from_slice(&content);
+        out
+    }
+
+    /// An LDAPMessage: `id`, then `op`.
+    fn message(id: &[u8], op: StructureTag) -> Vec<u8> {
+        ber(&cons(
+            TagClass::Universal,
+            16,
+            vec![prim(TagClass::Universal, 2, id), op],
+        ))
+    }
+
+    /// An LDAPResult-shaped operation: `[APPLICATION app] { resultCode, matchedDN, text }`.
+    fn result(app: u64, rc: u8, text: &str) -> StructureTag {
+        cons(
+            TagClass::Application,
+            app,
+            vec![
+                prim(TagClass::Universal, 10, &[rc]),
+                octets(b""),
+                octets(text.as_bytes()),
+            ],
+        )
+    }
+
+    /// A SearchResultEntry.
+    fn entry(dn: &str, attrs: &[(&str, Vec<Vec<u8>>)]) -> StructureTag {
+        let attributes = attrs
+            .iter()
+            .map(|(name, values)| {
+                cons(
+                    TagClass::Universal,
+                    16,
+                    vec![
+                        octets(name.as_bytes()),
+                        cons(
+                            TagClass::Universal,
+                            17,
+                            values.iter().map(|v| octets(v)).collect(),
+                        ),
+                    ],
+                )
+            })
+            .collect();
+        cons(
+            TagClass::Application,
+            4,
+            vec![
+                octets(dn.as_bytes()),
+                cons(TagClass::Universal, 16, attributes),
+            ],
+        )
+    }
+
+    /// A plaintext LDAP server that accepts any bind, answers the first search (users) with
+    /// `users` and the second (groups) with `groups`, or with insufficientAccessRights when
+    /// `groups` is `None`. Never pages.
+    async fn scripted_server(
+        users: Vec<StructureTag>,
+        groups: Option<Vec<StructureTag>>,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let addr = listener.local_addr().expect("bound");
+        let task = tokio::spawn(async move {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf: Vec<u8> = Vec::new();
+            let mut searches = 0;
+            loop {
+                let mut chunk = [0u8; 4096];
+                match conn.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                while let Ok((rest, tag)) = parse_tag(&buf) {
+                    let used = buf.len() - rest.len();
+                    let PL::C(parts) = &tag.payload else { return };
+                    let id = match parts.first().map(|t| &t.payload) {
+                        Some(PL::P(id)) => id.clone(),
+                        _ => return,
+                    };
+                    let op = parts.get(1).map_or(0, |t| t.id);
+                    let mut reply = Vec::new();
+                    match op {
+                        0 => reply.extend(message(&id, result(1, 0, ""))),
+                        3 => {
+                            searches += 1;
+                            let (entries, rc) = match (searches, &groups) {
+                                (1, _) => (users.clone(), 0),
+                                (_, Some(g)) => (g.clone(), 0),
+                                (_, None) => (Vec::new(), 50),
+                            };
+                            for e in entries {
+                                reply.extend(message(&id, e));
+                            }
+                            reply.extend(message(&id, result(5, rc, "no groups for you")));
+                        }
+                        _ => return,
+                    }
+                    let _ = conn.write_all(&reply).await;
+                    buf.drain(..used);
+                }
+            }
+        });
+        (addr, task)
+    }
+
+    fn plaintext_settings(addr: std::net::SocketAddr, dir: &std::path::Path) -> DirectorySettings {
+        DirectorySettings {
+            allow_plaintext: true,
+            insecure_skip_verify: false,
+            base_dn: Some("DC=lab".into()),
+            timeout_ms: 5_000,
+            ..loopback_settings(format!("ldap://{addr}"), dir)
+        }
+    }
+
+    fn hank() -> StructureTag {
+        entry(
+            "CN=hank,CN=Users,DC=lab",
+            &[
+                ("objectGUID", vec![vec![7; 16]]),
+                ("sAMAccountName", vec![b"hank".to_vec()]),
+                ("memberOf", vec![b"CN=Contractors EU,DC=lab".to_vec()]),
+            ],
+        )
+    }
+
+    #[tokio::test]
+    async fn a_read_resolves_nesting_from_the_group_search() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let groups = vec![
+            entry(
+                "CN=Contractors EU,DC=lab",
+                &[("memberOf", vec![b"CN=Contractors,DC=lab".to_vec()])],
+            ),
+            entry(
+                "CN=Contractors,DC=lab",
+                &[("memberOf", vec![b"CN=Billing Exclusions,DC=lab".to_vec()])],
+            ),
+            entry("CN=Billing Exclusions,DC=lab", &[]),
+        ];
+        let (addr, server) = scripted_server(vec![hank()], Some(groups)).await;
+        let read = read(
+            &plaintext_settings(addr, tmp.path()),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("a read");
+        assert_eq!(read.users.len(), 1);
+        assert_eq!(
+            read.users[0].member_of,
+            [
+                "CN=Billing Exclusions,DC=lab",
+                "CN=Contractors EU,DC=lab",
+                "CN=Contractors,DC=lab"
+            ]
+        );
+        server.abort();
+    }
+
+    /// A failed group search fails the read, as a failed user search does: never a read with
+    /// direct groups only, which could miss an exclusion group.
+    #[tokio::test]
+    async fn a_failed_group_search_fails_the_read() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (addr, server) = scripted_server(vec![hank()], None).await;
+        let err = read(
+            &plaintext_settings(addr, tmp.path()),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("the group search failed");
+        assert!(matches!(err, DirectoryError::Search { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("group search: insufficientAccessRights (50) no groups for you"),
+            "{text}"
+        );
+        assert!(!text.contains('\n'), "{text}");
+        server.abort();
+    }
+
     #[test]
     fn errors_are_one_line() {
         let errors = [
