@@ -521,9 +521,21 @@ impl Lab {
     }
 
     fn ip_batch(&self, ns: Option<&str>, lines: &[String]) -> Result<()> {
+        Self::run_batch(ip_batch_command(&self.ip, ns), lines)
+    }
+
+    /// `tool -batch -` (`tc`, `bridge`: iproute2's batch mode) inside `ns`, one of this lab's
+    /// namespaces, with `lines` on its standard input.
+    fn tool_batch(&self, ns: &str, tool: &str, lines: &[String]) -> Result<()> {
+        let mut cmd = self.ns_command(ns, [tool])?;
+        cmd.args(["-batch", "-"]);
+        Self::run_batch(cmd, lines)
+    }
+
+    fn run_batch(cmd: Command, lines: &[String]) -> Result<()> {
         let mut input = lines.join("\n");
         input.push('\n');
-        run_ok(ip_batch_command(&self.ip, ns), Some(input), IP_TIMEOUT).map(drop)
+        run_ok(cmd, Some(input), IP_TIMEOUT).map(drop)
     }
 
     /// `sysctl -w key=value` inside `ns` (sysctls under /proc/sys/net are per namespace).
@@ -925,16 +937,9 @@ impl<'lab> Site<'lab> {
             ));
             bridge.push(format!("link set dev {} bcast_flood off flood off", h.port));
         }
-        let dir = self.lab.dir();
         for (tool, lines) in [("tc", tc), ("bridge", bridge)] {
-            let path = dir.join(format!("{}-{tool}.batch", self.switch_ns));
-            std::fs::write(&path, lines.join("\n") + "\n")
-                .with_context(|| format!("writing {}", path.display()))?;
             self.lab
-                .exec_ok(
-                    &self.switch_ns,
-                    [tool.as_ref(), OsStr::new("-batch"), path.as_os_str()],
-                )
+                .tool_batch(&self.switch_ns, tool, &lines)
                 .with_context(|| {
                     format!("directing ARP requests on site {:?} ({tool})", self.name)
                 })?;
