@@ -161,6 +161,14 @@ pub struct ArpSettings {
     pub reply_window_ms: u64,
 }
 
+impl ArpSettings {
+    /// The rate a sweep starts at: 1200 per second, or `rate` if lower (on Windows, the rate
+    /// of resolutions throughout).
+    pub fn start_rate(&self) -> u32 {
+        self.rate.min(crate::probe::ARP_START_RATE_PPS)
+    }
+}
+
 impl Default for ArpSettings {
     fn default() -> Self {
         ArpSettings {

@@ -333,26 +333,20 @@ async fn sweep_arp(
     if !config.arp.enabled {
         return Ok(Vec::new());
     }
+    let rate = config.arp.start_rate();
     let mut out = Vec::new();
     for p in &plan.on_link {
         progress.say(format_args!(
-            "ARP: resolving {} addresses on {} at {} per second",
+            "ARP: resolving {} addresses on {} at {rate} per second",
             p.targets.len(),
             p.interface.name,
-            config.arp.rate.min(crate::probe::ARP_START_RATE_PPS)
         ));
-        let found = iphelper::arp_sweep(
-            &p.interface,
-            &p.targets,
-            config.arp.rate.min(crate::probe::ARP_START_RATE_PPS),
-            config.arp.retries,
-            cancel,
-        )
-        .await
-        .map_err(|e| match e {
-            WinArpError::PermissionDenied => AgentError::Permission(e.to_string()),
-            WinArpError::Failed { .. } => AgentError::Sweep(e.to_string()),
-        })?;
+        let found = iphelper::arp_sweep(&p.interface, &p.targets, rate, config.arp.retries, cancel)
+            .await
+            .map_err(|e| match e {
+                WinArpError::PermissionDenied => AgentError::Permission(e.to_string()),
+                WinArpError::Failed { .. } => AgentError::Sweep(e.to_string()),
+            })?;
         info!(interface = %found.interface, probed = found.probed, replies = found.replies.len(), requests = found.requests_sent, "ARP sweep");
         progress.say(format_args!(
             "ARP: {} answered on {}",

@@ -101,7 +101,7 @@ pub fn plan(config: &Config) -> Result<SweepPlan, AgentError> {
             scopes = %p.scopes.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             targets = p.targets.len(),
             rate_pps = config.arp.rate,
-            start_rate_pps = config.arp.rate.min(crate::probe::ARP_START_RATE_PPS),
+            start_rate_pps = config.arp.start_rate(),
             method = if config.arp.enabled { "arp" } else { "none (arp disabled)" },
             "will sweep on-link"
         );
