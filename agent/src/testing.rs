@@ -21,13 +21,7 @@ const PARENT_NS_ENV: &str = "CENSUS_TEST_PARENT_NS";
 pub const OUT: &str = "CENSUS-OUT ";
 
 /// True when lab tests are to be skipped (`CENSUS_SKIP_LAB=1`); says so on stderr.
-pub fn skip_lab() -> bool {
-    if lab::lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
-        return true;
-    }
-    false
-}
+pub use census_tests::lab::lab_skipped as skip_lab;
 
 fn own_netns() -> String {
     std::fs::read_link("/proc/self/ns/net")

@@ -86,9 +86,13 @@ const REFUSED: &str = "/nonexistent/census-lab-refused/";
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
 /// True when `CENSUS_SKIP_LAB=1`: lab tests then return early instead of failing on a machine
-/// where namespaces cannot be created.
+/// where namespaces cannot be created. Says so on stderr, for the test's output.
 pub fn lab_skipped() -> bool {
-    std::env::var("CENSUS_SKIP_LAB").is_ok_and(|v| v == "1")
+    let skipped = std::env::var("CENSUS_SKIP_LAB").is_ok_and(|v| v == "1");
+    if skipped {
+        eprintln!("skipped: CENSUS_SKIP_LAB=1");
+    }
+    skipped
 }
 
 /// `aa:bb:cc:dd:ee:ff`, the way `ip neigh` prints a MAC.

@@ -21,14 +21,6 @@ use census_tests::{
 const HOSTS: u32 = 24;
 const CLIENT: &str = "steady";
 
-fn skip() -> bool {
-    if lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
-        return true;
-    }
-    false
-}
-
 /// A site on 198.18.0.0/24 with [`HOSTS`] hosts from .10.
 fn site_with_hosts(lab: &Lab) -> Result<census_tests::lab::Site<'_>> {
     let site = lab.add_site(SiteSpec::new(
@@ -173,7 +165,7 @@ impl Drop for Resume<'_> {
 
 #[test]
 fn a_collector_down_for_three_sweeps_loses_nothing_and_counts_nothing_twice() -> Result<()> {
-    if skip() {
+    if lab_skipped() {
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -294,7 +286,7 @@ fn a_collector_down_for_three_sweeps_loses_nothing_and_counts_nothing_twice() ->
 
 #[test]
 fn an_agent_killed_mid_delivery_delivers_after_a_restart_and_nothing_counts_twice() -> Result<()> {
-    if skip() {
+    if lab_skipped() {
         return Ok(());
     }
     let lab = Lab::new()?;

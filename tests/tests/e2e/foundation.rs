@@ -10,14 +10,6 @@ use census_tests::{
     support::{self, Collector},
 };
 
-fn skip() -> bool {
-    if lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
-        return true;
-    }
-    false
-}
-
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().expect("test address")
 }
@@ -42,7 +34,7 @@ fn hosts(count: u32, tag: u8) -> Vec<HostSpec> {
 
 #[test]
 fn two_clients_with_the_same_subnet_are_counted_exactly_and_survive_a_restart() -> Result<()> {
-    if skip() {
+    if lab_skipped() {
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -116,7 +108,7 @@ fn two_clients_with_the_same_subnet_are_counted_exactly_and_survive_a_restart() 
 
 #[test]
 fn bad_input_gets_one_clear_line_and_writes_nothing() -> Result<()> {
-    if skip() {
+    if lab_skipped() {
         return Ok(());
     }
     let lab = Lab::new()?;

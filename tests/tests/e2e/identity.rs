@@ -22,14 +22,6 @@ use census_tests::{
     support::{self, COLLECTOR_PORT, Collector, Device},
 };
 
-fn skip() -> bool {
-    if lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
-        return true;
-    }
-    false
-}
-
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().expect("test address")
 }
@@ -99,7 +91,7 @@ fn strings(list: &[&str]) -> Vec<String> {
 
 #[test]
 fn a_multihomed_host_is_one_device_with_both_macs_and_addresses() -> Result<()> {
-    if skip() {
+    if lab_skipped() {
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -172,7 +164,7 @@ fn a_multihomed_host_is_one_device_with_both_macs_and_addresses() -> Result<()> 
 
 #[test]
 fn a_host_that_moves_stays_one_device_and_a_host_taking_its_address_is_new() -> Result<()> {
-    if skip() {
+    if lab_skipped() {
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -260,7 +252,7 @@ fn a_host_that_moves_stays_one_device_and_a_host_taking_its_address_is_new() -> 
 
 #[test]
 fn two_agents_at_one_site_report_one_device_per_host() -> Result<()> {
-    if skip() {
+    if lab_skipped() {
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -321,7 +313,7 @@ fn two_agents_at_one_site_report_one_device_per_host() -> Result<()> {
 
 #[test]
 fn clients_with_identical_subnets_addresses_and_macs_never_meet() -> Result<()> {
-    if skip() {
+    if lab_skipped() {
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -418,7 +410,7 @@ fn clients_with_identical_subnets_addresses_and_macs_never_meet() -> Result<()> 
 
 #[test]
 fn a_vrrp_virtual_address_is_evidence_on_its_router_not_a_device() -> Result<()> {
-    if skip() {
+    if lab_skipped() {
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -486,7 +478,7 @@ fn a_vrrp_virtual_address_is_evidence_on_its_router_not_a_device() -> Result<()>
 
 #[test]
 fn a_proxy_arp_router_is_one_device_and_its_proxied_addresses_are_none() -> Result<()> {
-    if skip() {
+    if lab_skipped() {
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -568,7 +560,7 @@ fn a_proxy_arp_router_is_one_device_and_its_proxied_addresses_are_none() -> Resu
 
 #[test]
 fn phones_back_with_a_new_random_mac_and_the_same_mdns_name_stay_one_device_each() -> Result<()> {
-    if skip() {
+    if lab_skipped() {
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -684,7 +676,7 @@ fn log_lines_from(proc: &Proc, from: usize) -> Vec<support::AgentLogLine> {
 
 #[test]
 fn a_collector_killed_mid_ingest_loses_no_acknowledged_batch() -> Result<()> {
-    if skip() {
+    if lab_skipped() {
         return Ok(());
     }
     let lab = Lab::new()?;

@@ -72,7 +72,6 @@ fn v2c(community: &str) -> Vec<String> {
 #[test]
 fn overlapping_sites_are_isolated() -> Result<()> {
     if census_tests::lab::lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -114,7 +113,6 @@ fn overlapping_sites_are_isolated() -> Result<()> {
 #[test]
 fn silent_host_answers_arp_but_not_ping() -> Result<()> {
     if census_tests::lab::lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -140,7 +138,6 @@ fn silent_host_answers_arp_but_not_ping() -> Result<()> {
 #[test]
 fn snmpd_answers_v2c_and_v3() -> Result<()> {
     if census_tests::lab::lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -204,7 +201,6 @@ fn snmpd_answers_v2c_and_v3() -> Result<()> {
 #[test]
 fn snmpd_serves_serial_and_model() -> Result<()> {
     if census_tests::lab::lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -297,7 +293,6 @@ fn snmpd_serves_serial_and_model() -> Result<()> {
 #[test]
 fn snmpd_answers_v3_users_of_every_protocol() -> Result<()> {
     if census_tests::lab::lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -367,7 +362,6 @@ fn snmpd_answers_v3_users_of_every_protocol() -> Result<()> {
 #[test]
 fn commands_run_only_in_the_labs_own_namespaces() -> Result<()> {
     if census_tests::lab::lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -432,7 +426,6 @@ fn commands_run_only_in_the_labs_own_namespaces() -> Result<()> {
 #[test]
 fn router_routes_to_its_subnet() -> Result<()> {
     if census_tests::lab::lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -498,7 +491,6 @@ zc.close()
 #[test]
 fn mdns_service_is_browsable() -> Result<()> {
     if census_tests::lab::lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -539,7 +531,6 @@ fn mdns_service_is_browsable() -> Result<()> {
 #[test]
 fn only_the_benchmarking_range_is_accepted() -> Result<()> {
     if census_tests::lab::lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -582,7 +573,6 @@ fn only_the_benchmarking_range_is_accepted() -> Result<()> {
 #[test]
 fn hundred_hosts_build_in_seconds() -> Result<()> {
     if census_tests::lab::lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -612,7 +602,6 @@ fn hundred_hosts_build_in_seconds() -> Result<()> {
 #[test]
 fn drop_removes_namespaces_and_processes() -> Result<()> {
     if census_tests::lab::lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -647,7 +636,6 @@ fn drop_removes_namespaces_and_processes() -> Result<()> {
 #[test]
 fn panic_still_tears_down() -> Result<()> {
     if census_tests::lab::lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
         return Ok(());
     }
     let seen: Mutex<Option<(String, u32)>> = Mutex::new(None);
@@ -764,7 +752,6 @@ fn if_macs(lab: &Lab, ns: &str, community: &str, target: Ipv4Addr) -> Result<Vec
 #[test]
 fn multihomed_host_answers_each_address_with_its_own_mac() -> Result<()> {
     if census_tests::lab::lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -832,7 +819,6 @@ fn multihomed_host_answers_each_address_with_its_own_mac() -> Result<()> {
 #[test]
 fn hosts_change_address_and_mac() -> Result<()> {
     if census_tests::lab::lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -918,7 +904,6 @@ fn hosts_change_address_and_mac() -> Result<()> {
 #[test]
 fn vrrp_virtual_address_is_answered_with_the_vrrp_mac() -> Result<()> {
     if census_tests::lab::lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -967,7 +952,6 @@ fn vrrp_virtual_address_is_answered_with_the_vrrp_mac() -> Result<()> {
 #[test]
 fn proxy_arp_router_answers_for_its_carved_subnet() -> Result<()> {
     if census_tests::lab::lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
         return Ok(());
     }
     let lab = Lab::new()?;

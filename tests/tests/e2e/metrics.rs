@@ -25,14 +25,6 @@ use census_proto::transport::Credentials;
 
 const HOSTS: u32 = 6;
 
-fn skip() -> bool {
-    if lab_skipped() {
-        eprintln!("skipped: CENSUS_SKIP_LAB=1");
-        return true;
-    }
-    false
-}
-
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().expect("test address")
 }
@@ -45,7 +37,7 @@ fn value(page: &HttpResponse, name: &str) -> Result<f64> {
 
 #[test]
 fn collector_metrics_match_what_the_agent_delivered() -> Result<()> {
-    if skip() {
+    if lab_skipped() {
         return Ok(());
     }
     let lab = Lab::new()?;
@@ -192,7 +184,7 @@ fn collector_metrics_match_what_the_agent_delivered() -> Result<()> {
 
 #[test]
 fn the_agent_serves_its_metrics_in_its_namespace() -> Result<()> {
-    if skip() {
+    if lab_skipped() {
         return Ok(());
     }
     let lab = Lab::new()?;
