@@ -675,7 +675,9 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Policy(cmd) => policy_command(cmd, &mut query, &mut admin, url).await?,
         Command::Snapshot(cmd) => snapshot_command(cmd, &mut query, &mut admin, url).await?,
-        Command::Users(args) => users::run(args, &mut query, &mut admin, url).await?,
+        Command::Users(args) => {
+            users::run(args, &mut query, &mut admin, url, cli.timeout.max(1)).await?
+        }
         Command::Devices {
             client,
             site,

@@ -1,13 +1,16 @@
 //! The users part of the services: directory read parts in agents' batches, `ListUsers`, the
 //! billable-user policy, `RefreshUsers`, and the users' messages.
 
+use std::time::Duration;
+
 use census_proto::{convert, v1};
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::{Collector, name_status, now_ms};
 use crate::{
-    entra::EntraError,
+    entra::{EntraError, EntraReader},
+    graph::graph_time_ms,
     model,
     snapshot::SnapshotUser,
     store::{Store, StoreError},
@@ -16,6 +19,9 @@ use crate::{
         apply::ReadPart,
     },
 };
+
+/// Longest a `RefreshUsers` call waits for its read, whatever it asks (the read goes on).
+const MAX_REFRESH_WAIT: Duration = Duration::from_secs(3600);
 
 /// Most users one batch may carry (agents send 100).
 pub const MAX_BATCH_USERS: usize = 1_000;
@@ -125,7 +131,15 @@ fn account_to_wire(a: &Account, d: &users::Decision) -> v1::UserAccount {
         join_keys: a.join_keys.iter().map(ToString::to_string).collect(),
         last_logon: match &a.facts {
             Facts::Ad(ad) => ad.last_logon_ms.and_then(ts),
-            Facts::Entra(_) => None,
+            Facts::Entra(u) => u
+                .last_sign_in
+                .as_deref()
+                .and_then(graph_time_ms)
+                .and_then(ts),
+        },
+        created: match &a.facts {
+            Facts::Ad(ad) => ad.created_ms.and_then(ts),
+            Facts::Entra(u) => u.created.as_deref().and_then(graph_time_ms).and_then(ts),
         },
     }
 }
@@ -260,33 +274,43 @@ impl Collector {
         &self,
         request: Request<v1::RefreshUsersRequest>,
     ) -> Result<Response<v1::RefreshUsersResponse>, Status> {
-        let client = request.into_inner().client;
+        let req = request.into_inner();
+        let client = req.client;
         model::validate_name("client", &client).map_err(name_status)?;
         let Some(reader) = &self.entra else {
             return Err(Status::failed_precondition(
                 EntraError::NotConfigured(client).to_string(),
             ));
         };
-        match reader
-            .read_client(&self.store, &client, &self.shutdown)
-            .await
-        {
-            Ok(_) => {}
-            Err(e @ EntraError::NotConfigured(_)) => {
+        // The read runs on the reader's own task: this call only waits for it, and a caller
+        // that goes away stops the wait, not the read.
+        let read = reader
+            .start(&self.store, &client, &self.shutdown)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let outcome = EntraReader::outcome(read);
+        let finished = match req.wait_seconds {
+            0 => Some(outcome.await),
+            secs => {
+                let wait = Duration::from_secs(u64::from(secs)).min(MAX_REFRESH_WAIT);
+                tokio::time::timeout(wait, outcome).await.ok()
+            }
+        };
+        match finished.as_ref().map(|f| f.as_ref().map_err(|e| &**e)) {
+            None | Some(Ok(_)) => {}
+            Some(Err(e @ EntraError::NotConfigured(_))) => {
                 return Err(Status::failed_precondition(e.to_string()));
             }
-            Err(EntraError::Cancelled) => {
+            Some(Err(EntraError::Cancelled)) => {
                 return Err(Status::unavailable("collector is shutting down"));
             }
-            Err(e) => {
-                warn!(%client, error = %e, "refresh failed");
-                return Err(Status::internal(e.to_string()));
-            }
+            // Logged by the read's task.
+            Some(Err(e)) => return Err(Status::internal(e.to_string())),
         }
         let c = client.clone();
         let (_, sources) = self.blocking(move |s| s.user_accounts(&c)).await?;
         Ok(Response::new(v1::RefreshUsersResponse {
             sources: sources.iter().map(source_to_wire).collect(),
+            running: finished.is_none(),
         }))
     }
 }
