@@ -1,8 +1,9 @@
 //! Microsoft 365 / Entra ID users, read by the collector from Microsoft Graph (issue 5; BRIEF:
 //! "Users: what a billable user is"). This file owns the HTTP side: the OAuth2 client
 //! credentials token (cached per tenant until shortly before it expires), `GET /v1.0/users`
-//! with `$select` following `@odata.nextLink` to the end, and throttling (429 and 503 obey
-//! `Retry-After`; backoff with jitter otherwise). Everything is bounded: a timeout on every
+//! with `$select` following `@odata.nextLink` to the end (asking for `signInActivity` first,
+//! and again without it when the tenant refuses it: it needs Entra ID P1), and throttling (429
+//! and 503 obey `Retry-After`; backoff with jitter otherwise). Everything is bounded: a timeout on every
 //! request, a cap on pages, users, body size, attempts and each wait, and a deadline on the
 //! whole read. The access token is only ever sent to the configured Graph origin: a next-page
 //! link elsewhere is refused, and redirects are not followed.
@@ -73,6 +74,9 @@ pub use wire::{
 
 /// Page size asked of Graph (its maximum for `/users`).
 const PAGE_SIZE: u32 = 999;
+/// Page size asked when selecting `signInActivity`: Graph's maximum then (it serves at most 120
+/// users a page with sign-in activity, whatever `$top` says).
+const SIGN_IN_PAGE_SIZE: u32 = 120;
 /// The token scope for the public cloud, also used with a plain-http test server.
 const DEFAULT_SCOPE: &str = "https://graph.microsoft.com/.default";
 /// A token is renewed this long before it expires (or at half its life, if that is shorter).
@@ -84,7 +88,8 @@ const MAX_TOKEN_LIFE: Duration = Duration::from_secs(24 * 3600);
 /// tests shrink them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GraphLimits {
-    /// Most pages of users read; more is an error (1,000 pages of 999 users).
+    /// Most pages of users read; more is an error (5,000 pages: 600,000 users at the 120 a page
+    /// Graph serves with sign-in activity).
     pub max_pages: u32,
     /// Most users read; more is an error.
     pub max_users: usize,
@@ -105,7 +110,7 @@ pub struct GraphLimits {
 impl Default for GraphLimits {
     fn default() -> Self {
         GraphLimits {
-            max_pages: 1_000,
+            max_pages: 5_000,
             max_users: 500_000,
             max_attempts: 8,
             max_wait: Duration::from_secs(120),
@@ -797,13 +802,13 @@ impl<'a> Session<'a> {
 
     async fn users(&mut self) -> Result<TenantUsers, GraphError> {
         let limits = self.http.limits.clone();
-        let select_url = |select: &str| {
+        let select_url = |select: &str, top: u32| {
             format!(
-                "{}/v1.0/users?$select={select}&$top={PAGE_SIZE}",
+                "{}/v1.0/users?$select={select}&$top={top}",
                 self.settings.graph_base_url
             )
         };
-        let mut url = select_url(wire::USER_SELECT_WITH_SIGN_IN);
+        let mut url = select_url(wire::USER_SELECT_WITH_SIGN_IN, SIGN_IN_PAGE_SIZE);
         let mut read = TenantUsers {
             users: Vec::new(),
             skus: Vec::new(),
@@ -835,7 +840,7 @@ impl<'a> Session<'a> {
                     );
                     read.sign_in_refused = Some(wire::cap(&detail, wire::MAX_DETAIL));
                     with_sign_in = false;
-                    url = select_url(wire::USER_SELECT);
+                    url = select_url(wire::USER_SELECT, PAGE_SIZE);
                     continue;
                 }
                 Err(e) => return Err(e),

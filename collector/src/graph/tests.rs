@@ -383,7 +383,11 @@ async fn reads_every_page_through_throttling_and_counts_exactly() {
     );
     assert_eq!(read.sign_in_refused, None);
     assert!(read.users.iter().all(|u| u.sign_in_read));
-    assert_eq!(first.get("$top").map(String::as_str), Some("999"));
+    assert_eq!(
+        first.get("$top").map(String::as_str),
+        Some("120"),
+        "Graph's page size with sign-in activity"
+    );
 
     assert_eq!(read.pages, 3);
     assert_eq!(read.skipped, 1, "the entry without an id");
