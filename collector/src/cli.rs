@@ -801,6 +801,13 @@ fn status_failure(status: Status, url: &str) -> Failure {
                     .unwrap_or_default()
             ),
         ),
+        // tonic's own client deadline (--timeout) ran out: name the step and the flag.
+        Code::Cancelled if msg.contains("Timeout expired") => Failure::new(
+            EX_UNAVAILABLE,
+            format!(
+                "the collector at {url} did not answer within --timeout (15 seconds unless set): raise --timeout, or see the collector's log for what it was doing"
+            ),
+        ),
         Code::InvalidArgument => Failure::new(EX_USAGE, msg),
         Code::NotFound | Code::FailedPrecondition => Failure::new(1, msg),
         code => Failure::new(1, format!("collector error ({code:?}): {msg}")),

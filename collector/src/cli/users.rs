@@ -541,6 +541,32 @@ mod tests {
     }
 
     #[test]
+    fn a_call_that_outlives_the_timeout_names_the_flag() {
+        let f = crate::cli::status_failure(
+            tonic::Status::cancelled("Timeout expired"),
+            "https://127.0.0.1:7400",
+        );
+        assert_eq!(f.code, crate::cli::EX_UNAVAILABLE);
+        assert!(
+            f.message.contains("did not answer within --timeout"),
+            "{}",
+            f.message
+        );
+        let running = super::still_running("acme", "13 s");
+        assert_eq!(running.code, 75);
+        assert!(
+            running
+                .message
+                .contains("still running on the collector after 13 s (raise --timeout")
+                && running
+                    .message
+                    .contains("`census users --client acme` shows its outcome"),
+            "{}",
+            running.message
+        );
+    }
+
+    #[test]
     fn a_user_is_shown_by_a_name_people_read() {
         let user = |name: &str, display: &str| census_proto::v1::User {
             id: "sid:S-1-5-21-1-2-3-1001".into(),
