@@ -372,6 +372,25 @@ mod tests {
             c.metrics_listen,
             Some(SocketAddr::from(([127, 0, 0, 1], 7401)))
         );
+        assert_eq!(c.graph_read_deadline, DEFAULT_GRAPH_READ_DEADLINE);
+    }
+
+    #[test]
+    fn the_graph_read_deadline_is_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let with = |deadline: Duration| Config {
+            data_dir: Some(dir.path().to_owned()),
+            graph_read_deadline: deadline,
+            ..Config::default()
+        };
+        assert!(with(Duration::from_secs(3600)).validate().is_ok());
+        for bad in [Duration::from_secs(59), Duration::from_secs(7 * 3600)] {
+            let err = with(bad).validate().expect_err("out of range").to_string();
+            assert!(
+                err.starts_with("graph_read_deadline must be between 1m and 6h"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
