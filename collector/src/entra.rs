@@ -165,19 +165,9 @@ impl EntraReader {
         }
     }
 
-    /// Reads the client's tenant (or joins the read running) and waits for its end. See
-    /// [`Self::start`].
-    pub async fn read_client(
-        self: &Arc<Self>,
-        store: &Arc<dyn Store>,
-        client: &str,
-        shutdown: &CancellationToken,
-    ) -> Finished {
-        Self::outcome(self.start(store, client, shutdown)?).await
-    }
-
-    /// Stops taking reads and waits until every read's task has ended (the caller bounds the
-    /// wait: reads end at the shutdown token, within one request).
+    /// Waits until every read's task and every schedule has ended, for shutdown (the caller
+    /// bounds the wait: reads and schedules end at the shutdown token, a read within one
+    /// request).
     pub async fn drain(&self) {
         self.tasks.close();
         self.tasks.wait().await;
