@@ -150,6 +150,15 @@ impl EntraReader {
         Ok(rx)
     }
 
+    /// The client's Entra ID source (`entra:<tenant>`) while a read of it runs.
+    pub fn reading(&self, client: &str) -> Option<String> {
+        let slot = self.running.get(client)?;
+        let slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        let running = slot.as_ref().is_some_and(|r| r.borrow().is_none());
+        let tenant = &self.tenants.get(client)?.tenant_id;
+        running.then(|| users::entra_source(tenant).ok()).flatten()
+    }
+
     /// Waits for a read [`Self::start`] gave, until it ends.
     pub async fn outcome(mut read: ReadWatch) -> Finished {
         match read.wait_for(Option::is_some).await {

@@ -128,6 +128,7 @@ pub(super) fn source_json(s: &v1::UserSource) -> serde_json::Value {
         "last_attempt": (s.last_attempt.is_some()).then(|| time(s.last_attempt.as_ref())),
         "error": (!s.error.is_empty()).then_some(&s.error),
         "stale": s.stale,
+        "reading": s.reading,
     })
 }
 
@@ -236,10 +237,11 @@ fn print_sources(sources: &[v1::UserSource]) {
                 non_empty(time(s.last_read.as_ref()), "never"),
                 s.accounts.to_string(),
                 non_empty(time(s.last_attempt.as_ref()), "-"),
-                if s.stale {
-                    format!("STALE: {}", s.error)
-                } else {
-                    "ok".into()
+                match (s.reading, s.stale) {
+                    (true, true) => format!("READING NOW; last attempt STALE: {}", s.error),
+                    (true, false) => "READING NOW".into(),
+                    (false, true) => format!("STALE: {}", s.error),
+                    (false, false) => "ok".into(),
                 },
             ]
         })

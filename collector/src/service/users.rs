@@ -113,6 +113,7 @@ pub(super) fn source_to_wire(s: &SourceStatus) -> v1::UserSource {
         last_attempt: (s.attempt_ms != 0).then(|| convert::timestamp_from_millis(s.attempt_ms)),
         error: s.error.clone().unwrap_or_default(),
         stale: s.stale(),
+        reading: false,
     }
 }
 
@@ -193,9 +194,14 @@ impl Collector {
         self.require_client(&req.client).await?;
         let counted = v1::CountedFilter::try_from(req.counted).unwrap_or_default();
         let now = now_ms();
+        let reading = self.entra.as_ref().and_then(|e| e.reading(&req.client));
         let (people, policy, sources) = self
             .blocking(move |s| client_people(s, &req.client, now))
             .await?;
+        let mut sources: Vec<v1::UserSource> = sources.iter().map(source_to_wire).collect();
+        for s in &mut sources {
+            s.reading = reading.as_deref() == Some(s.source.as_str());
+        }
         Ok(Response::new(v1::ListUsersResponse {
             users: people
                 .iter()
@@ -206,7 +212,7 @@ impl Collector {
                 })
                 .map(person_to_wire)
                 .collect(),
-            sources: sources.iter().map(source_to_wire).collect(),
+            sources,
             policy: Some(user_policy_to_wire(&policy)),
             as_of: ts(now),
         }))

@@ -362,6 +362,16 @@ fn entra_sign_ins_new_accounts_and_reads_that_outlive_the_cli() -> Result<()> {
             "{code:?}: {err:?}"
         );
     }
+    // Meanwhile `census users` says the read is running (it has at least six more waits of
+    // Retry-After: 2 to obey).
+    let listing = collector.users("contoso")?;
+    ensure!(
+        listing["sources"][0]["reading"] == true,
+        "{}",
+        listing["sources"]
+    );
+    let table = collector.census_ok(["users", "--client", "contoso"])?;
+    ensure!(table.contains("READING NOW"), "{table}");
     // The read runs to its end on the collector, and its failure is stored: the source is
     // stale with the error and the time of the attempt, and the counts say so.
     let mut source = Value::Null;
@@ -379,6 +389,7 @@ fn entra_sign_ins_new_accounts_and_reads_that_outlive_the_cli() -> Result<()> {
     }
     ensure!(
         source["stale"] == true
+            && source["reading"] == false
             && source["error"]
                 .as_str()
                 .is_some_and(|e| e.contains("HTTP 503") && e.contains("after 8 attempts"))
