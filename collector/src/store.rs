@@ -228,15 +228,16 @@ pub(crate) fn run_edit<G: Graph>(
     }
 }
 
-/// Readies stored devices for people: which addresses are still theirs, and the virtual
-/// router addresses they hold.
+/// Readies stored devices for people: which addresses are current, previous or lost, and the
+/// virtual router addresses they hold. Both engines list through it, so they cannot differ.
 pub(crate) fn present(
     mut devices: Vec<DeviceRecord>,
     owners: &BTreeMap<(String, IpAddr), AddressOwner>,
     virtual_macs: &[(MacAddr, VirtualMacRecord)],
 ) -> Vec<DeviceRecord> {
+    let sightings = identity::Sightings::new(owners);
     for dev in &mut devices {
-        identity::mark_current(dev, owners);
+        identity::mark_current(dev, owners, &sightings);
         for (mac, v) in virtual_macs {
             if v.owner.as_ref().is_some_and(|o| dev.keys.contains(o)) {
                 for a in &v.addresses {
@@ -600,9 +601,11 @@ pub(crate) mod contract {
                 310,
             )
             .expect("edit");
+        let refused = refused.expect_err("refused");
         assert_eq!(
-            refused,
-            Err(identity::EditError::NoDevice("no-such-device".into()))
+            refused.to_string(),
+            "no device \"no-such-device\" in client \"acme\": `census devices --client acme` lists its devices",
+            "the refusal names the client it looked in"
         );
         assert_eq!(store.history("acme").expect("history").len(), 1);
         store
