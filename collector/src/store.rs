@@ -359,6 +359,7 @@ pub(crate) mod contract {
         assert_eq!(store.devices("acm", None).expect("devices").len(), 0);
 
         edits_and_tallies(store);
+        listings(store);
 
         let token = TokenRecord {
             id: "t1".into(),
@@ -618,6 +619,134 @@ pub(crate) mod contract {
         assert!(store.history("globex").expect("history").is_empty());
         assert_eq!(store.devices("acme", None).expect("devices").len(), 2);
         assert_tally(store, "acme", &all, 400, 2);
+    }
+
+    /// What both engines list, through [`present`]: after a split each device lists its own
+    /// MACs and addresses; an address is current, previous or lost by the latest sighting; an
+    /// `unknown` category keeps the agent's reason; snapshots follow.
+    fn listings(store: &dyn Store) {
+        use crate::{
+            policy::Policy,
+            snapshot::{self, Period},
+        };
+
+        let s = scope("initech", "hq");
+        store.ensure_site("initech", "hq", 1).expect("site");
+        let (a, b, c) = (
+            [0, 0x16, 0x3e, 0, 0x10, 1],
+            [0, 0x16, 0x3e, 0, 0x10, 2],
+            [0, 0x16, 0x3e, 0, 0x10, 3],
+        );
+        // A dual-NIC server (each NIC answers on its address, its SNMP lists both MACs), and a
+        // DHCP host that gets a new lease.
+        let nic = |ip: &str, mac: [u8; 6], at: u64| CleanObservation {
+            interface_macs: vec![MacAddr(a), MacAddr(b)],
+            methods: vec![v1::Method::Arp, v1::Method::Snmp],
+            category: Some((
+                v1::Category::Server,
+                "SNMP sysDescr says Linux: server".into(),
+            )),
+            ..obs(ip, mac, at)
+        };
+        let unknown = |ip: &str, at: u64| CleanObservation {
+            category: Some((v1::Category::Unknown, "no identifying evidence".into())),
+            ..obs(ip, c, at)
+        };
+        let batches = [
+            vec![
+                nic("198.18.0.10", a, 1_000),
+                nic("198.18.0.11", b, 1_003),
+                unknown("198.18.0.20", 1_000),
+            ],
+            vec![unknown("198.18.0.21", 2_000)],
+        ];
+        for (i, batch) in batches.iter().enumerate() {
+            let id = BatchId {
+                agent_id: "ag".into(),
+                sequence: i as u64 + 1,
+                digest: [9; 32],
+            };
+            store.apply_batch(&s, &id, batch).expect("apply");
+        }
+        let with = |devices: &[DeviceRecord], mac: [u8; 6]| {
+            let key = format!("1mac:{}", MacAddr(mac));
+            devices
+                .iter()
+                .find(|d| d.keys.contains(&key))
+                .cloned()
+                .expect("a device with that MAC")
+        };
+        let states = |d: &DeviceRecord| {
+            d.addresses
+                .iter()
+                .map(|x| {
+                    let state = match (x.current, x.lost) {
+                        (true, _) => "current",
+                        (false, true) => "lost",
+                        (false, false) => "previous",
+                    };
+                    (x.ip.to_string(), state)
+                })
+                .collect::<Vec<_>>()
+        };
+        let pair = |ip: &str, state: &'static str| (ip.to_owned(), state);
+
+        let devices = store.devices("initech", None).expect("devices");
+        assert_eq!(devices.len(), 2);
+        let server = with(&devices, a);
+        assert_eq!(server.macs, [MacAddr(a), MacAddr(b)]);
+        assert_eq!(
+            states(&server),
+            [
+                pair("198.18.0.10", "current"),
+                pair("198.18.0.11", "current")
+            ]
+        );
+        let host = with(&devices, c);
+        assert_eq!(
+            states(&host),
+            [
+                pair("198.18.0.20", "previous"),
+                pair("198.18.0.21", "current")
+            ]
+        );
+        assert_eq!(crate::model::category(&host), "unknown");
+        assert_eq!(host.category_reason, "no identifying evidence");
+
+        store
+            .edit(
+                "initech",
+                &Edit::Split {
+                    id: server.id.clone(),
+                    keys: vec![format!("1mac:{}", MacAddr(b))],
+                    reason: "two boxes".into(),
+                },
+                3_000,
+            )
+            .expect("edit")
+            .expect("split");
+        let devices = store.devices("initech", None).expect("devices");
+        let (left, right) = (with(&devices, a), with(&devices, b));
+        assert_eq!(left.macs, [MacAddr(a)], "the split-out MAC left");
+        assert_eq!(right.macs, [MacAddr(b)]);
+        assert_eq!(states(&left), [pair("198.18.0.10", "current")]);
+        assert_eq!(states(&right), [pair("198.18.0.11", "current")]);
+        let snap = snapshot::build(
+            "initech",
+            Period::parse("2026-11").expect("period"),
+            &Policy::default(),
+            &devices,
+            3_000,
+        );
+        let listed = |id: &str| {
+            snap.devices
+                .iter()
+                .find(|d| d.id == id)
+                .map(|d| d.addresses.clone())
+        };
+        assert_eq!(listed(&left.id), Some(vec!["hq/198.18.0.10".to_owned()]));
+        assert_eq!(listed(&right.id), Some(vec!["hq/198.18.0.11".to_owned()]));
+        assert_eq!(listed(&host.id), Some(vec!["hq/198.18.0.21".to_owned()]));
     }
 
     fn policies(store: &dyn Store) {

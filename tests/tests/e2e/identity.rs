@@ -393,14 +393,16 @@ fn a_laptop_roaming_between_sites_has_one_current_address_per_site() -> Result<(
     let hq_state = enrolled(&collector, "acme", "hq")?;
     let branch_state = enrolled(&collector, "acme", "branch")?;
     let args = |scope: &'static str, state: &Path| -> Result<Vec<String>> {
-        Ok(strings(&[
+        Ok([
             "--scope",
             scope,
             "--disable",
             "snmp,mdns",
             "--state-dir",
             state.to_str().context("utf-8 path")?,
-        ]))
+        ]
+        .map(str::to_owned)
+        .to_vec())
     };
     let hq_args = args("198.18.62.0/24", &hq_state)?;
     let branch_args = args("198.18.63.0/24", &branch_state)?;
