@@ -1073,15 +1073,15 @@ pub fn mark_current(
 ) {
     // The device's latest sighting at each site: every address of one observation carries its
     // time, and the fold keeps each address's latest.
-    let mut latest_at: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut latest_at: BTreeMap<String, u64> = BTreeMap::new();
     for a in &dev.addresses {
-        let t = latest_at.entry(a.site.as_str()).or_default();
-        *t = (*t).max(a.last_seen_ms);
+        match latest_at.get_mut(&a.site) {
+            Some(t) => *t = (*t).max(a.last_seen_ms),
+            None => {
+                latest_at.insert(a.site.clone(), a.last_seen_ms);
+            }
+        }
     }
-    let latest_at: BTreeMap<String, u64> = latest_at
-        .into_iter()
-        .map(|(s, t)| (s.to_owned(), t))
-        .collect();
     let keys = &dev.keys;
     let weak_latest = |site: &str| {
         keys.iter()

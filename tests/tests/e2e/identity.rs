@@ -161,6 +161,54 @@ fn a_multihomed_host_is_one_device_with_both_macs_and_addresses() -> Result<()> 
     assert_eq!(methods, ["arp", "snmp"], "{dev:#?}");
     let other = with_mac(&devices, plain.mac())?;
     assert_eq!(other.address_list(), ["198.18.50.20"]);
+
+    // An operator splits the second NIC out: every listing follows the identifiers, also
+    // after the next sweep (the split holds) and after the split is undone.
+    let key_b = format!("1mac:{}", mac_string(nic_b));
+    collector.census_ok(["split", "--client", "acme", &dev.id, "--keys", &key_b])?;
+    let check_split = || -> Result<()> {
+        let devices = collector.devices("acme")?;
+        assert_eq!(devices.len(), 3, "{devices:#?}");
+        for (nic, addr) in [(nic_a, "198.18.50.10"), (nic_b, "198.18.50.11")] {
+            let d = with_mac(&devices, nic)?;
+            assert_eq!(d.macs, macs(&[nic]), "{d:#?}");
+            assert_eq!(d.address_list(), [addr], "{d:#?}");
+            assert!(d.addresses[0].current, "{d:#?}");
+            let shown = collector.census_ok(["device", "--client", "acme", &d.id])?;
+            let other = if nic == nic_a { nic_b } else { nic_a };
+            assert!(!shown.contains(&mac_string(other)), "{shown}");
+        }
+        Ok(())
+    };
+    check_split()?;
+    sweep(
+        &lab,
+        &collector,
+        site.agent().ns(),
+        &token,
+        &[
+            "--scope",
+            "198.18.50.0/24",
+            "--snmp-community",
+            "census-mh",
+            "--disable",
+            "mdns",
+        ],
+    )?;
+    check_split()?;
+    let history: serde_json::Value =
+        serde_json::from_str(&collector.census_ok(["history", "--client", "acme", "--json"])?)?;
+    let split_seq = history
+        .as_array()
+        .and_then(|events| events.iter().find(|e| e["kind"] == "split"))
+        .and_then(|e| e["seq"].as_u64())
+        .context("the split in the history")?;
+    collector.census_ok(["undo", "--client", "acme", &split_seq.to_string()])?;
+    let devices = collector.devices("acme")?;
+    assert_eq!(devices.len(), 2, "{devices:#?}");
+    let dev = with_mac(&devices, nic_a)?;
+    assert_eq!(dev.macs, macs(&[nic_a, nic_b]), "{dev:#?}");
+    assert!(dev.addresses.iter().all(|a| a.current), "{dev:#?}");
     Ok(())
 }
 
