@@ -476,6 +476,27 @@ fn an_address_is_current_only_when_answered_in_the_latest_sighting_at_its_site()
     apply_all(&mut g, "hq", &dual_nic(100));
     assert_eq!(current(&g, only_device(&g)).len(), 2);
 
+    // A routed router answering ping on two addresses, known by its SNMP engine ID: one
+    // observation per address, dated by the sweep, so both are current.
+    let mut g = MemGraph::default();
+    let routed = |addr: &str, at| CleanObservation {
+        macs: vec![],
+        methods: vec![v1::Method::Icmp, v1::Method::Snmp],
+        engine_id: Some(vec![0x80, 0, 0, 9, 3, 1, 2]),
+        ..arp(addr, mac(0), at)
+    };
+    apply_all(
+        &mut g,
+        "hq",
+        &[routed("198.18.7.1", 5), routed("198.18.8.1", 5)],
+    );
+    apply_all(
+        &mut g,
+        "hq",
+        &[routed("198.18.7.1", 9), routed("198.18.8.1", 9)],
+    );
+    assert_eq!(current(&g, only_device(&g)).len(), 2);
+
     // A phone back with a new random MAC (one device through its mDNS name) answers on a new
     // address: the address of its old MAC is previous.
     let mut g = MemGraph::default();
