@@ -1004,22 +1004,27 @@ fn address_state(a: &v1::DeviceAddress) -> &'static str {
 /// The most characters a list takes in a table cell: two MACs, or a few addresses.
 const LIST_CELL_WIDTH: usize = 36;
 
-/// A list for a table cell: as many items as fit in [`LIST_CELL_WIDTH`] (at least one),
-/// comma-separated, then `+N` for the rest, so one device with many addresses cannot widen
-/// every row past a terminal. `--json` always gives whole lists.
+/// A list for a table cell: as many items as fit in [`LIST_CELL_WIDTH`] (at least one, itself
+/// cut to the width with `…` when longer), comma-separated, then `+N` for the rest, so one
+/// device with many addresses (or a long name) cannot widen every row past a terminal.
+/// `--json` always gives whole lists.
 pub(crate) fn list_cell<S: AsRef<str>>(items: &[S]) -> String {
     let mut out = String::new();
     let mut shown = 0;
     for item in items {
         let item = item.as_ref();
-        let sep = usize::from(shown > 0);
-        if shown > 0 && out.chars().count() + sep + item.chars().count() > LIST_CELL_WIDTH {
+        let len = item.chars().count();
+        if shown == 0 && len > LIST_CELL_WIDTH {
+            out.extend(item.chars().take(LIST_CELL_WIDTH - 1));
+            out.push('…');
+        } else if shown == 0 {
+            out.push_str(item);
+        } else if out.chars().count() + 1 + len <= LIST_CELL_WIDTH {
+            out.push(',');
+            out.push_str(item);
+        } else {
             break;
         }
-        if shown > 0 {
-            out.push(',');
-        }
-        out.push_str(item);
         shown += 1;
     }
     if shown < items.len() {
@@ -1582,10 +1587,11 @@ mod tests {
         // A dual-NIC server's two MACs fit whole.
         let macs = ["00:16:3e:50:00:0a", "00:16:3e:50:00:0b"];
         assert_eq!(list_cell(&macs), "00:16:3e:50:00:0a,00:16:3e:50:00:0b");
-        // One item is shown whole however long; none is an empty cell.
-        let long = ["x".repeat(80)];
-        assert_eq!(list_cell(&long), long[0]);
+        // A name longer than the cell is cut too; no items is an empty cell.
+        let long = "x".repeat(80);
+        let cut = format!("{}…", "x".repeat(LIST_CELL_WIDTH - 1));
+        assert_eq!(list_cell(&[&long]), cut);
+        assert_eq!(list_cell(&[long.as_str(), "b"]), format!("{cut} +1"));
         assert_eq!(list_cell::<&str>(&[]), "");
-        assert_eq!(list_cell(&[&long[0], "b"]), format!("{} +1", long[0]));
     }
 }

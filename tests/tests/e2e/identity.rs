@@ -806,6 +806,25 @@ fn a_proxy_arp_router_is_one_device_and_its_proxied_addresses_are_none() -> Resu
         assert_eq!(d.address_list(), [h.ip().to_string()]);
         assert!(d.anomalies.is_empty(), "{d:#?}");
     }
+    // The table cuts the router's long list (`... +N`), so no row is padded to its width;
+    // `--json` above had it whole.
+    let table = collector.census_ok(["devices", "--client", "acme"])?;
+    let gw_row = table
+        .lines()
+        .find(|l| l.starts_with(&gw.id))
+        .context("the router's row")?;
+    // Two or three addresses fit in a cell, the rest are counted.
+    let more: Vec<usize> = gw_row
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix('+')?.parse().ok())
+        .collect();
+    let all = gw.addresses.len();
+    assert!(
+        matches!(more.as_slice(), [n] if (all - 3..=all - 2).contains(n)),
+        "{all} addresses, {more:?} counted in {gw_row}"
+    );
+    let widest = table.lines().map(|l| l.chars().count()).max().unwrap_or(0);
+    assert!(widest <= 200, "{widest} columns:\n{table}");
     Ok(())
 }
 
