@@ -25,6 +25,7 @@ use crate::delivery::{
     CLIENT, HOSTS, is_sweep_done, lines, queued_observations, site_with_hosts, start_agent,
     stored_by, wait_for,
 };
+use crate::in_process::{batch, start};
 
 /// Copies a directory tree as it is at this moment: what a crash would leave behind.
 fn crash_image(from: &Path, to: &Path) -> Result<()> {
@@ -151,11 +152,21 @@ impl Tmpfs {
     fn mount(dir: &Path, size: &str) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(dir)
             .status()
             .context("running mount")?;
-        ensure!(status.success(), "mount -t tmpfs on {} failed", dir.display());
+        ensure!(
+            status.success(),
+            "mount -t tmpfs on {} failed",
+            dir.display()
+        );
         Ok(Tmpfs(dir.to_owned()))
     }
 }
@@ -252,7 +263,9 @@ fn a_full_disk_refuses_batches_uncounted_and_ingest_resumes_by_itself_when_room_
         )? >= 2.0
     );
     // A billing snapshot is refused whole, not half-written.
-    let create = ["snapshot", "create", "--client", CLIENT, "--period", "2020-02"];
+    let create = [
+        "snapshot", "create", "--client", CLIENT, "--period", "2020-02",
+    ];
     let snap = collector.census(create)?;
     ensure!(
         !snap.status.success(),
@@ -260,7 +273,10 @@ fn a_full_disk_refuses_batches_uncounted_and_ingest_resumes_by_itself_when_room_
         String::from_utf8_lossy(&snap.stdout)
     );
     let listed = collector.census_ok(["snapshot", "list", "--client", CLIENT, "--json"])?;
-    ensure!(listed.trim() == "[]", "snapshots after a refused one: {listed}");
+    ensure!(
+        listed.trim() == "[]",
+        "snapshots after a refused one: {listed}"
+    );
 
     // Room again: no restart, the backlog goes in, and nothing counts twice.
     std::fs::remove_file(&filler)?;
@@ -304,7 +320,10 @@ fn a_full_disk_refuses_batches_uncounted_and_ingest_resumes_by_itself_when_room_
         .proc()
         .log()
         .lines()
-        .filter(|l| l.contains("cannot write the write-ahead log") || l.contains("the store failed to write"))
+        .filter(|l| {
+            l.contains("cannot write the write-ahead log")
+                || l.contains("the store failed to write")
+        })
         .count();
     ensure!(
         (1..=4).contains(&said),
@@ -312,6 +331,99 @@ fn a_full_disk_refuses_batches_uncounted_and_ingest_resumes_by_itself_when_room_
         collector.proc().log()
     );
     collector.kill()?;
+    drop(disk);
+    Ok(())
+}
+
+/// The health of `service` (`""`: the server as a whole).
+async fn health(
+    channel: tonic::transport::Channel,
+    service: &str,
+) -> Result<tonic_health::pb::health_check_response::ServingStatus> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await?
+        .into_inner()
+        .status();
+    Ok(status)
+}
+
+/// Waits (up to 30 s) until `service`'s health is `want`.
+async fn health_becomes(
+    c: &crate::in_process::Running,
+    service: &str,
+    want: tonic_health::pb::health_check_response::ServingStatus,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = health(c.channel().await?, service).await?;
+        if now == want {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{service} stayed {now:?}, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_is_unavailable_to_agents_and_not_serving_for_ingest_until_it_has_room()
+-> Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    // Mounting a tmpfs needs root, as the lab does.
+    if lab_skipped() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let disk = Tmpfs::mount(&tmp.path().join("disk"), "32m")?;
+    let data = disk.0.join("collector");
+    std::fs::create_dir_all(&data)?;
+    let c = start(&data).await?;
+    let agent = c.agent("acme", "hq").await?;
+    let mac = |n: u8| [0, 0x16, 0x3e, 0, 0, n];
+    c.report(&agent, vec![batch("a", 1, &[("198.18.0.10", mac(1))])])
+        .await??;
+    // Large enough to need pages of its own (a few bytes more may still fit in the log's
+    // last page).
+    let hosts: Vec<(String, [u8; 6])> = (0..=255u8)
+        .map(|n| (format!("198.18.1.{n}"), [0, 0x16, 0x3e, 0, 1, n]))
+        .collect();
+    let hosts: Vec<(&str, [u8; 6])> = hosts.iter().map(|(ip, m)| (ip.as_str(), *m)).collect();
+    let second = batch("a", 2, &hosts);
+
+    let filler = disk.0.join("filler");
+    fill(&filler)?;
+    let refused = c
+        .report(&agent, vec![second.clone()])
+        .await?
+        .expect_err("a batch stored on a full disk");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    // Queries answer, without the refused batch; ingest says it cannot take batches, the
+    // server as a whole (queries) still serves.
+    assert_eq!(c.devices("acme").await?.len(), 1);
+    health_becomes(&c, "census.v1.IngestService", ServingStatus::NotServing).await?;
+    assert_eq!(
+        health(c.channel().await?, "").await?,
+        ServingStatus::Serving
+    );
+    assert_eq!(
+        health(c.channel().await?, "census.v1.QueryService").await?,
+        ServingStatus::Serving
+    );
+    assert_eq!(c.metrics.store_writable.get(), 0);
+
+    std::fs::remove_file(&filler)?;
+    health_becomes(&c, "census.v1.IngestService", ServingStatus::Serving).await?;
+    assert_eq!(c.metrics.store_writable.get(), 1);
+    let acks = c.report(&agent, vec![second]).await??;
+    assert_eq!(acks[0].status, v1::AckStatus::Stored as i32);
+    assert_eq!(c.devices("acme").await?.len(), 257);
+    drop(c);
     drop(disk);
     Ok(())
 }

@@ -569,11 +569,10 @@ impl Shared {
     }
 
     fn unavailable(&self, s: &State) -> StoreError {
-        StoreError::Unavailable(
-            s.failed
-                .as_ref()
-                .map_or_else(|| "write-ahead log: not writable".into(), |f| f.reason.clone()),
-        )
+        StoreError::Unavailable(s.failed.as_ref().map_or_else(
+            || "write-ahead log: not writable".into(),
+            |f| f.reason.clone(),
+        ))
     }
 
     fn wait_durable(&self, upto: u64) -> Result<(), StoreError> {
@@ -658,9 +657,10 @@ impl Shared {
                 Ok(file_len)
             }
             _ => {
-                *file = Some(wal::create_segment(&self.dir, segment).map_err(|e| {
-                    StoreError::Unavailable(format!("write-ahead log: {e}"))
-                })?);
+                *file = Some(
+                    wal::create_segment(&self.dir, segment)
+                        .map_err(|e| StoreError::Unavailable(format!("write-ahead log: {e}")))?,
+                );
                 Ok(wal::MAGIC.len() as u64)
             }
         }

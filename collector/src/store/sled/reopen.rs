@@ -89,7 +89,10 @@ impl Reopening {
     }
 
     /// Runs a read on the store.
-    fn read<T>(&self, f: impl FnOnce(&SledStore) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&SledStore) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         match self.inner.read().as_ref() {
             Some(store) => f(store),
             None => Err(self.inner.closed_error()),
