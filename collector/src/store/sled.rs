@@ -902,6 +902,9 @@ impl Store for SledStore {
     fn create_snapshot(&self, snapshot: &Snapshot) -> Result<bool, StoreError> {
         let k = key(&[snapshot.client.as_bytes(), snapshot.period.as_bytes()]);
         let value = encode_json(snapshot)?;
+        // What the snapshot was built from is durable before it bills anything: a commit
+        // that a failed write dropped meanwhile fails this instead.
+        self.pipeline.sync()?;
         // One transaction that refuses to overwrite: a snapshot is written once, whole.
         let created = self
             .snapshots
@@ -916,8 +919,11 @@ impl Store for SledStore {
                 TransactionError::Storage(e) => engine(e),
                 TransactionError::Abort(()) => StoreError::Engine("snapshot write aborted".into()),
             })?;
-        if created {
-            self.flush()?;
+        if created && let Err(e) = self.flush() {
+            // Not durable: taken back, so no one reads a snapshot a restart would not have.
+            // (If sled itself failed it refuses this too; reopening the store then drops it.)
+            let _ = self.snapshots.remove(&k);
+            return Err(e);
         }
         Ok(created)
     }
