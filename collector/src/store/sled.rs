@@ -369,11 +369,11 @@ fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
     }
 }
 
-/// Whether `dir`'s disk takes writes: `bytes` written to `<dir>/probe`, synced, and removed
+/// Whether `dir`'s disk takes writes: `bytes` written to `<dir>/.write-probe`, synced, and removed
 /// (whatever happened).
 fn probe_room(dir: &Path, bytes: usize) -> std::io::Result<()> {
     use std::io::Write as _;
-    let path = dir.join("probe");
+    let path = dir.join(".write-probe");
     let result = std::fs::File::create(&path)
         .and_then(|mut f| f.write_all(&vec![0; bytes]).and_then(|()| f.sync_all()));
     let _ = std::fs::remove_file(&path);

@@ -65,7 +65,7 @@ type Frozen = (Arc<Memtable>, u64);
 /// once, so a full disk costs neither a rebuilt buffer per incoming batch nor a log line each.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// What a retry writes and syncs first, in `<log dir>/probe`, to learn whether the disk takes
+/// What a retry writes and syncs first, in `<log dir>/.write-probe`, to learn whether the disk takes
 /// writes again before the log is touched.
 const PROBE_BYTES: usize = 1 << 20;
 
