@@ -65,8 +65,8 @@ type Frozen = (Arc<Memtable>, u64);
 /// once, so a full disk costs neither a rebuilt buffer per incoming batch nor a log line each.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// What a retry writes and syncs first, in `<log dir>/.write-probe`, to learn whether the disk takes
-/// writes again before the log is touched.
+/// What a retry writes and syncs first, in `<log dir>/.write-probe`, to learn whether the disk
+/// takes writes again before the log is touched.
 const PROBE_BYTES: usize = 1 << 20;
 
 /// A committed write's place in the log: durable once the log is durable up to it. Counted
