@@ -585,15 +585,19 @@ fn tour(lab: &Lab, logs: &mut Logs) -> Result<()> {
         println!("    {:<34} {}", format!("{}@{REALM}", u.name), u.what);
     }
 
-    heading(&mut step, "The collector, and an enrollment token per site");
+    heading(
+        &mut step,
+        "The collector, an enrollment token per site, acme's user policy",
+    );
     let collector = Collector::start(lab, &lab.dir().join("collector"))?;
     if let Some(log) = collector.proc().log_path() {
         logs.add("collector", log);
     }
+    println!("  collector listening on {}", collector.url());
     println!(
-        "  collector listening on {}; census finds it and the operator's credentials through \
-         CENSUS_COLLECTOR_URL and CENSUS_CREDENTIALS",
-        collector.url()
+        "  census is pointed at it with --collector URL --credentials DIR (or CENSUS_COLLECTOR_URL\n  \
+         and CENSUS_CREDENTIALS); the command lines below leave them out. DIR here:\n  {}",
+        collector.credentials().display()
     );
     let mut configs = Vec::new();
     for (i, p) in plans.iter().enumerate() {
@@ -736,6 +740,8 @@ fn tour(lab: &Lab, logs: &mut Logs) -> Result<()> {
     let mut checks = Checks::default();
     let counts = collector.counts()?;
     let expected_users = USERS.iter().filter(|u| u.billed).count();
+    // The ids of the devices holding the cloned VM's MAC, over both clients.
+    let mut clones = Vec::new();
     for p in &plans {
         let c = counts.iter().find(|c| c.client == p.client);
         checks.check(
@@ -786,7 +792,28 @@ fn tour(lab: &Lab, logs: &mut Logs) -> Result<()> {
                 no_reason.join(", ")
             },
         );
+        let clone = mac_string(CLONED_VM_MAC);
+        clones.extend(
+            listed
+                .iter()
+                .filter(|d| d.macs.contains(&clone))
+                .map(|d| d.id.clone()),
+        );
     }
+    clones.sort();
+    clones.dedup();
+    checks.check(
+        "the cloned VM (one MAC at both clients): one device per client",
+        plans
+            .iter()
+            .filter(|p| {
+                p.devices
+                    .iter()
+                    .any(|d| matches!(d.kind, Kind::Plain(Some(mac)) if mac == CLONED_VM_MAC))
+            })
+            .count(),
+        clones.len(),
+    );
     checks.check(
         &format!("{acme} server: one device with both NICs"),
         "2 MACs, 2 addresses",
