@@ -677,7 +677,7 @@ fn tour(lab: &Lab, logs: &mut Logs) -> Result<()> {
         print!("{}", String::from_utf8_lossy(&out.stdout));
         ensure!(
             out.status.success(),
-            "the agent of {}/{} failed ({}); its log is below",
+            "the agent of {}/{} failed ({}); its log is printed above",
             p.client,
             p.site,
             out.status
