@@ -8,9 +8,11 @@ CENSUS_LAB_PACKAGES=(iproute2 iputils-ping procps snmpd snmp python3-zeroconf)
 # ldap-utils for ldapsearch checks, openssl for the DC's LDAPS certificate. Like snmpd, the
 # packages' own services are never used: the lab runs `samba` in its namespaces.
 CENSUS_LAB_PACKAGES+=(samba samba-ad-dc samba-ad-provision winbind ldb-tools ldap-utils openssl)
-# What every build needs, lab or not: ring (rustls's crypto, for the agent's LDAPS) builds C for
-# the Windows check of the agent.
-CENSUS_BUILD_PACKAGES=(gcc-mingw-w64-x86-64-win32)
+# What every build needs, lab or not: a C compiler and libc headers (rustc links with `cc`, and
+# ring, rustls's crypto for the agent's LDAPS, builds C).
+CENSUS_BUILD_PACKAGES=(gcc libc6-dev)
+# The Windows check of the agent: ring's C built for x86_64-pc-windows-gnu.
+CENSUS_WINDOWS_PACKAGES=(gcc-mingw-w64-x86-64-win32)
 # What the tests use beyond the lab: systemd-analyze (package systemd) verifies the units in
 # deploy/systemd/ (agent/tests/service.rs; skipped with a note where it is missing). Only the
 # tool is used: nothing is started, and the tests never run systemctl.
@@ -36,8 +38,14 @@ census_install_debs() {
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# Fails with one line when cargo is missing (Rust comes from rustup, not from Debian).
+census_require_cargo() {
+    command -v cargo >/dev/null || { echo "census: cargo is missing: install Rust with rustup first (https://rustup.rs)" >&2; return 1; }
+}
+
+# cargo, and the components and target the checks of deploy/test.sh use.
 census_install_rust_parts() {
-    command -v cargo >/dev/null || { echo "census: cargo is missing: install Rust with rustup first" >&2; return 1; }
+    census_require_cargo || return 1
     rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
     rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
     rustup target list --installed 2>/dev/null | grep -q '^x86_64-pc-windows-gnu$' || rustup target add x86_64-pc-windows-gnu

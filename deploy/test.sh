@@ -15,7 +15,7 @@ if [ "${CENSUS_SKIP_LAB:-}" = 1 ]; then
 else
     census_install_debs "${CENSUS_LAB_PACKAGES[@]}"
 fi
-census_install_debs "${CENSUS_BUILD_PACKAGES[@]}"
+census_install_debs "${CENSUS_BUILD_PACKAGES[@]}" "${CENSUS_WINDOWS_PACKAGES[@]}"
 census_install_debs "${CENSUS_TEST_PACKAGES[@]}" \
     || echo "census: systemd-analyze is missing: the systemd units will not be verified"
 census_install_rust_parts

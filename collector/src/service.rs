@@ -103,6 +103,11 @@ fn now_ms() -> u64 {
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::NoSuchClient(name) => Status::not_found(format!("no client named {name:?}")),
+        // Retryable: the store takes writes again once its disk has room. (Logged, rate-limited,
+        // where the store found it.)
+        StoreError::Unavailable(reason) => Status::unavailable(format!(
+            "the collector cannot store anything now, try again later: {reason}"
+        )),
         other => {
             warn!(error = %other, "store error");
             Status::internal(format!("collector storage error: {other}"))
@@ -285,7 +290,13 @@ impl IngestService for Collector {
                     let failed = reply.is_err();
                     if let Err(status) = &reply {
                         this.metrics.refused(RefusedReason::of(status));
-                        warn!(%status, "batch refused");
+                        // A store that cannot write says so once, where it fails; not once
+                        // per refused batch of every agent.
+                        if status.code() == tonic::Code::Unavailable {
+                            debug!(%status, "batch refused");
+                        } else {
+                            warn!(%status, "batch refused");
+                        }
                     }
                     if tx.send(reply).await.is_err() || failed {
                         break;
@@ -457,6 +468,7 @@ fn device_to_wire(dev: &DeviceRecord, policy: &Policy, now: u64) -> v1::Device {
                 last_seen: Some(convert::timestamp_from_millis(a.last_seen_ms)),
                 site: a.site.clone(),
                 current: a.current,
+                lost: a.lost,
             })
             .collect(),
         identifiers: dev
@@ -477,7 +489,7 @@ fn device_to_wire(dev: &DeviceRecord, policy: &Policy, now: u64) -> v1::Device {
         weak_only: dev.weak_only,
         names: dev.names.clone(),
         category: model::category(dev).to_owned(),
-        category_reason: dev.category_reason.clone(),
+        category_reason: model::category_reason(dev).to_owned(),
         first_seen: Some(convert::timestamp_from_millis(dev.first_seen_ms)),
         last_seen: Some(convert::timestamp_from_millis(dev.last_seen_ms)),
         counted,
@@ -986,7 +998,7 @@ fn event_to_wire(e: &Event) -> v1::HistoryEvent {
 
 fn edit_status(e: EditError) -> Status {
     match e {
-        EditError::NoDevice(_) | EditError::NoEvent(_) => Status::not_found(e.to_string()),
+        EditError::NoDevice { .. } | EditError::NoEvent(_) => Status::not_found(e.to_string()),
         EditError::SameDevice | EditError::BadSplit(_) => Status::invalid_argument(e.to_string()),
         EditError::AlreadyUndone(_) => Status::failed_precondition(e.to_string()),
     }

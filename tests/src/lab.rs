@@ -827,19 +827,39 @@ impl Lab {
     }
 }
 
-impl Drop for Lab {
-    /// Best effort and never panics (it also runs while a failed test unwinds): kills what the
-    /// lab started, then deletes its namespaces; the temp dir goes when `dir` drops.
-    fn drop(&mut self) {
-        let st = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
-        for proc in st.procs.iter().rev() {
+impl Lab {
+    /// Kills what the lab started and deletes its namespaces now, as dropping it does, from
+    /// any thread: for a program whose lab must go on a signal (Ctrl-C), while the thread that
+    /// owns the lab is blocked in a command and no `Drop` would run before the program exits.
+    /// Best effort, never panics, and may run again (the drop does); the lab is of no use
+    /// afterwards. The temp dir stays until the lab drops, or goes with [`Lab::remove_dir`].
+    pub fn teardown(&self) {
+        let (procs, namespaces) = {
+            let st = self.state();
+            (st.procs.clone(), st.namespaces.clone())
+        };
+        for proc in procs.iter().rev() {
             if let Err(e) = proc.kill() {
                 eprintln!("lab {}: {e:#}", self.prefix);
             }
         }
-        if let Err(e) = cleanup::remove_namespaces(&self.ip, &st.namespaces) {
+        if let Err(e) = cleanup::remove_namespaces(&self.ip, &namespaces) {
             eprintln!("lab {}: teardown: {e:#}", self.prefix);
         }
+    }
+
+    /// Removes the lab's temp dir now, for a program about to exit without dropping the lab
+    /// (after [`Lab::teardown`]).
+    pub fn remove_dir(&self) {
+        let _ = std::fs::remove_dir_all(self.dir());
+    }
+}
+
+impl Drop for Lab {
+    /// Best effort and never panics (it also runs while a failed test unwinds): kills what the
+    /// lab started, then deletes its namespaces; the temp dir goes when `dir` drops.
+    fn drop(&mut self) {
+        self.teardown();
     }
 }
 

@@ -633,6 +633,57 @@ fn drop_removes_namespaces_and_processes() -> Result<()> {
     Ok(())
 }
 
+/// What a program does on Ctrl-C: another thread tears the lab down while the thread owning it
+/// is blocked in a command inside it; the command ends, and nothing of the lab is left but
+/// its directory, which `remove_dir` takes.
+#[test]
+fn teardown_from_another_thread_ends_a_blocked_command() -> Result<()> {
+    if census_tests::lab::lab_skipped() {
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let site = lab.add_site(SiteSpec::new(
+        "torn",
+        net("198.18.29.0/24"),
+        ip("198.18.29.2"),
+    ))?;
+    let host = site.add_host(HostSpec::new(ip("198.18.29.10")))?;
+    let sleeper = lab.spawn(host.ns(), ["sleep", "600"])?;
+    let prefix = lab.prefix().to_string();
+    let started = std::time::Instant::now();
+    let marker = lab.dir().join("started");
+    let script = format!("touch {}; exec sleep 50", marker.display());
+    let blocked = std::thread::scope(|s| {
+        let owner = s.spawn(|| lab.exec(site.agent().ns(), ["sh", "-c", &script]));
+        // Tear down only once the owner's command runs in its namespace.
+        while !marker.exists() && started.elapsed().as_secs() < 30 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        lab.teardown();
+        owner.join()
+    });
+    let blocked = blocked.map_err(|_| anyhow::anyhow!("the owner thread panicked"))??;
+    ensure!(
+        !blocked.status.success(),
+        "the blocked command was not ended: {blocked:?}"
+    );
+    ensure!(
+        namespaces_with_prefix(&prefix).is_empty(),
+        "left behind after teardown: {prefix}*"
+    );
+    ensure!(!sleeper.is_running(), "pid {} survived", sleeper.pid());
+    ensure!(lab.dir().exists(), "the directory stays until remove_dir");
+    lab.remove_dir();
+    ensure!(
+        !lab.dir().exists(),
+        "{} outlived remove_dir",
+        lab.dir().display()
+    );
+    // The drop after a teardown is harmless.
+    drop(lab);
+    Ok(())
+}
+
 #[test]
 fn panic_still_tears_down() -> Result<()> {
     if census_tests::lab::lab_skipped() {
