@@ -3,7 +3,9 @@
 //! Output is a table for people or `--json` for scripts. The users commands are in `users.rs`.
 //!
 //! Every failure ends in one line on stderr and an exit code: 64 for a usage error, 69 when the
-//! collector cannot be reached, 77 when a credential is refused, 1 otherwise.
+//! collector cannot be reached (or speaks another protocol than the URL's scheme), 77 when a
+//! credential is refused or the collector's certificate is not signed by the CA we trust, 1
+//! otherwise; `reach.rs` reads the transport's error chain to say which.
 
 use std::{error::Error as _, path::PathBuf, time::Duration};
 
@@ -35,6 +37,7 @@ macro_rules! out {
     }};
 }
 
+mod reach;
 mod users;
 pub use users::{UserPolicyCommand, UsersArgs, UsersCommand};
 
@@ -371,6 +374,7 @@ impl Failure {
 
 /// Runs the CLI; `Ok` output is already printed.
 pub async fn run(cli: Cli) -> Result<(), Failure> {
+    let _ = CREDENTIALS_DIR.set(cli.credentials.clone());
     let creds = Credentials::load(&cli.credentials).map_err(|e| {
         Failure::new(
             EX_USAGE,
@@ -772,17 +776,36 @@ async fn connect(url: &str, creds: &Credentials, timeout: Duration) -> Result<Ch
     let endpoint = transport::endpoint(url, None, Some(creds), timeout)
         .map_err(|e| Failure::new(EX_USAGE, e.to_string()))?
         .timeout(timeout);
-    endpoint.connect().await.map_err(|e| {
-        Failure::new(
-            EX_UNAVAILABLE,
-            format!("cannot reach the collector at {url}: {}; is census-collector running there? (set --collector or CENSUS_COLLECTOR_URL)", error_chain(&e)),
-        )
-    })
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| reach::failure(url, credentials_dir(), &e))
 }
 
 pub use census_proto::transport::error_chain;
 
+/// The operator's credentials directory this run uses, for the hints of [`reach`] (set once
+/// by [`run`]; every call's failure names it).
+static CREDENTIALS_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn credentials_dir() -> &'static std::path::Path {
+    CREDENTIALS_DIR
+        .get()
+        .map_or(std::path::Path::new("<collector data dir>/operator"), |p| {
+            p.as_path()
+        })
+}
+
 fn status_failure(status: Status, url: &str) -> Failure {
+    // A status made on our side from a transport error (the connection broke, TLS failed)
+    // carries that error as its source; the collector's own statuses carry none.
+    if matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Internal
+    ) && let Some(source) = status.source()
+    {
+        return reach::failure(url, credentials_dir(), source);
+    }
     let msg = status.message().to_owned();
     match status.code() {
         Code::Unauthenticated | Code::PermissionDenied => Failure::new(

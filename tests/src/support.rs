@@ -701,6 +701,20 @@ pub fn agent_id(state_dir: &Path) -> Result<String> {
         .with_context(|| format!("no agent_id in {}", path.display()))
 }
 
+/// The agent id the collector bound an enrolled agent's certificate to, as `census-agent
+/// enroll` noted it in `<state dir>/identity/enrollment.json`.
+pub fn enrolled_agent_id(state_dir: &Path) -> Result<String> {
+    let path = state_dir.join("identity").join("enrollment.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    v["agent_id"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("no agent_id in {}", path.display()))
+}
+
 /// The lab's stand-in for Entra ID and Microsoft Graph (`census-graph-lab`), listening on the
 /// loopback of the lab's core namespace, where the collector runs (the collector speaks plain
 /// http only to loopback). It serves the fixture file, which tests may rewrite at any time.

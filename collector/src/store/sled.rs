@@ -676,7 +676,7 @@ impl Store for SledStore {
             &[
                 client,
                 scope.site.as_bytes(),
-                batch.agent_id.as_bytes(),
+                batch.stream().as_bytes(),
                 &batch.sequence.to_be_bytes(),
             ],
         );
@@ -948,6 +948,7 @@ mod tests {
         };
         let batch = BatchId {
             agent_id: "ag".into(),
+            epoch: 0,
             sequence: 1,
             digest: [1; 32],
         };
@@ -1033,6 +1034,7 @@ mod tests {
                             .collect();
                         let id = BatchId {
                             agent_id: format!("agent-{t}"),
+                            epoch: 0,
                             sequence: u64::from(seq),
                             digest: [seq; 32],
                         };
