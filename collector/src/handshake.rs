@@ -5,8 +5,8 @@
 //! operator whose CA is not this collector's (or who speaks plaintext to the TLS port) fails
 //! with nothing in the collector's log. Here every failed handshake is counted
 //! (`census_collector_tls_handshakes_failed_total{reason}`) and logged, rate-limited: the first
-//! failure from a peer address is a warn line, then at most one a minute per address, saying
-//! how many were not logged since ([`Throttle`]). A scanner or a misconfigured agent retrying
+//! failure of a kind from a peer address is a warn line, then at most one a minute per address
+//! and kind, saying how many were not logged since ([`Throttle`]). A scanner or a misconfigured agent retrying
 //! every second cannot fill the log.
 //!
 //! The handshakes run at most [`MAX_HANDSHAKES`] at once, each under a deadline, so slow or
@@ -31,14 +31,14 @@ use crate::metrics::Metrics;
 
 /// TLS handshakes in progress at once.
 pub const MAX_HANDSHAKES: usize = 256;
-/// How often one peer address's failed handshakes are logged, at most.
+/// How often one peer address's failed handshakes of one kind are logged, at most.
 pub const LOG_EVERY: Duration = Duration::from_secs(60);
 /// Peer addresses whose last log line the throttle remembers; past this, addresses not logged
 /// within [`LOG_EVERY`] are forgotten (and the next failure of one is logged again).
 const MAX_PEERS: usize = 4096;
 
 /// Why a handshake failed, as the `reason` label of the failed-handshakes metric.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Failure {
     /// The peer does not trust this collector's certificate (it sent an unknown-CA or
     /// bad-certificate alert): it was given another CA, or none.
@@ -102,9 +102,11 @@ impl Failure {
         };
         use rustls::{AlertDescription as A, Error as E};
         match tls {
-            E::AlertReceived(A::UnknownCA | A::BadCertificate | A::CertificateUnknown) => {
-                Failure::UntrustedServer
-            }
+            // DecryptError: what rustls clients answer a certificate signed by another key
+            // under the same CA name (another collector's CA).
+            E::AlertReceived(
+                A::UnknownCA | A::BadCertificate | A::CertificateUnknown | A::DecryptError,
+            ) => Failure::UntrustedServer,
             E::InvalidCertificate(_) | E::NoCertificatesPresented => Failure::BadClientCertificate,
             E::InvalidMessage(_) | E::InappropriateMessage { .. } => Failure::NotTls,
             _ => Failure::Other,
@@ -112,10 +114,10 @@ impl Failure {
     }
 }
 
-/// Logs failed handshakes at most once per [`LOG_EVERY`] per peer address.
+/// Logs failed handshakes at most once per [`LOG_EVERY`] per peer address and kind.
 #[derive(Debug, Default)]
 pub struct Throttle {
-    peers: Mutex<HashMap<IpAddr, Peer>>,
+    peers: Mutex<HashMap<(IpAddr, Failure), Peer>>,
 }
 
 #[derive(Debug)]
@@ -126,11 +128,11 @@ struct Peer {
 }
 
 impl Throttle {
-    /// Notes a failure from `ip` at `now`: `Some(n)` when it is to be logged now, `n` being the
-    /// failures from it that were not logged since its last line.
-    pub fn note(&self, ip: IpAddr, now: Instant) -> Option<u64> {
+    /// Notes a failure of kind `why` from `ip` at `now`: `Some(n)` when it is to be logged
+    /// now, `n` being the failures of that kind from it not logged since its last line.
+    pub fn note(&self, ip: IpAddr, why: Failure, now: Instant) -> Option<u64> {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = peers.get_mut(&ip) {
+        if let Some(p) = peers.get_mut(&(ip, why)) {
             if now.duration_since(p.logged) < LOG_EVERY {
                 p.unlogged += 1;
                 return None;
@@ -148,7 +150,7 @@ impl Throttle {
             }
         }
         peers.insert(
-            ip,
+            (ip, why),
             Peer {
                 logged: now,
                 unlogged: 0,
@@ -229,7 +231,7 @@ pub fn incoming(
 fn failed(metrics: &Metrics, throttle: &Throttle, peer: SocketAddr, e: &io::Error) {
     let why = Failure::of(e);
     metrics.tls_handshake_failed(why.label());
-    if let Some(unlogged) = throttle.note(peer.ip(), Instant::now()) {
+    if let Some(unlogged) = throttle.note(peer.ip(), why, Instant::now()) {
         warn!(
             peer = %peer,
             reason = why.label(),
@@ -253,17 +255,30 @@ mod tests {
             "198.18.0.2".parse().expect("ip"),
         );
         let start = Instant::now();
-        assert_eq!(t.note(a, start), Some(0), "the first is logged");
+        let why = Failure::NotTls;
+        assert_eq!(t.note(a, why, start), Some(0), "the first is logged");
         for s in 1..=30 {
-            assert_eq!(t.note(a, start + Duration::from_secs(s)), None);
+            assert_eq!(t.note(a, why, start + Duration::from_secs(s)), None);
         }
-        assert_eq!(t.note(b, start), Some(0), "another address has its own");
         assert_eq!(
-            t.note(a, start + LOG_EVERY),
+            t.note(b, why, start),
+            Some(0),
+            "another address has its own"
+        );
+        assert_eq!(
+            t.note(a, Failure::UntrustedServer, start + Duration::from_secs(1)),
+            Some(0),
+            "another kind of failure too"
+        );
+        assert_eq!(
+            t.note(a, why, start + LOG_EVERY),
             Some(30),
             "a minute on: logged, with the 30 not logged meanwhile"
         );
-        assert_eq!(t.note(a, start + LOG_EVERY + Duration::from_secs(1)), None);
+        assert_eq!(
+            t.note(a, why, start + LOG_EVERY + Duration::from_secs(1)),
+            None
+        );
     }
 
     #[test]
@@ -271,13 +286,17 @@ mod tests {
         let t = Throttle::default();
         let start = Instant::now();
         for i in 0..(MAX_PEERS as u32 + 10) {
-            t.note(IpAddr::from(i.to_be_bytes()), start);
+            t.note(IpAddr::from(i.to_be_bytes()), Failure::Other, start);
         }
         let n = t.peers.lock().expect("lock").len();
         assert_eq!(n, MAX_PEERS);
         // A minute later, the old ones make room.
         assert_eq!(
-            t.note(IpAddr::from([10, 0, 0, 1]), start + LOG_EVERY),
+            t.note(
+                IpAddr::from([10, 0, 0, 1]),
+                Failure::Other,
+                start + LOG_EVERY
+            ),
             Some(0)
         );
         assert_eq!(t.peers.lock().expect("lock").len(), 1);

@@ -426,6 +426,29 @@ impl<'lab> Collector<'lab> {
         self.lab.exec(self.lab.core_ns(), full)
     }
 
+    /// Runs `census --collector URL --credentials DIR ARGS` from the core namespace (another
+    /// URL or credentials than this collector's own); returns its output whatever the exit.
+    pub fn census_as<I, S>(&self, url: &str, credentials: &Path, args: I) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut full: Vec<std::ffi::OsString> = vec![
+            bin("census")?.into_os_string(),
+            "--collector".into(),
+            url.into(),
+            "--credentials".into(),
+            credentials.as_os_str().to_owned(),
+        ];
+        full.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self.lab.exec(self.lab.core_ns(), full)
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// Runs `census ARGS` and returns stdout; a non-zero exit is an error quoting stderr.
     pub fn census_ok<I, S>(&self, args: I) -> Result<String>
     where

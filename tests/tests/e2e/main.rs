@@ -15,4 +15,5 @@ mod in_process;
 mod ingest;
 mod lab;
 mod metrics;
+mod tls;
 mod users;
