@@ -17,7 +17,7 @@ const EX_USAGE: u8 = 64;
 
 /// mimalloc instead of the system allocator: the store copies and frees many large buffers
 /// from every core (sled rewrites a page on each update), and glibc's malloc spent close to
-/// half of the collector's CPU time on that under ingest (see the README's benchmarks).
+/// half of the collector's CPU time on that under ingest (see tests/README.md, Benchmarks).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -6,8 +6,8 @@
 //! 0.0.4.
 //!
 //! Names follow Prometheus' conventions: `census_collector_` prefix, `_total` counters that
-//! `rate()` turns into per-second rates, `_seconds` and `_bytes` units. The README's Metrics
-//! section lists every one.
+//! `rate()` turns into per-second rates, `_seconds` and `_bytes` units. The Metrics section of
+//! `collector/README.md` lists every one.
 
 use std::{
     path::{Path, PathBuf},
