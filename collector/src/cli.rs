@@ -374,7 +374,6 @@ impl Failure {
 
 /// Runs the CLI; `Ok` output is already printed.
 pub async fn run(cli: Cli) -> Result<(), Failure> {
-    let _ = CREDENTIALS_DIR.set(cli.credentials.clone());
     let creds = Credentials::load(&cli.credentials).map_err(|e| {
         Failure::new(
             EX_USAGE,
@@ -384,6 +383,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
     let channel = connect(
         &cli.collector,
         &creds,
+        &cli.credentials,
         Duration::from_secs(cli.timeout.max(1)),
     )
     .await?;
@@ -772,29 +772,24 @@ fn token_state(t: &v1::EnrollmentToken, now: std::time::SystemTime) -> String {
     }
 }
 
-async fn connect(url: &str, creds: &Credentials, timeout: Duration) -> Result<Channel, Failure> {
+/// Connects (TCP and the TLS handshake) to the collector at `url` with the credentials read
+/// from `dir`.
+async fn connect(
+    url: &str,
+    creds: &Credentials,
+    dir: &std::path::Path,
+    timeout: Duration,
+) -> Result<Channel, Failure> {
     let endpoint = transport::endpoint(url, None, Some(creds), timeout)
         .map_err(|e| Failure::new(EX_USAGE, e.to_string()))?
         .timeout(timeout);
     endpoint
         .connect()
         .await
-        .map_err(|e| reach::failure(url, credentials_dir(), &e))
+        .map_err(|e| reach::failure(url, Some(dir), &e))
 }
 
 pub use census_proto::transport::error_chain;
-
-/// The operator's credentials directory this run uses, for the hints of [`reach`] (set once
-/// by [`run`]; every call's failure names it).
-static CREDENTIALS_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-
-fn credentials_dir() -> &'static std::path::Path {
-    CREDENTIALS_DIR
-        .get()
-        .map_or(std::path::Path::new("<collector data dir>/operator"), |p| {
-            p.as_path()
-        })
-}
 
 fn status_failure(status: Status, url: &str) -> Failure {
     // A status made on our side from a transport error (the connection broke, TLS failed)
@@ -804,7 +799,7 @@ fn status_failure(status: Status, url: &str) -> Failure {
         Code::Unavailable | Code::Unknown | Code::Internal
     ) && let Some(source) = status.source()
     {
-        return reach::failure(url, credentials_dir(), source);
+        return reach::failure(url, None, source);
     }
     let msg = status.message().to_owned();
     match status.code() {

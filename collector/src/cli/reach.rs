@@ -83,14 +83,21 @@ fn tls_cause(e: &rustls::Error) -> Cause {
     }
 }
 
-/// The failure for not reaching the collector at `url` with the credentials in `credentials`,
-/// because of `e`.
-pub fn failure(url: &str, credentials: &Path, e: &(dyn Error + 'static)) -> Failure {
+/// The failure for not reaching the collector at `url` with the credentials in `credentials`
+/// (`None`: the `--credentials` directory, unnamed), because of `e`.
+pub fn failure(url: &str, credentials: Option<&Path>, e: &(dyn Error + 'static)) -> Failure {
     let chain = super::error_chain(e);
     let plaintext = url.starts_with("http://");
-    let ca = credentials.join("ca.pem");
-    let ca = ca.display();
-    let creds = credentials.display();
+    let (ca, creds) = match credentials {
+        Some(dir) => (
+            dir.join("ca.pem").display().to_string(),
+            dir.display().to_string(),
+        ),
+        None => (
+            "the --credentials directory's ca.pem".to_owned(),
+            "the --credentials directory".to_owned(),
+        ),
+    };
     match cause(e) {
         Cause::UntrustedCollector => Failure::new(
             EX_NOPERM,
@@ -204,7 +211,7 @@ mod tests {
 
     #[test]
     fn each_failure_is_one_line_naming_what_to_fix() {
-        let creds = Path::new("/etc/census/operator");
+        let creds = Some(Path::new("/etc/census/operator"));
         let untrusted = io_wrapping(rustls::Error::InvalidCertificate(
             rustls::CertificateError::UnknownIssuer,
         ));
