@@ -526,28 +526,29 @@ mod tests {
     }
 
     #[test]
-    fn rotation_renumbers_under_a_new_identity() {
+    fn rotation_renumbers_in_a_new_epoch_under_the_same_id() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = AgentState::load_or_create(Some(dir.path())).expect("create");
         s.reserve(10).expect("reserve");
-        let old = s.agent_id.clone();
+        let (id, old) = (s.agent_id.clone(), s.epoch);
         let obs = vec![arp_observation(
             std::net::Ipv4Addr::new(198, 18, 0, 1),
             [0, 0x16, 0x3e, 0, 0, 1],
             "eth0",
             SystemTime::now(),
         )];
-        let batches = into_batches(&old, 9, obs);
+        let batches = into_batches(&id, 9, obs);
         let moved = s.rotate(batches).expect("rotate");
-        assert_ne!(s.agent_id, old);
+        assert_eq!(s.agent_id, id, "the id is the certificate's: it stays");
+        assert_ne!(s.epoch, old);
         assert_eq!(
-            (moved[0].agent_id.as_str(), moved[0].sequence),
-            (s.agent_id.as_str(), 1)
+            (moved[0].agent_id.as_str(), moved[0].epoch, moved[0].sequence),
+            (id.as_str(), s.epoch, 1)
         );
         let reloaded = AgentState::load_or_create(Some(dir.path())).expect("load");
         assert_eq!(
-            (reloaded.agent_id, reloaded.next_sequence),
-            (s.agent_id.clone(), 2)
+            (reloaded.agent_id, reloaded.epoch, reloaded.next_sequence),
+            (id, s.epoch, 2)
         );
     }
 
