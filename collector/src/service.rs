@@ -1,8 +1,9 @@
 //! The gRPC services of `census.v1`: ingest (agents), query and admin (operators).
 //!
 //! Handlers authenticate, validate, and hand the work to the [`Store`] on a blocking thread;
-//! they never trust a client or site named by an agent: an agent's scope comes from the
-//! certificate it presents (see [`crate::auth`] and [`agents`]).
+//! they never trust a client, site or agent id named by an agent: an agent's identity and
+//! scope come from the certificate it presents (see [`crate::auth`] and [`agents`]), and a
+//! batch naming another agent is refused.
 //! Every count and every device's `counted`/`reason` follows the client's counting policy
 //! ([`crate::policy`]); billing snapshots ([`crate::snapshot`]) freeze them per period.
 
