@@ -448,7 +448,12 @@ pub async fn run(
         )
         .map_err(AgentError::Queue)?,
     );
-    info!(agent_id = %queue.agent_id(), collector = %url, queued = queue.len(), "agent starting");
+    // Batches carry the id the certificate names (delivery checks again after a new
+    // certificate is read); adopted here already so the log says the id the collector knows.
+    if let Some(id) = enroll::certificate_agent_id(&creds) {
+        queue.adopt(&id).map_err(AgentError::Queue)?;
+    }
+    info!(agent_id = %queue.agent_id(), epoch = queue.epoch(), collector = %url, queued = queue.len(), "agent starting");
     if !queue.is_empty() {
         info!(
             batches = queue.len(),
