@@ -542,7 +542,11 @@ mod tests {
         assert_eq!(s.agent_id, id, "the id is the certificate's: it stays");
         assert_ne!(s.epoch, old);
         assert_eq!(
-            (moved[0].agent_id.as_str(), moved[0].epoch, moved[0].sequence),
+            (
+                moved[0].agent_id.as_str(),
+                moved[0].epoch,
+                moved[0].sequence
+            ),
             (id.as_str(), s.epoch, 1)
         );
         let reloaded = AgentState::load_or_create(Some(dir.path())).expect("load");

@@ -187,7 +187,15 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> ExitCode {
-    // Bind before touching the data directory: a port in use writes nothing.
+    // Ready first, then bind: the store open (its log replayed) and the CA and the operator's
+    // credentials written before the port accepts anything, so a load balancer's TCP check
+    // and a first `census` both find a collector that can answer. Opening the store is what
+    // refuses a second collector on the same directory.
+    let prepared = match server::prepare(&config) {
+        Ok(p) => p,
+        Err(e @ RunError::Config(_)) => return fail(EX_USAGE, e),
+        Err(e) => return fail(1, e),
+    };
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -213,11 +221,6 @@ async fn serve(config: Config) -> ExitCode {
             }
         },
         None => None,
-    };
-    let prepared = match server::prepare(&config) {
-        Ok(p) => p,
-        Err(e @ RunError::Config(_)) => return fail(EX_USAGE, e),
-        Err(e) => return fail(1, e),
     };
     let (operator_dir, created) = prepared.pki.operator_dir();
     if created {

@@ -44,7 +44,10 @@ pub enum RefusedReason {
     Conflict,
     /// The message could not be decoded or was over the size limit (it ends the stream).
     Malformed,
-    /// The collector failed (store error, shutting down).
+    /// The collector could not take it now (its store cannot write, or it is shutting down):
+    /// the agent keeps it and retries.
+    Unavailable,
+    /// The collector failed (store error).
     Error,
 }
 
@@ -55,6 +58,7 @@ impl RefusedReason {
             RefusedReason::Unauthenticated => "unauthenticated",
             RefusedReason::Conflict => "conflict",
             RefusedReason::Malformed => "malformed",
+            RefusedReason::Unavailable => "unavailable",
             RefusedReason::Error => "error",
         }
     }
@@ -68,6 +72,7 @@ impl RefusedReason {
                 RefusedReason::Unauthenticated
             }
             Code::FailedPrecondition => RefusedReason::Conflict,
+            Code::Unavailable => RefusedReason::Unavailable,
             _ => RefusedReason::Error,
         }
     }
@@ -94,6 +99,8 @@ pub struct Metrics {
     pub grpc_requests: IntCounterVec,
     pub grpc_seconds: HistogramVec,
     pub tls_handshakes_failed: IntCounterVec,
+    /// 1 while the store takes writes, 0 while it cannot (a full or failing disk).
+    pub store_writable: IntGauge,
     store_bytes: IntGauge,
 }
 
@@ -259,6 +266,14 @@ impl Metrics {
                 ),
                 &["service", "method"]
             ),
+            store_writable: metric!(
+                r,
+                IntGauge,
+                Opts::new(
+                    "census_collector_store_writable",
+                    "1 while the store takes writes; 0 while it cannot (a full or failing disk: batches are refused UNAVAILABLE and agents retry)."
+                )
+            ),
             store_bytes: metric!(
                 r,
                 IntGauge,
@@ -269,6 +284,7 @@ impl Metrics {
             ),
             registry: r.clone(),
         };
+        m.store_writable.set(1);
         let start = metric!(
             r,
             prometheus::Gauge,
@@ -299,6 +315,7 @@ impl Metrics {
             RefusedReason::Unauthenticated,
             RefusedReason::Conflict,
             RefusedReason::Malformed,
+            RefusedReason::Unavailable,
             RefusedReason::Error,
         ] {
             m.batches_refused.with_label_values(&[reason.label()]);
@@ -429,6 +446,7 @@ mod tests {
                 1.0,
             ),
             ("census_collector_report_streams", 0.0),
+            ("census_collector_store_writable", 1.0),
             ("census_collector_store_bytes", 4106.0),
             (
                 "census_collector_grpc_request_seconds_count{method=\"GetCounts\",service=\"census.v1.QueryService\"}",
@@ -470,7 +488,7 @@ mod tests {
             (Status::unauthenticated("x"), RefusedReason::Unauthenticated),
             (Status::failed_precondition("x"), RefusedReason::Conflict),
             (Status::internal("x"), RefusedReason::Error),
-            (Status::unavailable("x"), RefusedReason::Error),
+            (Status::unavailable("x"), RefusedReason::Unavailable),
         ] {
             assert_eq!(RefusedReason::of(&status), want, "{status}");
         }

@@ -22,7 +22,7 @@ use crate::{
     service::{Collector, Limits, Security, operator_check},
     store::{
         Store, StoreError,
-        sled::{SledOptions, SledStore},
+        sled::{Reopening, SledOptions},
     },
 };
 
@@ -34,6 +34,10 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long in-flight calls get to finish after shutdown is asked for.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How often the store is asked whether it takes writes, for the ingest service's health and
+/// `census_collector_store_writable`.
+const STORE_CHECK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -71,7 +75,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, RunError> {
     let options = SledOptions {
         cache_bytes: config.cache_mb * 1024 * 1024,
     };
-    let store: Arc<dyn Store> = Arc::new(SledStore::open_with(dir, &options)?);
+    let store: Arc<dyn Store> = Arc::new(Reopening::open(dir, &options)?);
     let pki = Arc::new(Pki::load_or_create(dir, &config.tls, config.listen)?);
     let agents = Registry::new(store.agents()?);
     Ok(Prepared {
@@ -92,6 +96,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let tenants = config.graph_tenants()?;
     let store = Arc::clone(&prepared.store);
+    let watched = Arc::clone(&prepared.store);
     let metrics = Arc::clone(&prepared.metrics);
     let security = Arc::new(Security::new(
         Arc::clone(&prepared.pki),
@@ -130,6 +135,12 @@ pub async fn run(
     health_reporter
         .set_serving::<EnrollmentServiceServer<Collector>>()
         .await;
+    tokio::spawn(watch_store(
+        watched,
+        Arc::clone(&metrics),
+        health_reporter.clone(),
+        shutdown.clone(),
+    ));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(census_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -210,4 +221,48 @@ pub async fn run(
         .await;
     info!("collector stopped");
     Ok(())
+}
+
+/// Until shutdown: reports whether the store takes writes. While it cannot (a full or failing
+/// disk), `census.v1.IngestService` is NOT_SERVING in gRPC health and
+/// `census_collector_store_writable` is 0: a load balancer in front of agents can send them
+/// elsewhere, and they retry anyway (their batches are refused UNAVAILABLE). The server as a
+/// whole (the empty service name) stays SERVING: queries still answer, from what is stored.
+async fn watch_store(
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    health: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    let mut writable = true;
+    let mut tick = tokio::time::interval(STORE_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // Off the async threads: the store may be busy reopening.
+        let store = Arc::clone(&store);
+        let Ok(failure) = tokio::task::spawn_blocking(move || store.write_failure()).await else {
+            continue;
+        };
+        if failure.is_none() == writable {
+            continue;
+        }
+        writable = failure.is_none();
+        metrics.store_writable.set(i64::from(writable));
+        match failure {
+            Some(reason) => {
+                warn!(%reason, "the store cannot write: ingest reported NOT_SERVING until it can");
+                health
+                    .set_not_serving::<IngestServiceServer<Collector>>()
+                    .await;
+            }
+            None => {
+                info!("the store takes writes again: ingest SERVING");
+                health.set_serving::<IngestServiceServer<Collector>>().await;
+            }
+        }
+    }
 }

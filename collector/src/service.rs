@@ -104,6 +104,11 @@ fn now_ms() -> u64 {
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::NoSuchClient(name) => Status::not_found(format!("no client named {name:?}")),
+        // Retryable: the store takes writes again once its disk has room. (Logged, rate-limited,
+        // where the store found it.)
+        StoreError::Unavailable(reason) => Status::unavailable(format!(
+            "the collector cannot store anything now, try again later: {reason}"
+        )),
         other => {
             warn!(error = %other, "store error");
             Status::internal(format!("collector storage error: {other}"))
@@ -286,7 +291,13 @@ impl IngestService for Collector {
                     let failed = reply.is_err();
                     if let Err(status) = &reply {
                         this.metrics.refused(RefusedReason::of(status));
-                        warn!(%status, "batch refused");
+                        // A store that cannot write says so once, where it fails; not once
+                        // per refused batch of every agent.
+                        if status.code() == tonic::Code::Unavailable {
+                            debug!(%status, "batch refused");
+                        } else {
+                            warn!(%status, "batch refused");
+                        }
                     }
                     if tx.send(reply).await.is_err() || failed {
                         break;

@@ -83,10 +83,21 @@ pub enum StoreError {
         "data directory {path} is in use by another census-collector (or not writable): {reason}"
     )]
     Locked { path: String, reason: String },
+    /// The store cannot write now (its disk is full or failing). Nothing of the refused write
+    /// is kept, and what was stored before still answers; writes resume by themselves once
+    /// the disk takes them again, so the caller should try again later.
+    #[error("the store cannot write now: {0}")]
+    Unavailable(String),
 }
 
 /// The collector's storage contract. Methods block; async callers use `spawn_blocking`.
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Why the store cannot take writes now, if it cannot (a full or failing disk); `None`
+    /// when it can. The collector reports it as its ingest service's health and a metric.
+    fn write_failure(&self) -> Option<String> {
+        None
+    }
+
     /// Creates the client if new; returns it and whether it was created.
     fn ensure_client(&self, name: &str, now_ms: u64) -> Result<(ClientRecord, bool), StoreError>;
     /// Creates the site (and its client) if new; returns whether the site was created.

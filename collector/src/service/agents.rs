@@ -7,7 +7,7 @@ use census_proto::{
     v1::{self, enrollment_service_server::EnrollmentService},
 };
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Collector, Security, auth_status, now_ms};
 use crate::{
@@ -126,8 +126,13 @@ impl Collector {
                 let Some(current) = security.agents.get(&id) else {
                     return;
                 };
-                if let Err(e) = store.put_agent(&current, false) {
-                    warn!(error = %e, "cannot save the agent's last-seen time");
+                match store.put_agent(&current, false) {
+                    Ok(()) => {}
+                    // Said once where the store fails; the next batch notes it again.
+                    Err(e @ crate::store::StoreError::Unavailable(_)) => {
+                        debug!(error = %e, "cannot save the agent's last-seen time");
+                    }
+                    Err(e) => warn!(error = %e, "cannot save the agent's last-seen time"),
                 }
             });
         }

@@ -56,8 +56,11 @@ mod commit;
 mod counts;
 mod memtable;
 mod overlay;
+mod reopen;
 mod users;
 mod wal;
+
+pub use reopen::Reopening;
 
 use std::{
     collections::BTreeMap,
@@ -158,6 +161,9 @@ pub struct SledStore {
     writers: Arc<ClientLocks>,
     pipeline: Arc<commit::Pipeline>,
     counts: Arc<counts::CountIndex>,
+    /// sled's configuration, which shares the error sled keeps once one of its own writes
+    /// failed (see [`SledStore::needs_reopen`]).
+    config: sled::Config,
 }
 
 impl SledStore {
@@ -191,6 +197,11 @@ impl SledStore {
             other => StoreError::Engine(other.to_string()),
         })?;
         let tree = |name: &str| db.open_tree(name).map_err(engine);
+        let counts = Arc::new(counts::CountIndex::default());
+        let forget = {
+            let counts = Arc::clone(&counts);
+            commit::RollbackHook(Box::new(move || counts.clear()))
+        };
         let store = SledStore {
             clients: tree("clients")?,
             sites: tree("sites")?,
@@ -208,9 +219,11 @@ impl SledStore {
                 &dir.join("wal"),
                 &db,
                 commit::Limits::for_cache(options.cache_bytes),
+                Some(forget),
             )?),
-            counts: Arc::new(counts::CountIndex::default()),
+            counts,
             db,
+            config,
         };
         store.migrate()?;
         Ok(store)
@@ -260,6 +273,23 @@ impl SledStore {
         self.pipeline.flush_all(&self.db)
     }
 
+    /// Why the store cannot take writes now, if it cannot: its log cannot be written, or sled
+    /// failed to write (see [`SledStore::needs_reopen`]).
+    pub fn write_failure(&self) -> Option<String> {
+        if let Err(e) = self.config.global_error() {
+            return Some(format!("the database failed to write: {e}"));
+        }
+        self.pipeline.failure()
+    }
+
+    /// Whether only reopening the store (reading its durable state back, as a restart does)
+    /// lets it write again. sled stops for good after one of its writes failed (every later
+    /// write, and some reads, fail with that error), and a log whose buffer could not be read
+    /// back after a failed write cannot vouch for what readers see.
+    pub fn needs_reopen(&self) -> bool {
+        self.config.global_error().is_err() || self.pipeline.is_fatal()
+    }
+
     /// The client's count index, read from the store on first use.
     fn count_index(
         &self,
@@ -271,19 +301,26 @@ impl SledStore {
         // Under the writer lock: no commit of this client lands between the read and the
         // publication (commits update only published indexes).
         let _writer = self.writers.lock(client);
-        if let Some(index) = self.counts.get(client) {
-            return Ok(index);
+        loop {
+            if let Some(index) = self.counts.get(client) {
+                return Ok(index);
+            }
+            // A failed write dropped while this is read (its commits were visible when the
+            // read began) clears the indexes: read again then.
+            let generation = self.counts.generation();
+            let mut index = counts::ClientIndex::default();
+            let p = graph_prefix(DEVICE, &[client.as_bytes()]);
+            for (k, v) in self.pipeline.scan(client.as_bytes(), &p)? {
+                let id = std::str::from_utf8(&k[p.len()..]).map_err(|_| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).replace('\0', "/"),
+                    reason: "device id is not UTF-8".into(),
+                })?;
+                index.put_summary(id, &device_summary(&k, &v)?.0);
+            }
+            if let Some(index) = self.counts.insert(client, index, generation) {
+                return Ok(index);
+            }
         }
-        let mut index = counts::ClientIndex::default();
-        let p = graph_prefix(DEVICE, &[client.as_bytes()]);
-        for (k, v) in self.pipeline.scan(client.as_bytes(), &p)? {
-            let id = std::str::from_utf8(&k[p.len()..]).map_err(|_| StoreError::Corrupt {
-                key: String::from_utf8_lossy(&k).replace('\0', "/"),
-                reason: "device id is not UTF-8".into(),
-            })?;
-            index.put_summary(id, &device_summary(&k, &v)?.0);
-        }
-        Ok(self.counts.insert(client, index))
     }
 }
 
@@ -332,8 +369,23 @@ fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
     }
 }
 
+/// Whether `dir`'s disk takes writes: `bytes` written to `<dir>/.write-probe`, synced, and removed
+/// (whatever happened).
+fn probe_room(dir: &Path, bytes: usize) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let path = dir.join(".write-probe");
+    let result = std::fs::File::create(&path)
+        .and_then(|mut f| f.write_all(&vec![0; bytes]).and_then(|()| f.sync_all()));
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
 fn engine(e: sled::Error) -> StoreError {
-    StoreError::Engine(e.to_string())
+    match e {
+        // A failed write of sled's own (a full disk): retryable once the store is reopened.
+        sled::Error::Io(io) => StoreError::Unavailable(format!("the database: {io}")),
+        other => StoreError::Engine(other.to_string()),
+    }
 }
 
 fn key(parts: &[&[u8]]) -> Vec<u8> {
@@ -556,6 +608,10 @@ fn put_versioned<T: Serialize>(
 }
 
 impl Store for SledStore {
+    fn write_failure(&self) -> Option<String> {
+        SledStore::write_failure(self)
+    }
+
     fn ensure_client(&self, name: &str, now_ms: u64) -> Result<(ClientRecord, bool), StoreError> {
         let record = ClientRecord {
             name: name.to_owned(),
@@ -846,6 +902,9 @@ impl Store for SledStore {
     fn create_snapshot(&self, snapshot: &Snapshot) -> Result<bool, StoreError> {
         let k = key(&[snapshot.client.as_bytes(), snapshot.period.as_bytes()]);
         let value = encode_json(snapshot)?;
+        // What the snapshot was built from is durable before it bills anything: a commit
+        // that a failed write dropped meanwhile fails this instead.
+        self.pipeline.sync()?;
         // One transaction that refuses to overwrite: a snapshot is written once, whole.
         let created = self
             .snapshots
@@ -860,8 +919,11 @@ impl Store for SledStore {
                 TransactionError::Storage(e) => engine(e),
                 TransactionError::Abort(()) => StoreError::Engine("snapshot write aborted".into()),
             })?;
-        if created {
-            self.flush()?;
+        if created && let Err(e) = self.flush() {
+            // Not durable: taken back, so no one reads a snapshot a restart would not have.
+            // (If sled itself failed it refuses this too; reopening the store then drops it.)
+            let _ = self.snapshots.remove(&k);
+            return Err(e);
         }
         Ok(created)
     }

@@ -20,11 +20,11 @@ use census_tests::{
 };
 
 /// Hosts on the site: every one answers ARP, so each sweep is this many observations.
-const HOSTS: u32 = 24;
-const CLIENT: &str = "steady";
+pub(crate) const HOSTS: u32 = 24;
+pub(crate) const CLIENT: &str = "steady";
 
 /// A site on 198.18.0.0/24 with [`HOSTS`] hosts from .10.
-fn site_with_hosts(lab: &Lab) -> Result<census_tests::lab::Site<'_>> {
+pub(crate) fn site_with_hosts(lab: &Lab) -> Result<census_tests::lab::Site<'_>> {
     let site = lab.add_site(SiteSpec::new(
         "site",
         "198.18.0.0/24".parse()?,
@@ -36,7 +36,7 @@ fn site_with_hosts(lab: &Lab) -> Result<census_tests::lab::Site<'_>> {
 
 /// Starts `census-agent run` every 10 s (the shortest interval) with a state directory and
 /// a config file whose back-off tops out at 4 s, so the test need not wait minutes.
-fn start_agent(lab: &Lab, ns: &str, url: &str, state: &Path) -> Result<Proc> {
+pub(crate) fn start_agent(lab: &Lab, ns: &str, url: &str, state: &Path) -> Result<Proc> {
     let config = state.with_extension("toml");
     std::fs::write(&config, "[queue]\nmax_mb = 16\nretry_max = \"4s\"\n")?;
     support::spawn_agent(
@@ -90,13 +90,13 @@ fn once(lab: &Lab, ns: &str, url: &str, state: &Path) -> Result<Vec<AgentLogLine
     Ok(support::agent_log(&log))
 }
 
-fn lines(proc: &Proc) -> Vec<AgentLogLine> {
+pub(crate) fn lines(proc: &Proc) -> Vec<AgentLogLine> {
     support::agent_log(&proc.log())
 }
 
 /// Waits until `proc` has logged a line from line `from` on that `want` accepts; returns the
 /// index of that line.
-fn wait_for(
+pub(crate) fn wait_for(
     proc: &Proc,
     from: usize,
     what: &str,
@@ -123,12 +123,12 @@ fn wait_for(
     }
 }
 
-fn is_sweep_done(l: &AgentLogLine, pending: impl Fn(u64) -> bool) -> bool {
+pub(crate) fn is_sweep_done(l: &AgentLogLine, pending: impl Fn(u64) -> bool) -> bool {
     l.message() == "sweep done" && l.number("pending").is_some_and(pending)
 }
 
 /// Observations the agent queued (every sweep's), by its `batches queued` lines.
-fn queued_observations(log: &[AgentLogLine]) -> u64 {
+pub(crate) fn queued_observations(log: &[AgentLogLine]) -> u64 {
     log.iter()
         .filter(|l| l.message() == "batches queued")
         .filter_map(|l| l.number("observations"))
@@ -136,7 +136,7 @@ fn queued_observations(log: &[AgentLogLine]) -> u64 {
 }
 
 /// Observations stored from `agent`: every observation here is one ARP answer.
-fn stored_by(devices: &[Device], agent: &str) -> u64 {
+pub(crate) fn stored_by(devices: &[Device], agent: &str) -> u64 {
     devices
         .iter()
         .flat_map(|d| &d.evidence)

@@ -15,5 +15,6 @@ mod in_process;
 mod ingest;
 mod lab;
 mod metrics;
+mod operating;
 mod tls;
 mod users;

@@ -146,6 +146,7 @@ fn collector_metrics_match_what_the_agent_delivered() -> Result<()> {
         "unauthenticated",
         "conflict",
         "malformed",
+        "unavailable",
         "error",
     ] {
         assert_eq!(

@@ -19,6 +19,14 @@
 //! writing a segment twice (a crash after a checkpoint's flush and before its segments were
 //! removed) changes nothing.
 //!
+//! **A write that fails** (a full disk, an I/O error) leaves no trace: the commits that were
+//! not yet durable (the one being written, and every one appended after it, which may have
+//! been worked out over it) are dropped from the buffer, which is read back from the log's
+//! durable part, and their writers are told [`StoreError::Unavailable`]. Until the log takes
+//! writes again, commits are refused at once; a retry at most every [`RETRY_AFTER`] (by a
+//! commit, or by the checkpoint thread when none comes) first writes and syncs a probe file,
+//! then cuts the torn end off the segment and goes on. Nothing needs a restart.
+//!
 //! A checkpoint starts when the buffer holds [`Limits::buffer_bytes`], the log
 //! [`Limits::log_bytes`], or the buffer is not empty and nothing was committed for
 //! [`Limits::idle`] or nothing written to sled for [`Limits::max_age`]; and when the store is
@@ -28,7 +36,7 @@
 use std::{
     collections::BTreeMap,
     fs::File,
-    io::Write as _,
+    io::{Seek as _, SeekFrom, Write as _},
     path::{Path, PathBuf},
     sync::{Arc, Condvar, Mutex, MutexGuard, RwLock},
     thread::JoinHandle,
@@ -53,9 +61,41 @@ const CHUNK: usize = 1024;
 /// A frozen buffer and the last log segment it covers.
 type Frozen = (Arc<Memtable>, u64);
 
-/// A committed write's place in the log: durable once the log is durable up to it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Ticket(u64);
+/// How long after a failed log write the next try waits. Meanwhile commits are refused at
+/// once, so a full disk costs neither a rebuilt buffer per incoming batch nor a log line each.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// What a retry writes and syncs first, in `<log dir>/.write-probe`, to learn whether the disk
+/// takes writes again before the log is touched.
+const PROBE_BYTES: usize = 1 << 20;
+
+/// A committed write's place in the log: durable once the log is durable up to it. Counted
+/// while it exists: the log's positions start over after a failed write only once no ticket
+/// of the lost ones is left to be confused with new ones.
+#[derive(Debug)]
+#[must_use = "a commit is not acknowledged until its ticket is waited for"]
+pub(super) struct Ticket {
+    pos: u64,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut s = self.shared.lock();
+        s.waiters = s.waiters.saturating_sub(1);
+    }
+}
+
+/// Why the log cannot be written, until a retry succeeds.
+#[derive(Debug, Clone)]
+struct Failure {
+    reason: String,
+    /// When to try again.
+    retry_at: Instant,
+    /// The buffer could not be brought back to the log's durable part: only reopening the
+    /// store (which reads the log back) clears this.
+    fatal: bool,
+}
 
 /// When checkpoints start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +151,28 @@ struct Shared {
     gate: RwLock<()>,
     /// One checkpoint at a time.
     checkpointing: Mutex<()>,
+    /// Called, under the state lock, once a failed write's commits are dropped: whatever
+    /// caches what readers see (the count index) forgets them too.
+    on_rollback: Option<RollbackHook>,
+    /// Tests: log writes (and probes) fail with ENOSPC while set.
+    #[cfg(test)]
+    inject: std::sync::atomic::AtomicBool,
+}
+
+/// See [`Shared::on_rollback`].
+pub(super) struct RollbackHook(pub Box<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for RollbackHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RollbackHook")
+    }
+}
+
+/// The client a `graph` key belongs to: after its kind byte, up to the first `\0`.
+fn client_of(key: &[u8]) -> &[u8] {
+    let rest = key.get(1..).unwrap_or_default();
+    let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+    &rest[..end]
 }
 
 #[derive(Debug)]
@@ -130,8 +192,18 @@ struct State {
     /// The segment being appended to, and the bytes appended to it.
     segment: u64,
     segment_bytes: u64,
-    /// The log could not be written: nothing more is acknowledged (see [`Pipeline::commit`]).
-    broken: Option<String>,
+    /// The segment the open file is, and its bytes known durable (magic included): where a
+    /// failed write's torn end is cut off. `file_segment` lags `segment` when a new segment
+    /// could not be created.
+    file_segment: u64,
+    file_len: u64,
+    /// The log could not be written: commits are refused until a retry succeeds (see the
+    /// module docs).
+    failed: Option<Failure>,
+    /// Failed log writes since the store was opened.
+    failures: u64,
+    /// Tickets not yet dropped (see [`Ticket`]).
+    waiters: usize,
     /// Why the last checkpoint failed, until one succeeds: commits waiting for room fail
     /// with it instead of waiting on.
     checkpoint_failed: Option<String>,
@@ -151,7 +223,12 @@ fn io_error(what: &str, e: std::io::Error) -> StoreError {
 impl Pipeline {
     /// Opens the log in `dir` (created if missing), writes what it holds beyond the last
     /// checkpoint to sled, and starts the checkpoint thread.
-    pub(super) fn open(dir: &Path, db: &sled::Db, limits: Limits) -> Result<Self, StoreError> {
+    pub(super) fn open(
+        dir: &Path,
+        db: &sled::Db,
+        limits: Limits,
+        on_rollback: Option<RollbackHook>,
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| io_error(&dir.display().to_string(), e))?;
         let graph = db.open_tree("graph").map_err(engine)?;
         let meta = db.open_tree("meta").map_err(engine)?;
@@ -226,7 +303,11 @@ impl Pipeline {
                 busy: false,
                 segment: last + 1,
                 segment_bytes: 0,
-                broken: None,
+                file_segment: last + 1,
+                file_len: wal::MAGIC.len() as u64,
+                failed: None,
+                failures: 0,
+                waiters: 0,
                 checkpoint_failed: None,
                 limits,
                 last_commit: now,
@@ -239,6 +320,9 @@ impl Pipeline {
             file: Mutex::new(Some(file)),
             gate: RwLock::new(()),
             checkpointing: Mutex::new(()),
+            on_rollback,
+            #[cfg(test)]
+            inject: std::sync::atomic::AtomicBool::new(false),
         });
         let thread = {
             let shared = Arc::clone(&shared);
@@ -270,8 +354,12 @@ impl Pipeline {
         let sh = &self.shared;
         let mut s = sh.lock();
         loop {
-            if let Some(e) = &s.broken {
-                return Err(StoreError::Engine(e.clone()));
+            if s.failed.is_some() {
+                let recovered;
+                (s, recovered) = sh.try_recover(s);
+                if !recovered {
+                    return Err(sh.unavailable(&s));
+                }
             }
             // The buffer is full while the last one is still being written (or no checkpoint
             // can run): wait.
@@ -279,7 +367,7 @@ impl Pipeline {
                 && (s.frozen.is_some() || s.checkpoint_failed.is_some())
             {
                 if let Some(e) = &s.checkpoint_failed {
-                    return Err(StoreError::Engine(format!(
+                    return Err(StoreError::Unavailable(format!(
                         "the write buffer is full and the store cannot be written: {e}"
                     )));
                 }
@@ -300,18 +388,29 @@ impl Pipeline {
         if s.active.bytes() >= s.limits.buffer_bytes || s.segment_bytes >= s.limits.log_bytes {
             sh.wake.notify_one();
         }
-        Ok(Ticket(s.appended))
+        Ok(sh.ticket(s))
     }
 
-    /// Returns once the log is durable up to the ticket, writing it when no one else is.
+    /// Returns once the log is durable up to the ticket, writing it when no one else is; an
+    /// error when the write failed (the commit was then dropped from what readers see).
     pub(super) fn wait_durable(&self, t: Ticket) -> Result<(), StoreError> {
-        self.shared.wait_durable(t.0)
+        self.shared.wait_durable(t.pos)
     }
 
     /// Returns once every commit made so far is durable.
     pub(super) fn sync(&self) -> Result<(), StoreError> {
-        let upto = self.shared.lock().appended;
-        self.shared.wait_durable(upto)
+        let t = self.shared.ticket(self.shared.lock());
+        self.wait_durable(t)
+    }
+
+    /// Why the log cannot be written now, if it cannot.
+    pub(super) fn failure(&self) -> Option<String> {
+        self.shared.lock().failed.as_ref().map(|f| f.reason.clone())
+    }
+
+    /// Whether only reopening the store can clear the log's failure.
+    pub(super) fn is_fatal(&self) -> bool {
+        self.shared.lock().failed.as_ref().is_some_and(|f| f.fatal)
     }
 
     /// Makes every write made so far durable: the log's, and sled's own (its other trees).
@@ -416,6 +515,18 @@ impl Pipeline {
         self.shared.wake.notify_one();
     }
 
+    /// Makes log writes (and the probe before a retry) fail with ENOSPC, or not (tests).
+    #[cfg(test)]
+    pub(super) fn fail_writes(&self, fail: bool) {
+        self.shared
+            .inject
+            .store(fail, std::sync::atomic::Ordering::SeqCst);
+        // Retries need not wait.
+        if let Some(f) = &mut self.shared.lock().failed {
+            f.retry_at = Instant::now();
+        }
+    }
+
     /// Checkpoints completed since the store was opened (tests).
     #[cfg(test)]
     pub(super) fn checkpoints(&self) -> u64 {
@@ -448,21 +559,120 @@ impl Shared {
         self.changed.wait(s).unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A ticket for everything appended so far.
+    fn ticket(self: &Arc<Self>, mut s: MutexGuard<'_, State>) -> Ticket {
+        s.waiters += 1;
+        Ticket {
+            pos: s.appended,
+            shared: Arc::clone(self),
+        }
+    }
+
+    fn unavailable(&self, s: &State) -> StoreError {
+        StoreError::Unavailable(s.failed.as_ref().map_or_else(
+            || "write-ahead log: not writable".into(),
+            |f| f.reason.clone(),
+        ))
+    }
+
     fn wait_durable(&self, upto: u64) -> Result<(), StoreError> {
         let mut s = self.lock();
         loop {
             if s.durable >= upto {
                 return Ok(());
             }
-            if let Some(e) = &s.broken {
-                return Err(StoreError::Engine(e.clone()));
-            }
+            // A write under way, or the rollback after a failed one: its outcome decides.
             if s.busy {
                 s = self.wait(s);
                 continue;
             }
+            // Not durable, and the log failed since: the commit was dropped.
+            if s.failed.is_some() {
+                return Err(self.unavailable(&s));
+            }
             s = self.write_turn(s, false)?.0;
         }
+    }
+
+    /// Takes the log back into use after a failure, if a retry is due and no ticket of the
+    /// lost commits is left: a probe written and synced, then the segment's torn end cut off
+    /// (or the segment that could not be created, created). Returns whether the log takes
+    /// writes.
+    fn try_recover<'a>(&'a self, mut s: MutexGuard<'a, State>) -> (MutexGuard<'a, State>, bool) {
+        let Some(failure) = &s.failed else {
+            return (s, true);
+        };
+        if failure.fatal || s.busy || s.waiters > 0 || Instant::now() < failure.retry_at {
+            return (s, false);
+        }
+        s.busy = true;
+        let (segment, file_segment, file_len) = (s.segment, s.file_segment, s.file_len);
+        drop(s);
+        let result = self.repair(segment, file_segment, file_len);
+        let mut s = self.lock();
+        s.busy = false;
+        let recovered = match result {
+            Ok(len) => {
+                tracing::warn!(
+                    failed_writes = s.failures,
+                    "the write-ahead log takes writes again; storing resumes"
+                );
+                s.failed = None;
+                // No ticket is left: positions start over from what is durable.
+                s.appended = s.durable;
+                s.file_segment = segment;
+                s.file_len = len;
+                s.segment_bytes = len - wal::MAGIC.len() as u64;
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the write-ahead log still cannot be written");
+                s.failed = Some(Failure {
+                    reason: e.to_string(),
+                    retry_at: Instant::now() + RETRY_AFTER,
+                    fatal: false,
+                });
+                false
+            }
+        };
+        self.changed.notify_all();
+        (s, recovered)
+    }
+
+    /// The I/O of [`Shared::try_recover`], holding the log's turn; returns the open segment's
+    /// durable length.
+    fn repair(&self, segment: u64, file_segment: u64, file_len: u64) -> Result<u64, StoreError> {
+        let unavailable = |what: &str, e: std::io::Error| {
+            StoreError::Unavailable(format!("write-ahead log: {what}: {e}"))
+        };
+        self.probe()
+            .map_err(|e| unavailable("no room to write in the log's directory", e))?;
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        match file.as_mut() {
+            Some(f) if file_segment == segment => {
+                f.set_len(file_len)
+                    .and_then(|()| f.seek(SeekFrom::Start(file_len)).map(drop))
+                    .and_then(|()| f.sync_all())
+                    .map_err(|e| unavailable("cutting off a failed write", e))?;
+                Ok(file_len)
+            }
+            _ => {
+                *file = Some(
+                    wal::create_segment(&self.dir, segment)
+                        .map_err(|e| StoreError::Unavailable(format!("write-ahead log: {e}")))?,
+                );
+                Ok(wal::MAGIC.len() as u64)
+            }
+        }
+    }
+
+    /// Writes, syncs and removes [`PROBE_BYTES`] in the log's directory.
+    fn probe(&self) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.inject.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(28));
+        }
+        super::probe_room(&self.dir, PROBE_BYTES)
     }
 
     /// Writes and syncs everything appended so far, holding the log's turn. With `rotate`, the
@@ -487,34 +697,127 @@ impl Shared {
         });
         let next = s.segment;
         drop(s);
-        let result: Result<(), StoreError> = (|| {
+        // Whether `buf` is durable: after a failure, whether only the next segment is missing.
+        let mut wrote = false;
+        let result: Result<(), StoreError> = {
             let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-            let f = file
-                .as_mut()
-                .ok_or_else(|| StoreError::Engine("write-ahead log: no open segment".into()))?;
-            f.write_all(&buf).map_err(|e| io_error("writing", e))?;
-            f.sync_data().map_err(|e| io_error("syncing", e))?;
-            if frozen.is_some() {
-                *file = Some(wal::create_segment(&self.dir, next)?);
+            let unavailable = |what: &str, e: std::io::Error| {
+                StoreError::Unavailable(format!("write-ahead log: {what}: {e}"))
+            };
+            match file.as_mut() {
+                None => Err(StoreError::Unavailable(
+                    "write-ahead log: no open segment".into(),
+                )),
+                Some(f) => self
+                    .write_all(f, &buf)
+                    .map_err(|e| unavailable("writing", e))
+                    .and_then(|()| f.sync_data().map_err(|e| unavailable("syncing", e)))
+                    .and_then(|()| {
+                        wrote = true;
+                        if frozen.is_some() {
+                            *file = Some(wal::create_segment(&self.dir, next).map_err(|e| {
+                                StoreError::Unavailable(format!("write-ahead log: {e}"))
+                            })?);
+                        }
+                        Ok(())
+                    }),
             }
-            Ok(())
-        })();
+        };
+        let written = buf.len() as u64;
         buf.clear();
         let mut s = self.lock();
-        s.busy = false;
         if buf.capacity() <= 64 << 20 {
             s.spare = buf;
         }
         match &result {
-            Ok(()) => s.durable = s.durable.max(end),
-            // What was written of the buffer is unknown, and so whether the log can be read
-            // past it: acknowledge nothing more (the collector must be restarted; the log's
-            // good part is read back then).
-            Err(e) => s.broken = Some(e.to_string()),
+            Ok(()) => {
+                s.durable = s.durable.max(end);
+                if frozen.is_some() {
+                    s.file_segment = next;
+                    s.file_len = wal::MAGIC.len() as u64;
+                } else {
+                    s.file_len += written;
+                }
+            }
+            Err(e) => {
+                if wrote {
+                    s.durable = s.durable.max(end);
+                }
+                s = self.roll_back(s, e, frozen.is_some(), wrote);
+            }
         }
+        s.busy = false;
         self.changed.notify_all();
         result?;
         Ok((s, frozen))
+    }
+
+    /// Writes `buf` to the log file (a failure injected by the tests writes half of it first,
+    /// as a disk that fills up mid-write does).
+    fn write_all(&self, f: &mut File, buf: &[u8]) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.inject.load(std::sync::atomic::Ordering::SeqCst) {
+            f.write_all(&buf[..buf.len() / 2])?;
+            return Err(std::io::Error::from_raw_os_error(28));
+        }
+        f.write_all(buf)
+    }
+
+    /// After a failed log write: drops every commit that is not durable from what readers see
+    /// and refuses commits until a retry (see the module docs). `rotated`: the write froze the
+    /// buffer; `wrote`: its frames are durable, only the next segment could not be created.
+    fn roll_back<'a>(
+        &'a self,
+        mut s: MutexGuard<'a, State>,
+        e: &StoreError,
+        rotated: bool,
+        wrote: bool,
+    ) -> MutexGuard<'a, State> {
+        s.failures += 1;
+        // One line per outage, not one per refused batch: the next one comes after a recovery.
+        tracing::error!(
+            error = %e,
+            "cannot write the write-ahead log (disk full?): batches and edits are refused (agents keep them and retry) until it can; what is stored still answers"
+        );
+        s.pending.clear();
+        s.spare.clear();
+        let mut fatal = false;
+        if rotated && wrote {
+            // The frozen buffer is durable and goes on to sled; the commits after it had no
+            // segment to go to.
+            s.active = Memtable::default();
+        } else {
+            if rotated {
+                // Undo the freeze: the frozen buffer's last frames were not written.
+                if let Some((frozen, _)) = s.frozen.take() {
+                    drop(frozen);
+                }
+                s.segment -= 1;
+            }
+            let path = wal::segment_path(&self.dir, s.file_segment);
+            let mut active = Memtable::default();
+            let read = wal::read_segment_upto(&path, true, s.file_len, |k, v| {
+                active.insert(client_of(k), k, v);
+            });
+            match read {
+                Ok(_) => s.active = active,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read back the write-ahead log after a failed write; the store must be reopened");
+                    fatal = true;
+                }
+            }
+        }
+        s.segment_bytes = s.file_len.saturating_sub(wal::MAGIC.len() as u64);
+        s.oldest = Instant::now();
+        s.failed = Some(Failure {
+            reason: e.to_string(),
+            retry_at: Instant::now() + RETRY_AFTER,
+            fatal,
+        });
+        if let Some(hook) = &self.on_rollback {
+            (hook.0)();
+        }
+        s
     }
 
     /// The checkpoint thread: waits for a reason, checkpoints, until told to stop; then a last
@@ -524,6 +827,11 @@ impl Shared {
             let stop = {
                 let mut s = self.lock();
                 loop {
+                    // No commit may come to retry a failed log (agents back off, and a load
+                    // balancer may keep them away while ingest is reported not serving).
+                    if s.failed.is_some() && !s.stop {
+                        s = self.try_recover(s).0;
+                    }
                     if s.stop || self.due(&s) {
                         break s.stop;
                     }
@@ -535,8 +843,15 @@ impl Shared {
                 }
             };
             if let Err(e) = self.checkpoint() {
-                tracing::warn!(error = %e, "checkpoint failed; the write-ahead log keeps every commit, retrying");
-                self.lock().checkpoint_failed = Some(e.to_string());
+                let mut s = self.lock();
+                // Once per outage: retried every second.
+                if s.checkpoint_failed.is_none() {
+                    tracing::warn!(error = %e, "checkpoint failed; the write-ahead log keeps every commit, retrying");
+                } else {
+                    tracing::debug!(error = %e, "checkpoint failed again");
+                }
+                s.checkpoint_failed = Some(e.to_string());
+                drop(s);
                 self.changed.notify_all();
                 if stop {
                     return;
@@ -550,12 +865,16 @@ impl Shared {
     }
 
     fn due(&self, s: &State) -> bool {
-        s.frozen.is_some()
-            || s.active.bytes() >= s.limits.buffer_bytes
-            || s.segment_bytes >= s.limits.log_bytes
-            || (!s.active.is_empty()
-                && (s.last_commit.elapsed() >= s.limits.idle
-                    || s.oldest.elapsed() >= s.limits.max_age))
+        if s.frozen.is_some() {
+            return true;
+        }
+        // A new buffer needs a new segment: none while the log cannot be written.
+        s.failed.is_none()
+            && (s.active.bytes() >= s.limits.buffer_bytes
+                || s.segment_bytes >= s.limits.log_bytes
+                || (!s.active.is_empty()
+                    && (s.last_commit.elapsed() >= s.limits.idle
+                        || s.oldest.elapsed() >= s.limits.max_age)))
     }
 
     /// Writes the buffer (or the one a failed checkpoint left frozen) to sled and drops the
@@ -573,8 +892,8 @@ impl Shared {
                     while s.busy {
                         s = self.wait(s);
                     }
-                    if let Some(e) = &s.broken {
-                        return Err(StoreError::Engine(e.clone()));
+                    if s.failed.is_some() {
+                        return Err(self.unavailable(&s));
                     }
                     match self.write_turn(s, true)?.1 {
                         Some(f) => f,
@@ -886,6 +1205,91 @@ mod tests {
         for (c, want) in want.iter().enumerate() {
             assert_eq!(&state(&store, c), want);
         }
+    }
+
+    /// The tally of client `c`: what `census counts` says.
+    fn devices_counted(store: &SledStore, c: usize) -> u64 {
+        store
+            .tally(&scope(c).client, &Policy::default(), 10_000)
+            .expect("tally")
+            .devices
+    }
+
+    #[test]
+    fn a_failed_log_write_leaves_no_trace_and_writing_resumes_by_itself() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        store.pipeline.set_limits(never());
+        apply(&store, 1..=3);
+        let want: Vec<String> = (0..3).map(|c| state(&store, c)).collect();
+        let counted = devices_counted(&store, 0);
+
+        // The disk fills up in the middle of batch 4's write (half of it reaches the file).
+        store.pipeline.fail_writes(true);
+        let refused = store.apply_batch(&scope(0), &id(4), &batch(4));
+        assert!(
+            matches!(refused, Err(StoreError::Unavailable(_))),
+            "{refused:?}"
+        );
+        assert!(store.pipeline.failure().is_some());
+        assert!(store.write_failure().is_some());
+        // Nothing of it shows: not in the devices, not in the count (whose index was read
+        // before), not in the history.
+        for (c, want) in want.iter().enumerate() {
+            assert_eq!(&state(&store, c), want, "client-{c} after the refusal");
+        }
+        assert_eq!(devices_counted(&store, 0), counted);
+        // Other writers are refused at once while the disk takes nothing.
+        assert!(matches!(
+            store.apply_batch(&scope(1), &id(4), &batch(4)),
+            Err(StoreError::Unavailable(_))
+        ));
+        // A crash now leaves a store that opens, with exactly what was acknowledged.
+        let copy = tempfile::tempdir().expect("tempdir");
+        crash_image(dir.path(), copy.path());
+        check(copy.path(), &want, 3);
+
+        // Room again: the same batch is stored, once, without reopening anything.
+        store.pipeline.fail_writes(false);
+        apply(&store, 4..=6);
+        assert!(store.pipeline.failure().is_none());
+        let want: Vec<String> = (0..3).map(|c| state(&store, c)).collect();
+        let copy = tempfile::tempdir().expect("tempdir");
+        crash_image(dir.path(), copy.path());
+        check(copy.path(), &want, 6);
+        drop(store);
+        check(dir.path(), &want, 6);
+    }
+
+    #[test]
+    fn a_checkpoint_whose_log_write_fails_keeps_every_acknowledged_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        store.pipeline.set_limits(never());
+        apply(&store, 1..=4);
+        let want: Vec<String> = (0..3).map(|c| state(&store, c)).collect();
+
+        // The checkpoint's own log write (before it moves on to a new segment) fails: the
+        // buffer it froze goes back as it was.
+        store.pipeline.fail_writes(true);
+        assert!(matches!(
+            store.pipeline.checkpoint_now(),
+            Err(StoreError::Unavailable(_))
+        ));
+        for (c, want) in want.iter().enumerate() {
+            assert_eq!(&state(&store, c), want, "client-{c}");
+        }
+        assert_eq!(store.pipeline.checkpoints(), 0);
+
+        store.pipeline.fail_writes(false);
+        apply(&store, 5..=6);
+        store.pipeline.checkpoint_now().expect("checkpoint");
+        assert_eq!(store.pipeline.checkpoints(), 1);
+        apply(&store, 7..=8);
+        let want: Vec<String> = (0..3).map(|c| state(&store, c)).collect();
+        let copy = tempfile::tempdir().expect("tempdir");
+        crash_image(dir.path(), copy.path());
+        check(copy.path(), &want, 8);
     }
 
     #[test]

@@ -39,19 +39,46 @@ pub(super) type Changes = Vec<(String, Option<OwnedSummary>)>;
 #[derive(Debug, Default)]
 pub(super) struct CountIndex {
     clients: Mutex<HashMap<String, Arc<RwLock<ClientIndex>>>>,
+    /// Bumped by [`CountIndex::clear`]: an index read from the store before a clear may hold
+    /// what the clear was for, and is not published.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl CountIndex {
+    /// Forgets every client's index (after a failed write was dropped from the store: the
+    /// indexes may count it); each is read again on its client's next count.
+    pub(super) fn clear(&self) {
+        let mut clients = self.lock();
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        clients.clear();
+    }
+
+    /// The generation to hand [`CountIndex::insert`] for an index about to be read.
+    pub(super) fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The client's index, if it has been read.
     pub(super) fn get(&self, client: &str) -> Option<Arc<RwLock<ClientIndex>>> {
         self.lock().get(client).cloned()
     }
 
-    /// Publishes a client's index read from the store (under the client's writer lock).
-    pub(super) fn insert(&self, client: &str, index: ClientIndex) -> Arc<RwLock<ClientIndex>> {
+    /// Publishes a client's index read from the store (under the client's writer lock), unless
+    /// the indexes were cleared since `generation`: then `None`, and it must be read again.
+    pub(super) fn insert(
+        &self,
+        client: &str,
+        index: ClientIndex,
+        generation: u64,
+    ) -> Option<Arc<RwLock<ClientIndex>>> {
+        let mut clients = self.lock();
+        if self.generation() != generation {
+            return None;
+        }
         let index = Arc::new(RwLock::new(index));
-        self.lock().insert(client.to_owned(), Arc::clone(&index));
-        index
+        clients.insert(client.to_owned(), Arc::clone(&index));
+        Some(index)
     }
 
     /// Applies a commit's changes (under the client's writer lock); a client whose index was

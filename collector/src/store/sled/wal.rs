@@ -172,6 +172,18 @@ pub(super) struct Replay {
 pub(super) fn read_segment(
     path: &Path,
     last: bool,
+    apply: impl FnMut(&[u8], Option<&[u8]>),
+) -> Result<Replay, StoreError> {
+    read_segment_upto(path, last, u64::MAX, apply)
+}
+
+/// Reads a segment as [`read_segment`] does, only its first `limit` bytes: what is known to be
+/// durable of a segment whose last write failed (the bytes after may hold whole frames of a
+/// write that was never acknowledged).
+pub(super) fn read_segment_upto(
+    path: &Path,
+    last: bool,
+    limit: u64,
     mut apply: impl FnMut(&[u8], Option<&[u8]>),
 ) -> Result<Replay, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt {
@@ -180,7 +192,7 @@ pub(super) fn read_segment(
     };
     let io = |e: std::io::Error| StoreError::Engine(format!("reading {}: {e}", path.display()));
     let file = File::open(path).map_err(io)?;
-    let size = file.metadata().map_err(io)?.len();
+    let size = file.metadata().map_err(io)?.len().min(limit);
     let mut r = std::io::BufReader::with_capacity(1 << 20, file);
     let mut replay = Replay::default();
     let mut magic = Vec::with_capacity(MAGIC.len());
