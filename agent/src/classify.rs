@@ -3,8 +3,21 @@
 //! the same category and the same reason.
 //!
 //! Evidence is weighed from strongest to weakest: what the device says about itself (SNMP
-//! sysDescr and tables, mDNS service types and TXT model), then its MAC's vendor. The reason
-//! string names the evidence that decided, so an operator can check it.
+//! sysDescr and sysObjectID, then its SNMP tables, then mDNS service types and TXT model), then
+//! its MAC's vendor. The reason string names the evidence that decided, so an operator can check
+//! it.
+//!
+//! Over SNMP, what a device says it *is* outranks what it looks like: a printer's or a network
+//! vendor's sysDescr first, then the operating system (a Linux Docker host or hypervisor has
+//! several interfaces with MACs, a bridge and an ARP cache, and is still a server), and only
+//! then the shape heuristics (a bridge table, LLDP neighbours, several interfaces with an ARP
+//! cache) that file an unnamed box as network gear.
+//!
+//! Computer or server: Windows says which in its sysObjectID (Microsoft's
+//! `1.3.6.1.4.1.311.1.1.3.1.1` workstation, `.2` server, `.3` domain controller), or
+//! "Windows Server" in its sysDescr; a Unix-like system (Linux, the BSDs, Solaris) that runs
+//! an SNMP agent is a server (desktops seldom run one; servers, NAS and hypervisors do); macOS
+//! is a computer.
 
 use census_proto::v1::{self, Category};
 
@@ -71,6 +84,10 @@ const NETWORK_DESCR: &[&str] = &[
     "firewall",
     "access point",
     "vyos",
+    "cumulus",
+    "arista networks",
+    "sonic",
+    "dd-wrt",
 ];
 const PRINTER_DESCR: &[&str] = &[
     "printer",
@@ -85,7 +102,26 @@ const PRINTER_DESCR: &[&str] = &[
     "canon ir",
     "epson",
 ];
-const COMPUTER_DESCR: &[&str] = &["linux", "windows", "darwin", "freebsd", "macos"];
+/// Operating systems a sysDescr names, as found (lower case) and as shown.
+const OS_DESCR: &[(&str, &str)] = &[
+    ("windows", "Windows"),
+    ("darwin", "macOS"),
+    ("macos", "macOS"),
+    ("linux", "Linux"),
+    ("freebsd", "FreeBSD"),
+    ("openbsd", "OpenBSD"),
+    ("netbsd", "NetBSD"),
+    ("sunos", "SunOS"),
+    ("solaris", "Solaris"),
+];
+/// Microsoft's sysObjectIDs for Windows: a workstation, a server, a domain controller.
+const WINDOWS_WORKSTATION_OID: &str = "1.3.6.1.4.1.311.1.1.3.1.1";
+const WINDOWS_SERVER_OIDS: &[(&str, &str)] = &[
+    ("1.3.6.1.4.1.311.1.1.3.1.2", "Windows Server"),
+    ("1.3.6.1.4.1.311.1.1.3.1.3", "a Windows domain controller"),
+];
+/// How much of a sysDescr a reason quotes.
+const QUOTED_DESCR: usize = 64;
 const NETWORK_VENDORS: &[&str] = &[
     "cisco",
     "juniper",
@@ -140,6 +176,46 @@ fn txt<'a>(mdns: &'a v1::MdnsIdentity, key: &str) -> Option<&'a str> {
         .map(|t| t.value.as_str())
 }
 
+/// A sysDescr for a reason: its first [`QUOTED_DESCR`] characters, on one line.
+fn quoted(descr: &str) -> String {
+    let one_line: String = descr.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() > QUOTED_DESCR {
+        let cut: String = one_line.chars().take(QUOTED_DESCR).collect();
+        format!("{cut}...")
+    } else {
+        one_line
+    }
+}
+
+/// The operating system an SNMP agent names, as a category and the reason for it.
+fn operating_system(snmp: &v1::SnmpIdentity) -> Option<(Category, String)> {
+    let oid = snmp.sys_object_id.trim().trim_start_matches('.');
+    if let Some((_, what)) = WINDOWS_SERVER_OIDS.iter().find(|(o, _)| *o == oid) {
+        return Some((
+            Category::Server,
+            format!("SNMP sysObjectID {oid} is {what}: server"),
+        ));
+    }
+    if oid == WINDOWS_WORKSTATION_OID {
+        return Some((
+            Category::Computer,
+            format!("SNMP sysObjectID {oid} is a Windows workstation: computer"),
+        ));
+    }
+    let lower = snmp.sys_descr.to_ascii_lowercase();
+    let (_, os) = OS_DESCR.iter().find(|(word, _)| lower.contains(word))?;
+    let descr = quoted(&snmp.sys_descr);
+    let category = match *os {
+        "Windows" if lower.contains("windows server") => Category::Server,
+        "Windows" | "macOS" => Category::Computer,
+        _ => Category::Server,
+    };
+    Some((
+        category,
+        format!("SNMP sysDescr says {os} ({descr:?}): {}", category.label()),
+    ))
+}
+
 /// Decides the category of a device from what one observation holds.
 pub fn categorize(obs: &v1::Observation) -> (Category, String) {
     if let Some(snmp) = &obs.snmp {
@@ -148,6 +224,16 @@ pub fn categorize(obs: &v1::Observation) -> (Category, String) {
                 Category::Printer,
                 format!("SNMP sysDescr mentions {word:?}"),
             );
+        }
+        if let Some(word) = contains_any(&snmp.sys_descr, NETWORK_DESCR) {
+            return (
+                Category::Network,
+                format!("SNMP sysDescr mentions {word:?}"),
+            );
+        }
+        // What the device says it runs outranks what it looks like.
+        if let Some(decided) = operating_system(snmp) {
+            return decided;
         }
         if !snmp.forwarding.is_empty() {
             return (
@@ -162,12 +248,6 @@ pub fn categorize(obs: &v1::Observation) -> (Category, String) {
             return (
                 Category::Network,
                 "SNMP: has LLDP neighbours and an ARP cache".into(),
-            );
-        }
-        if let Some(word) = contains_any(&snmp.sys_descr, NETWORK_DESCR) {
-            return (
-                Category::Network,
-                format!("SNMP sysDescr mentions {word:?}"),
             );
         }
         if snmp.arp_cache.len() > 1
@@ -203,14 +283,6 @@ pub fn categorize(obs: &v1::Observation) -> (Category, String) {
         if let Some(t) = has(COMPUTER_SERVICES) {
             return (Category::Computer, format!("mDNS advertises {t}"));
         }
-    }
-    if let Some(snmp) = &obs.snmp
-        && let Some(word) = contains_any(&snmp.sys_descr, COMPUTER_DESCR)
-    {
-        return (
-            Category::Computer,
-            format!("SNMP sysDescr mentions {word:?}"),
-        );
     }
     for ev in &obs.mac_evidence {
         if !ev.first_hand || ev.vendor.is_empty() {
@@ -321,9 +393,96 @@ mod tests {
         });
         assert_eq!(
             categorize(&obs).0,
-            Category::Computer,
-            "mDNS _ssh says computer, so does sysDescr"
+            Category::Server,
+            "a Linux host running an SNMP agent is a server, whatever mDNS advertises"
         );
+    }
+
+    /// The SNMP identity of a Debian host with two NICs and a bridge (a Docker host or a
+    /// hypervisor): several interfaces with MACs, an ARP cache, LLDP neighbours, a bridge table.
+    fn multi_nic(sys_descr: &str, sys_object_id: &str) -> v1::Observation {
+        let iface = |i: u32, name: &str, mac: Option<u8>| v1::SnmpInterface {
+            if_index: i,
+            name: name.into(),
+            mac: mac
+                .map(|m| vec![0x00, 0x16, 0x3e, 0x64, 0x00, m])
+                .unwrap_or_default(),
+        };
+        let neighbour = |i: u8| v1::NeighborEntry {
+            address: format!("198.18.64.{i}"),
+            mac: vec![0x00, 0x16, 0x3e, 0x64, 0x01, i],
+            if_index: 2,
+        };
+        v1::Observation {
+            snmp: Some(v1::SnmpIdentity {
+                sys_descr: sys_descr.into(),
+                sys_object_id: sys_object_id.into(),
+                interfaces: vec![
+                    iface(1, "lo", None),
+                    iface(2, "eth0", Some(1)),
+                    iface(3, "eth1", Some(2)),
+                    iface(4, "br0", Some(3)),
+                ],
+                arp_cache: (1..5).map(neighbour).collect(),
+                forwarding: vec![v1::ForwardingEntry {
+                    mac: vec![0x00, 0x16, 0x3e, 0x64, 0x01, 1],
+                    ..Default::default()
+                }],
+                lldp_neighbors: vec![v1::LldpNeighbor::default()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    const DEBIAN: &str =
+        "Linux host 6.1.0-18-amd64 #1 SMP PREEMPT_DYNAMIC Debian 6.1.76-1 (2024-02-01) x86_64";
+    const NET_SNMP_LINUX: &str = "1.3.6.1.4.1.8072.3.2.10";
+
+    #[test]
+    fn operating_system_evidence_outranks_the_shape_of_a_multi_nic_host() {
+        let (c, why) = categorize(&multi_nic(DEBIAN, NET_SNMP_LINUX));
+        assert_eq!(c, Category::Server, "{why}");
+        assert!(
+            why.starts_with("SNMP sysDescr says Linux (\"Linux host 6.1.0-18-amd64")
+                && why.ends_with(": server"),
+            "{why}"
+        );
+        // The same shape with nothing said about the system: network gear, by its bridge.
+        let (c, why) = categorize(&multi_nic("Census lab device", ""));
+        assert_eq!(c, Category::Network, "{why}");
+        // A network OS on Linux names itself: network.
+        let (c, why) = categorize(&multi_nic("Linux OpenWrt 5.15.137 #0 SMP", ""));
+        assert_eq!(
+            (c, why.as_str()),
+            (Category::Network, "SNMP sysDescr mentions \"openwrt\"")
+        );
+    }
+
+    #[test]
+    fn windows_says_server_or_workstation_in_its_sys_object_id() {
+        let descr = "Hardware: Intel64 Family 6 Model 85 Stepping 7 AT/AT COMPATIBLE - Software: Windows Version 6.3 (Build 17763 Multiprocessor Free)";
+        let (c, why) = categorize(&multi_nic(descr, "1.3.6.1.4.1.311.1.1.3.1.2"));
+        assert_eq!(c, Category::Server, "{why}");
+        assert!(why.contains("Windows Server"), "{why}");
+        let (c, _) = categorize(&multi_nic(descr, ".1.3.6.1.4.1.311.1.1.3.1.3"));
+        assert_eq!(c, Category::Server, "a domain controller");
+        let (c, why) = categorize(&multi_nic(descr, "1.3.6.1.4.1.311.1.1.3.1.1"));
+        assert_eq!(c, Category::Computer, "{why}");
+        // Without a Microsoft sysObjectID, the sysDescr decides.
+        let (c, why) = categorize(&multi_nic(descr, ""));
+        assert_eq!(
+            (c, why.starts_with("SNMP sysDescr says Windows")),
+            (Category::Computer, true),
+            "{why}"
+        );
+        let (c, _) = categorize(&multi_nic("Microsoft Windows Server 2022 Datacenter", ""));
+        assert_eq!(c, Category::Server);
+        let (c, _) = categorize(&multi_nic(
+            "Darwin mac-mini 23.4.0 Darwin Kernel Version 23.4.0",
+            "",
+        ));
+        assert_eq!(c, Category::Computer);
     }
 
     #[test]

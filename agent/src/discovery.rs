@@ -97,6 +97,9 @@ pub async fn sweep(
     cancel: &CancellationToken,
 ) -> Result<(Vec<v1::Observation>, SweepSummary), AgentError> {
     let started = Instant::now();
+    // One sweep is one sighting: every observation of it carries this time, so the collector
+    // sees what a device answered on in one sweep (two NICs, two routed addresses) as one.
+    let sighted = SystemTime::now();
     let mdns_config = MdnsConfig {
         interfaces: plan
             .on_link
@@ -196,7 +199,7 @@ pub async fn sweep(
         snmp,
         mdns,
     };
-    let observations = merge(&findings, SystemTime::now());
+    let observations = merge(&findings, sighted);
     let summary = SweepSummary {
         probed: plan.target_count(),
         arp_replies: findings.arp.iter().map(|a| a.replies.len()).sum(),
@@ -422,7 +425,6 @@ async fn sweep_icmp(
 /// One device being assembled from several methods.
 #[derive(Debug, Default)]
 struct Draft {
-    first_seen: Option<SystemTime>,
     interface: String,
     methods: BTreeSet<i32>,
     /// address -> (answered, method)
@@ -435,10 +437,6 @@ struct Draft {
 }
 
 impl Draft {
-    fn seen(&mut self, at: SystemTime) {
-        self.first_seen = Some(self.first_seen.map_or(at, |t| t.min(at)));
-    }
-
     fn name(&mut self, value: &str, source: v1::NameSource) {
         let value = value.trim().trim_end_matches('.');
         if value.is_empty()
@@ -465,8 +463,9 @@ impl Draft {
     }
 }
 
-/// Gathers every method's findings into one observation per device.
-pub fn merge(f: &Findings, now: SystemTime) -> Vec<v1::Observation> {
+/// Gathers every method's findings into one observation per device, each dated `sighted`:
+/// the time of the sweep, one sighting of every device in it.
+pub fn merge(f: &Findings, sighted: SystemTime) -> Vec<v1::Observation> {
     let mut drafts: Vec<Draft> = Vec::new();
     let mut by_ip: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
 
@@ -474,7 +473,7 @@ pub fn merge(f: &Findings, now: SystemTime) -> Vec<v1::Observation> {
     let mut by_mac: BTreeMap<[u8; 6], usize> = BTreeMap::new();
     let mut macs_of_ip: BTreeMap<Ipv4Addr, Vec<[u8; 6]>> = BTreeMap::new();
     for found in &f.arp {
-        for &(ip, mac, at) in &found.replies {
+        for &(ip, mac, _) in &found.replies {
             let idx = *by_mac.entry(mac).or_insert_with(|| {
                 drafts.push(Draft {
                     interface: found.interface.clone(),
@@ -483,7 +482,6 @@ pub fn merge(f: &Findings, now: SystemTime) -> Vec<v1::Observation> {
                 drafts.len() - 1
             });
             let d = &mut drafts[idx];
-            d.seen(at);
             d.methods.insert(Method::Arp as i32);
             d.addresses.insert(ip, (true, Method::Arp));
             d.mac(mac, Method::Arp, true, String::new());
@@ -532,7 +530,6 @@ pub fn merge(f: &Findings, now: SystemTime) -> Vec<v1::Observation> {
             drafts.len() - 1
         });
         let d = &mut drafts[idx];
-        d.seen(r.at);
         d.methods.insert(Method::Icmp as i32);
         d.addresses.entry(r.ip).or_insert((true, Method::Icmp));
     }
@@ -601,7 +598,7 @@ pub fn merge(f: &Findings, now: SystemTime) -> Vec<v1::Observation> {
         .map(|d| {
             let methods: Vec<i32> = d.methods.iter().copied().collect();
             let mut obs = v1::Observation {
-                observed_at: Some(convert::timestamp(d.first_seen.unwrap_or(now))),
+                observed_at: Some(convert::timestamp(sighted)),
                 method: methods.first().copied().unwrap_or_default(),
                 addresses: d
                     .addresses
@@ -746,8 +743,14 @@ mod tests {
                 },
             }],
         };
-        let obs = merge(&f, T);
+        let sweep_started = T + std::time::Duration::from_secs(1_764_000_000);
+        let obs = merge(&f, sweep_started);
         assert_eq!(obs.len(), 4);
+        assert!(
+            obs.iter()
+                .all(|o| o.observed_at == Some(convert::timestamp(sweep_started))),
+            "one sweep is one sighting: every observation carries its time"
+        );
         let router = &obs[0];
         assert_eq!(router.methods, [Method::Arp as i32, Method::Snmp as i32]);
         assert_eq!(router.names[0].value, "gw");

@@ -112,7 +112,8 @@ pub enum Command {
         /// Only devices seen at this site.
         #[arg(long)]
         site: Option<String>,
-        /// Only this category (network, printer, computer, phone-tablet, media-iot, unknown).
+        /// Only this category (network, printer, computer, server, phone-tablet, media-iot,
+        /// unknown).
         #[arg(long)]
         category: Option<String>,
         /// Only devices that count (or, with --not-counted, that do not).
@@ -123,7 +124,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// One device: identifiers, addresses (current or lost), evidence, and why it counts.
+    /// One device: identifiers, addresses (current, previous or lost), evidence, and why it
+    /// counts.
     Device {
         #[arg(long)]
         client: String,
@@ -195,7 +197,7 @@ pub enum PolicyCommand {
         /// A device counts if seen within this many days (1 to 3650).
         #[arg(long)]
         window_days: Option<u32>,
-        /// The categories that count, comma-separated (network, printer, computer,
+        /// The categories that count, comma-separated (network, printer, computer, server,
         /// phone-tablet, media-iot, unknown), or "all".
         #[arg(long, value_delimiter = ',')]
         categories: Option<Vec<String>>,
@@ -551,7 +553,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                     .map(|c| {
                         vec![
                             c.name.clone(),
-                            c.sites.join(","),
+                            list_cell(&c.sites),
                             time(c.created_at.as_ref()),
                         ]
                     })
@@ -715,19 +717,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                         vec![
                             d.id.clone(),
                             d.site.clone(),
-                            macs(&d.macs).join(","),
-                            d.addresses
-                                .iter()
-                                .map(|a| a.address.clone())
-                                .collect::<Vec<_>>()
-                                .join(","),
+                            list_cell(&macs(&d.macs)),
+                            list_cell(&listed_addresses(d)),
                             d.category.clone(),
-                            d.names
-                                .iter()
-                                .take(2)
-                                .cloned()
-                                .collect::<Vec<_>>()
-                                .join(","),
+                            list_cell(&d.names),
                             time(d.first_seen.as_ref()),
                             time(d.last_seen.as_ref()),
                             if d.counted { "yes" } else { "no" }.into(),
@@ -752,6 +745,23 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// A device's addresses for its table row: current ones first (those it answers on now).
+fn listed_addresses(d: &v1::Device) -> Vec<&str> {
+    let mut out: Vec<&str> = d
+        .addresses
+        .iter()
+        .filter(|a| a.current)
+        .map(|a| a.address.as_str())
+        .collect();
+    out.extend(
+        d.addresses
+            .iter()
+            .filter(|a| !a.current)
+            .map(|a| a.address.as_str()),
+    );
+    out
 }
 
 /// A token's state at `now`, for `census token list`.
@@ -874,7 +884,7 @@ fn device_json(d: &v1::Device) -> serde_json::Value {
         "client": d.client,
         "site": d.site,
         "macs": macs(&d.macs),
-        "addresses": d.addresses.iter().map(|a| json!({"address": a.address, "site": a.site, "answered": a.answered, "current": a.current, "last_seen": time(a.last_seen.as_ref())})).collect::<Vec<_>>(),
+        "addresses": d.addresses.iter().map(|a| json!({"address": a.address, "site": a.site, "answered": a.answered, "current": a.current, "lost": a.lost, "state": address_state(a), "last_seen": time(a.last_seen.as_ref())})).collect::<Vec<_>>(),
         "identifiers": d.identifiers.iter().map(|i| json!({"kind": i.kind, "value": i.value, "strong": i.strong, "key": i.key})).collect::<Vec<_>>(),
         "sites": d.sites,
         "anomalies": d.anomalies,
@@ -971,14 +981,13 @@ fn print_device(d: &v1::Device) {
     }
     for a in &d.addresses {
         out!(
-            "address    {:<16} site {:<10} {}{} last seen {}",
+            "address    {:<16} site {:<10} {}, {}, last seen {}",
             a.address,
             a.site,
             if a.answered { "answered" } else { "claimed" },
-            if a.current {
-                ""
-            } else {
-                ", lost to another device"
+            match address_state(a) {
+                "lost" => "lost to another device",
+                state => state,
             },
             time(a.last_seen.as_ref())
         );
@@ -996,6 +1005,50 @@ fn print_device(d: &v1::Device) {
     for a in &d.anomalies {
         out!("note       {a}");
     }
+}
+
+/// "current" (answered on in the device's latest sighting at its site), "previous" (the device
+/// has moved on from it) or "lost" (another device answered on it since).
+fn address_state(a: &v1::DeviceAddress) -> &'static str {
+    if a.current {
+        "current"
+    } else if a.lost {
+        "lost"
+    } else {
+        "previous"
+    }
+}
+
+/// The most characters a list takes in a table cell: two MACs, or a few addresses.
+const LIST_CELL_WIDTH: usize = 36;
+
+/// A list for a table cell: as many items as fit in [`LIST_CELL_WIDTH`] (at least one, itself
+/// cut to the width with `…` when longer), comma-separated, then `+N` for the rest, so one
+/// device with many addresses (or a long name) cannot widen every row past a terminal.
+/// `--json` always gives whole lists.
+pub(crate) fn list_cell<S: AsRef<str>>(items: &[S]) -> String {
+    let mut out = String::new();
+    let mut shown = 0;
+    for item in items {
+        let item = item.as_ref();
+        let len = item.chars().count();
+        if shown == 0 && len > LIST_CELL_WIDTH {
+            out.extend(item.chars().take(LIST_CELL_WIDTH - 1));
+            out.push('…');
+        } else if shown == 0 {
+            out.push_str(item);
+        } else if out.chars().count() + 1 + len <= LIST_CELL_WIDTH {
+            out.push(',');
+            out.push_str(item);
+        } else {
+            break;
+        }
+        shown += 1;
+    }
+    if shown < items.len() {
+        out.push_str(&format!(" +{}", items.len() - shown));
+    }
+    out
 }
 
 fn print_json(rows: &[serde_json::Value]) {
@@ -1348,8 +1401,13 @@ async fn snapshot_command<F: tonic::service::Interceptor>(
                     vec![
                         d.id.clone(),
                         d.category.clone(),
-                        identifiers_text(&d.identifiers),
-                        d.sites.join(","),
+                        list_cell(
+                            &d.identifiers
+                                .iter()
+                                .map(|i| format!("{}={}", i.kind, i.value))
+                                .collect::<Vec<_>>(),
+                        ),
+                        list_cell(&d.sites),
                         time(d.first_seen.as_ref()),
                         time(d.last_seen.as_ref()),
                         d.counted_by.clone(),
@@ -1377,7 +1435,7 @@ async fn snapshot_command<F: tonic::service::Interceptor>(
                         vec![
                             u.id.clone(),
                             u.name.clone(),
-                            u.accounts.join(","),
+                            list_cell(&u.accounts),
                             u.reason.clone(),
                         ]
                     })
@@ -1531,4 +1589,27 @@ fn print_bytes(bytes: &[u8]) -> Result<(), Failure> {
     out.write_all(bytes)
         .and_then(|()| out.flush())
         .map_err(|e| Failure::new(1, format!("cannot write to stdout: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_cells_are_cut_to_fit_a_terminal() {
+        // A proxy-ARP router's 21 addresses: a few shown, the rest counted.
+        let addresses: Vec<String> = (3..24).map(|i| format!("198.18.20.{i}")).collect();
+        let cell = list_cell(&addresses);
+        assert_eq!(cell, "198.18.20.3,198.18.20.4,198.18.20.5 +18");
+        assert!(cell.chars().count() <= LIST_CELL_WIDTH + " +18".len());
+        // A dual-NIC server's two MACs fit whole.
+        let macs = ["00:16:3e:50:00:0a", "00:16:3e:50:00:0b"];
+        assert_eq!(list_cell(&macs), "00:16:3e:50:00:0a,00:16:3e:50:00:0b");
+        // A name longer than the cell is cut too; no items is an empty cell.
+        let long = "x".repeat(80);
+        let cut = format!("{}…", "x".repeat(LIST_CELL_WIDTH - 1));
+        assert_eq!(list_cell(&[&long]), cut);
+        assert_eq!(list_cell(&[long.as_str(), "b"]), format!("{cut} +1"));
+        assert_eq!(list_cell::<&str>(&[]), "");
+    }
 }

@@ -15,13 +15,18 @@
 //!   device of its own.
 //!
 //! Identifiers are keys; a device is a set of keys. Each observation's contribution (addresses,
-//! names, evidence, times) is kept on its *primary* key (the smallest), and a device's record is
-//! the fold of its keys' contributions: so a device can be split again exactly, and the fold is
+//! names, evidence, times) is kept on its *primary* key: the MAC the device answered with (the
+//! smallest, if several), else its smallest key. A device's record is the fold of its keys'
+//! contributions: so a device can be split again exactly (what a NIC answered on stays with that
+//! NIC's MAC, and a MAC is listed only on the device that holds its key), and the fold is
 //! commutative, so arrival order does not matter. A device's id is derived from its smallest key
 //! (MACs sort first), so it is stable as a device gains identifiers.
 //!
 //! Addresses move: an address belongs to the key that answered on it most recently (ties to the
-//! smaller key); a device that lost an address keeps it in its history, marked not current.
+//! smaller key). Listed ([`mark_current`]), an address is *current* when the device answered on
+//! it in its latest sighting at that site (the latest observation of the key that answered, or
+//! of any of the device's weak keys: a phone answers with one random MAC at a time); otherwise
+//! it is *previous*, with its last-seen time, or *lost* when another device answered on it since.
 //!
 //! Merges happen when an observation links keys of two devices, or by an operator; splits only
 //! by an operator, and a split holds: keys split apart are never joined again by observations.
@@ -32,7 +37,7 @@ use std::{
     net::IpAddr,
 };
 
-use census_proto::convert::MacAddr;
+use census_proto::{convert::MacAddr, v1};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
@@ -91,8 +96,9 @@ const IP: &str = "6ip:";
 /// What one observation says about identity.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identifiers {
-    /// Keys that name the device, sorted; the first is the primary. Empty for an observation
-    /// that names no device (only virtual MACs).
+    /// Keys that name the device. The first is the primary: the key of the MAC the device
+    /// answered with when that is a key, else the smallest; the rest are sorted. Empty for an
+    /// observation that names no device (only virtual MACs).
     pub keys: Vec<String>,
     /// Virtual MACs the device reports among its own interfaces (it is their router).
     pub owns_virtual: Vec<MacAddr>,
@@ -176,7 +182,27 @@ pub fn identifiers(obs: &CleanObservation, site: &str) -> Identifiers {
             .map(|(ip, _)| vec![format!("{IP}{site}:{ip}")])
             .unwrap_or_default();
     }
+    // The primary is the key the device answered with (the smallest MAC it was reached by), so
+    // what it answered on stays with that MAC when an operator splits the MACs apart.
+    if let Some(pos) = obs
+        .macs
+        .iter()
+        .filter_map(|m| mac_key(*m))
+        .find_map(|k| out.keys.iter().position(|x| *x == k))
+    {
+        let answering = out.keys.remove(pos);
+        out.keys.insert(0, answering);
+    }
     out
+}
+
+/// The identity key a MAC is, if it is one (strong or randomized).
+pub fn mac_key(mac: MacAddr) -> Option<String> {
+    match mac_class(mac) {
+        MacClass::Strong => Some(format!("{MAC}{mac}")),
+        MacClass::Local => Some(format!("{LOCAL_MAC}{mac}")),
+        MacClass::Virtual | MacClass::Excluded => None,
+    }
 }
 
 /// A device's id: derived from its client and smallest key.
@@ -404,6 +430,7 @@ fn contribution(
             answered: *answered && !obs.proxy_arp,
             last_seen_ms: at,
             current: true,
+            lost: false,
         })
         .collect();
     r.names = obs.names.clone();
@@ -421,7 +448,10 @@ fn contribution(
         })
         .collect();
     if let Some((category, reason)) = &obs.category {
-        r.category = category.label().to_owned();
+        // "unknown" is stored as no label, with the agent's reason for it.
+        if !matches!(category, v1::Category::Unknown | v1::Category::Unspecified) {
+            category.label().clone_into(&mut r.category);
+        }
         r.category_reason.clone_from(reason);
         r.category_ms = at;
     }
@@ -492,11 +522,18 @@ pub fn fold(a: &mut DeviceRecord, b: &DeviceRecord) {
     a.evidence
         .sort_by(|x, y| (&x.agent_id, x.method).cmp(&(&y.agent_id, y.method)));
     a.evidence.truncate(MAX_EVIDENCE);
-    // The latest decided category wins; ties go to the smaller label, so order cannot matter.
-    if !b.category.is_empty()
-        && (b.category_ms, std::cmp::Reverse(&b.category))
-            > (a.category_ms, std::cmp::Reverse(&a.category))
-    {
+    // A decided category outranks "unknown" (an empty label with the agent's reason: a sweep
+    // whose SNMP timed out does not undo what an earlier one learnt); then the latest wins;
+    // ties go to the smaller label, then the smaller reason, so order cannot matter.
+    fn rank(r: &DeviceRecord) -> (bool, u64, std::cmp::Reverse<&str>, std::cmp::Reverse<&str>) {
+        (
+            !r.category.is_empty(),
+            r.category_ms,
+            std::cmp::Reverse(r.category.as_str()),
+            std::cmp::Reverse(r.category_reason.as_str()),
+        )
+    }
+    if rank(b) > rank(a) {
         a.category.clone_from(&b.category);
         a.category_reason.clone_from(&b.category_reason);
         a.category_ms = b.category_ms;
@@ -520,15 +557,21 @@ fn rebuild<G: Graph>(
     keys.dedup();
     let mut dev = empty(client);
     let mut weak_only = true;
+    let mut cut_from: BTreeSet<String> = BTreeSet::new();
     for k in &keys {
         g.with_key(k, |rec| {
             if let Some(rec) = rec {
                 fold(&mut dev, &rec.contribution);
+                cut_from.extend(rec.cut_from.iter().cloned());
             }
         })?;
         weak_only &= !is_strong(k);
     }
     dev.weak_only = weak_only;
+    // A MAC an operator split off is the other device's, even where a contribution of ours
+    // lists it (one from before the split, when it answered with one of our MACs).
+    dev.macs
+        .retain(|m| mac_key(*m).is_none_or(|k| !cut_from.contains(&k)));
     dev.id = keys
         .first()
         .map(|k| device_id(client, k))
@@ -607,6 +650,7 @@ pub fn apply<G: Graph>(
                         answered: false,
                         last_seen_ms: at,
                         current: true,
+                        lost: false,
                     }),
                 }
             }
@@ -766,8 +810,10 @@ pub fn apply<G: Graph>(
 /// Why an operator's merge, split or undo was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EditError {
-    #[error("no device {0:?} in this client")]
-    NoDevice(String),
+    #[error(
+        "no device {id:?} in client {client:?}: `census devices --client {client}` lists its devices"
+    )]
+    NoDevice { id: String, client: String },
     #[error("a device cannot be merged with itself")]
     SameDevice,
     #[error(
@@ -778,6 +824,13 @@ pub enum EditError {
     NoEvent(u64),
     #[error("event {0} was already undone")]
     AlreadyUndone(u64),
+}
+
+fn no_device(id: &str, client: &str) -> EditError {
+    EditError::NoDevice {
+        id: id.to_owned(),
+        client: client.to_owned(),
+    }
 }
 
 /// An operator edit's outcome, or why it was refused.
@@ -833,10 +886,10 @@ pub fn merge<G: Graph>(
         return Ok(Err(EditError::SameDevice));
     }
     let Some(ka) = keys_of(g, a)? else {
-        return Ok(Err(EditError::NoDevice(a.to_owned())));
+        return Ok(Err(no_device(a, client)));
     };
     let Some(kb) = keys_of(g, b)? else {
-        return Ok(Err(EditError::NoDevice(b.to_owned())));
+        return Ok(Err(no_device(b, client)));
     };
     uncut(g, &ka, &kb)?;
     let all: Vec<String> = ka.iter().chain(&kb).cloned().collect();
@@ -866,7 +919,7 @@ pub fn split<G: Graph>(
     at_ms: u64,
 ) -> EditResult<G::Error> {
     let Some(keys) = keys_of(g, id)? else {
-        return Ok(Err(EditError::NoDevice(id.to_owned())));
+        return Ok(Err(no_device(id, client)));
     };
     let part: Vec<String> = keys.iter().filter(|k| part.contains(k)).cloned().collect();
     let rest: Vec<String> = keys.iter().filter(|k| !part.contains(k)).cloned().collect();
@@ -986,13 +1039,75 @@ pub fn undo<G: Graph>(g: &mut G, client: &str, seq: u64, at_ms: u64) -> EditResu
 
 // === presentation ===
 
-/// Marks which of a device's addresses are current (it answered on them most recently).
-pub fn mark_current(dev: &mut DeviceRecord, owners: &BTreeMap<(String, IpAddr), AddressOwner>) {
+/// When each key last answered on an address of each site, from who answers on what: the
+/// time of that key's latest sighting there. Built once for all of a client's devices.
+#[derive(Debug, Default)]
+pub struct Sightings<'a> {
+    latest: BTreeMap<(&'a str, &'a str), u64>,
+}
+
+impl<'a> Sightings<'a> {
+    pub fn new(owners: &'a BTreeMap<(String, IpAddr), AddressOwner>) -> Self {
+        let mut latest: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for ((site, _), o) in owners {
+            let t = latest.entry((site.as_str(), o.key.as_str())).or_default();
+            *t = (*t).max(o.last_seen_ms);
+        }
+        Sightings { latest }
+    }
+
+    fn of(&self, site: &str, key: &str) -> u64 {
+        self.latest.get(&(site, key)).copied().unwrap_or(0)
+    }
+}
+
+/// Marks which of a device's addresses are current, previous or lost (see the module's
+/// documentation). An address it answered on is current when its key answered on it in that
+/// key's latest sighting at the site (for weak keys: the latest of any of the device's weak
+/// keys), lost when another device answered on it since; one it only claimed (proxy ARP, a
+/// router's tables) is current when it was seen in the device's latest sighting at the site.
+pub fn mark_current(
+    dev: &mut DeviceRecord,
+    owners: &BTreeMap<(String, IpAddr), AddressOwner>,
+    sightings: &Sightings<'_>,
+) {
+    // The device's latest sighting at each site: every address of one observation carries its
+    // time, and the fold keeps each address's latest.
+    let mut latest_at: BTreeMap<String, u64> = BTreeMap::new();
+    for a in &dev.addresses {
+        match latest_at.get_mut(&a.site) {
+            Some(t) => *t = (*t).max(a.last_seen_ms),
+            None => {
+                latest_at.insert(a.site.clone(), a.last_seen_ms);
+            }
+        }
+    }
+    let keys = &dev.keys;
+    let weak_latest = |site: &str| {
+        keys.iter()
+            .filter(|k| !is_strong(k))
+            .map(|k| sightings.of(site, k))
+            .max()
+            .unwrap_or(0)
+    };
     for a in &mut dev.addresses {
-        a.current = !a.answered
-            || owners
-                .get(&(a.site.clone(), a.ip))
-                .is_none_or(|o| dev.keys.contains(&o.key));
+        let device_latest = latest_at.get(&a.site).copied().unwrap_or(0);
+        let owner = a
+            .answered
+            .then(|| owners.get(&(a.site.clone(), a.ip)))
+            .flatten();
+        (a.current, a.lost) = match owner {
+            Some(o) if !keys.contains(&o.key) => (false, true),
+            Some(o) => {
+                let latest = if is_strong(&o.key) {
+                    sightings.of(&a.site, &o.key)
+                } else {
+                    weak_latest(&a.site)
+                };
+                (o.last_seen_ms >= latest, false)
+            }
+            None => (a.last_seen_ms >= device_latest, false),
+        };
     }
 }
 

@@ -145,8 +145,13 @@ pub struct AddressRecord {
     pub site: String,
     pub answered: bool,
     pub last_seen_ms: u64,
-    /// Whether the device still holds it (no other device answered on it since).
+    /// Whether the device answered on it (or claimed it) in its latest sighting at the site
+    /// and still holds it: worked out when listed ([`crate::identity::mark_current`]).
     pub current: bool,
+    /// Whether another device answered on it since: worked out when listed, never stored (so
+    /// stored records keep their format).
+    #[serde(skip)]
+    pub lost: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,9 +242,10 @@ pub fn clean_observation(
     if methods.is_empty() {
         return None;
     }
+    // "unknown" is kept with its reason (why nothing decided); an unset category is not.
     let category = v1::Category::try_from(obs.category)
         .ok()
-        .filter(|c| !matches!(c, v1::Category::Unspecified | v1::Category::Unknown))
+        .filter(|c| *c != v1::Category::Unspecified)
         .map(|c| (c, clean_text(&obs.category_reason, MAX_NAME_LEN)));
     let mut macs: Vec<MacAddr> = obs
         .macs
@@ -359,6 +365,16 @@ pub fn category(dev: &DeviceRecord) -> &str {
         "unknown"
     } else {
         &dev.category
+    }
+}
+
+/// Why a device has its category: the agent's reason, also for "unknown". Devices stored
+/// before agents' reasons for "unknown" were kept have none; they say so.
+pub fn category_reason(dev: &DeviceRecord) -> &str {
+    if dev.category_reason.is_empty() {
+        "no agent has reported evidence of what it is yet"
+    } else {
+        &dev.category_reason
     }
 }
 

@@ -34,6 +34,7 @@ pub const CATEGORIES: &[&str] = &[
     "network",
     "printer",
     "computer",
+    "server",
     "phone-tablet",
     "media-iot",
     "unknown",

@@ -479,6 +479,7 @@ fn device_to_wire(dev: &DeviceRecord, policy: &Policy, now: u64) -> v1::Device {
                 last_seen: Some(convert::timestamp_from_millis(a.last_seen_ms)),
                 site: a.site.clone(),
                 current: a.current,
+                lost: a.lost,
             })
             .collect(),
         identifiers: dev
@@ -499,7 +500,7 @@ fn device_to_wire(dev: &DeviceRecord, policy: &Policy, now: u64) -> v1::Device {
         weak_only: dev.weak_only,
         names: dev.names.clone(),
         category: model::category(dev).to_owned(),
-        category_reason: dev.category_reason.clone(),
+        category_reason: model::category_reason(dev).to_owned(),
         first_seen: Some(convert::timestamp_from_millis(dev.first_seen_ms)),
         last_seen: Some(convert::timestamp_from_millis(dev.last_seen_ms)),
         counted,
@@ -1008,7 +1009,7 @@ fn event_to_wire(e: &Event) -> v1::HistoryEvent {
 
 fn edit_status(e: EditError) -> Status {
     match e {
-        EditError::NoDevice(_) | EditError::NoEvent(_) => Status::not_found(e.to_string()),
+        EditError::NoDevice { .. } | EditError::NoEvent(_) => Status::not_found(e.to_string()),
         EditError::SameDevice | EditError::BadSplit(_) => Status::invalid_argument(e.to_string()),
         EditError::AlreadyUndone(_) => Status::failed_precondition(e.to_string()),
     }

@@ -260,7 +260,7 @@ pub fn build(
         counted.push(SnapshotDevice {
             id: dev.id.clone(),
             category,
-            category_reason: dev.category_reason.clone(),
+            category_reason: model::category_reason(dev).to_owned(),
             identifiers: dev
                 .keys
                 .iter()

@@ -256,15 +256,16 @@ pub(crate) fn run_edit<G: Graph>(
     }
 }
 
-/// Readies stored devices for people: which addresses are still theirs, and the virtual
-/// router addresses they hold.
+/// Readies stored devices for people: which addresses are current, previous or lost, and the
+/// virtual router addresses they hold. Both engines list through it, so they cannot differ.
 pub(crate) fn present(
     mut devices: Vec<DeviceRecord>,
     owners: &BTreeMap<(String, IpAddr), AddressOwner>,
     virtual_macs: &[(MacAddr, VirtualMacRecord)],
 ) -> Vec<DeviceRecord> {
+    let sightings = identity::Sightings::new(owners);
     for dev in &mut devices {
-        identity::mark_current(dev, owners);
+        identity::mark_current(dev, owners, &sightings);
         for (mac, v) in virtual_macs {
             if v.owner.as_ref().is_some_and(|o| dev.keys.contains(o)) {
                 for a in &v.addresses {
@@ -387,6 +388,7 @@ pub(crate) mod contract {
         assert_eq!(store.devices("acm", None).expect("devices").len(), 0);
 
         edits_and_tallies(store);
+        listings(store);
 
         let token = TokenRecord {
             id: "t1".into(),
@@ -630,9 +632,11 @@ pub(crate) mod contract {
                 310,
             )
             .expect("edit");
+        let refused = refused.expect_err("refused");
         assert_eq!(
-            refused,
-            Err(identity::EditError::NoDevice("no-such-device".into()))
+            refused.to_string(),
+            "no device \"no-such-device\" in client \"acme\": `census devices --client acme` lists its devices",
+            "the refusal names the client it looked in"
         );
         assert_eq!(store.history("acme").expect("history").len(), 1);
         store
@@ -645,6 +649,134 @@ pub(crate) mod contract {
         assert!(store.history("globex").expect("history").is_empty());
         assert_eq!(store.devices("acme", None).expect("devices").len(), 2);
         assert_tally(store, "acme", &all, 400, 2);
+    }
+
+    /// What both engines list, through [`present`]: after a split each device lists its own
+    /// MACs and addresses; an address is current, previous or lost by the latest sighting; an
+    /// `unknown` category keeps the agent's reason; snapshots follow.
+    fn listings(store: &dyn Store) {
+        use crate::{
+            policy::Policy,
+            snapshot::{self, Period},
+        };
+
+        let s = scope("initech", "hq");
+        store.ensure_site("initech", "hq", 1).expect("site");
+        let (a, b, c) = (
+            [0, 0x16, 0x3e, 0, 0x10, 1],
+            [0, 0x16, 0x3e, 0, 0x10, 2],
+            [0, 0x16, 0x3e, 0, 0x10, 3],
+        );
+        // A dual-NIC server (each NIC answers on its address, its SNMP lists both MACs), and a
+        // DHCP host that gets a new lease.
+        let nic = |ip: &str, mac: [u8; 6], at: u64| CleanObservation {
+            interface_macs: vec![MacAddr(a), MacAddr(b)],
+            methods: vec![v1::Method::Arp, v1::Method::Snmp],
+            category: Some((
+                v1::Category::Server,
+                "SNMP sysDescr says Linux: server".into(),
+            )),
+            ..obs(ip, mac, at)
+        };
+        let unknown = |ip: &str, at: u64| CleanObservation {
+            category: Some((v1::Category::Unknown, "no identifying evidence".into())),
+            ..obs(ip, c, at)
+        };
+        let batches = [
+            vec![
+                nic("198.18.0.10", a, 1_000),
+                nic("198.18.0.11", b, 1_003),
+                unknown("198.18.0.20", 1_000),
+            ],
+            vec![unknown("198.18.0.21", 2_000)],
+        ];
+        for (i, batch) in batches.iter().enumerate() {
+            let id = BatchId {
+                agent_id: "ag".into(),
+                sequence: i as u64 + 1,
+                digest: [9; 32],
+            };
+            store.apply_batch(&s, &id, batch).expect("apply");
+        }
+        let with = |devices: &[DeviceRecord], mac: [u8; 6]| {
+            let key = format!("1mac:{}", MacAddr(mac));
+            devices
+                .iter()
+                .find(|d| d.keys.contains(&key))
+                .cloned()
+                .expect("a device with that MAC")
+        };
+        let states = |d: &DeviceRecord| {
+            d.addresses
+                .iter()
+                .map(|x| {
+                    let state = match (x.current, x.lost) {
+                        (true, _) => "current",
+                        (false, true) => "lost",
+                        (false, false) => "previous",
+                    };
+                    (x.ip.to_string(), state)
+                })
+                .collect::<Vec<_>>()
+        };
+        let pair = |ip: &str, state: &'static str| (ip.to_owned(), state);
+
+        let devices = store.devices("initech", None).expect("devices");
+        assert_eq!(devices.len(), 2);
+        let server = with(&devices, a);
+        assert_eq!(server.macs, [MacAddr(a), MacAddr(b)]);
+        assert_eq!(
+            states(&server),
+            [
+                pair("198.18.0.10", "current"),
+                pair("198.18.0.11", "current")
+            ]
+        );
+        let host = with(&devices, c);
+        assert_eq!(
+            states(&host),
+            [
+                pair("198.18.0.20", "previous"),
+                pair("198.18.0.21", "current")
+            ]
+        );
+        assert_eq!(crate::model::category(&host), "unknown");
+        assert_eq!(host.category_reason, "no identifying evidence");
+
+        store
+            .edit(
+                "initech",
+                &Edit::Split {
+                    id: server.id.clone(),
+                    keys: vec![format!("1mac:{}", MacAddr(b))],
+                    reason: "two boxes".into(),
+                },
+                3_000,
+            )
+            .expect("edit")
+            .expect("split");
+        let devices = store.devices("initech", None).expect("devices");
+        let (left, right) = (with(&devices, a), with(&devices, b));
+        assert_eq!(left.macs, [MacAddr(a)], "the split-out MAC left");
+        assert_eq!(right.macs, [MacAddr(b)]);
+        assert_eq!(states(&left), [pair("198.18.0.10", "current")]);
+        assert_eq!(states(&right), [pair("198.18.0.11", "current")]);
+        let snap = snapshot::build(
+            "initech",
+            Period::parse("2026-11").expect("period"),
+            &Policy::default(),
+            &devices,
+            3_000,
+        );
+        let listed = |id: &str| {
+            snap.devices
+                .iter()
+                .find(|d| d.id == id)
+                .map(|d| d.addresses.clone())
+        };
+        assert_eq!(listed(&left.id), Some(vec!["hq/198.18.0.10".to_owned()]));
+        assert_eq!(listed(&right.id), Some(vec!["hq/198.18.0.11".to_owned()]));
+        assert_eq!(listed(&host.id), Some(vec!["hq/198.18.0.21".to_owned()]));
     }
 
     fn policies(store: &dyn Store) {

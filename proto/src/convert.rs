@@ -153,6 +153,7 @@ impl v1::Category {
             v1::Category::Computer => "computer",
             v1::Category::PhoneTablet => "phone-tablet",
             v1::Category::MediaIot => "media-iot",
+            v1::Category::Server => "server",
         }
     }
 }

@@ -134,8 +134,12 @@ pub struct DeviceAddress {
     pub address: String,
     pub site: String,
     pub answered: bool,
-    /// False once another device answered on this address more recently.
+    /// Answered on (or claimed) in the device's latest sighting at its site, and not taken by
+    /// another device since.
     pub current: bool,
+    /// Another device answered on it since.
+    pub lost: bool,
+    pub last_seen: String,
 }
 
 /// One identifier of a device.

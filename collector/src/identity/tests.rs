@@ -52,14 +52,47 @@ fn only_device(g: &MemGraph) -> &DeviceRecord {
     g.devices.values().next().expect("one device")
 }
 
-fn current(g: &MemGraph, dev: &DeviceRecord) -> Vec<IpAddr> {
+/// The device as listed: its addresses marked current, previous or lost.
+fn listed(g: &MemGraph, dev: &DeviceRecord) -> DeviceRecord {
     let mut d = dev.clone();
-    mark_current(&mut d, &g.owners);
-    d.addresses
+    mark_current(&mut d, &g.owners, &Sightings::new(&g.owners));
+    d
+}
+
+fn current(g: &MemGraph, dev: &DeviceRecord) -> Vec<IpAddr> {
+    listed(g, dev)
+        .addresses
         .iter()
         .filter(|a| a.current)
         .map(|a| a.ip)
         .collect()
+}
+
+/// The device's addresses at `site` with their state: "current", "previous" or "lost".
+fn states(g: &MemGraph, dev: &DeviceRecord, site: &str) -> Vec<(IpAddr, &'static str)> {
+    listed(g, dev)
+        .addresses
+        .iter()
+        .filter(|a| a.site == site)
+        .map(|a| {
+            let state = match (a.current, a.lost) {
+                (true, _) => "current",
+                (false, true) => "lost",
+                (false, false) => "previous",
+            };
+            (a.ip, state)
+        })
+        .collect()
+}
+
+fn device_with_mac(g: &MemGraph, m: MacAddr) -> &DeviceRecord {
+    let found: Vec<&DeviceRecord> = g
+        .devices
+        .values()
+        .filter(|d| d.keys.contains(&format!("1mac:{m}")))
+        .collect();
+    assert_eq!(found.len(), 1, "{m}: {:#?}", g.devices);
+    found[0]
 }
 
 #[test]
@@ -306,8 +339,226 @@ fn operators_merge_split_and_undo_and_a_split_holds() {
     );
     assert!(matches!(
         split(&mut g, "acme", "nope", &part, "", 5).expect("infallible"),
-        Err(EditError::NoDevice(_))
+        Err(EditError::NoDevice { .. })
     ));
+}
+
+// === what listings show ===
+
+/// A dual-NIC server: each NIC answers ARP on its address, and its SNMP lists both MACs.
+fn dual_nic(at: u64) -> [CleanObservation; 2] {
+    let nic = |addr: &str, m: MacAddr, at: u64| CleanObservation {
+        methods: vec![v1::Method::Arp, v1::Method::Snmp],
+        interface_macs: vec![mac(1), mac(2)],
+        ..arp(addr, m, at)
+    };
+    // The NICs answer a few milliseconds apart within one sweep.
+    [
+        nic("198.18.0.10", mac(1), at),
+        nic("198.18.0.11", mac(2), at + 3),
+    ]
+}
+
+#[test]
+fn after_a_split_each_device_lists_its_own_macs_and_addresses() {
+    let mut g = MemGraph::default();
+    apply_all(&mut g, "hq", &dual_nic(1));
+    let dev = only_device(&g).clone();
+    assert_eq!(dev.macs, [mac(1), mac(2)]);
+    assert_eq!(
+        states(&g, &dev, "hq"),
+        [
+            (ip("198.18.0.10"), "current"),
+            (ip("198.18.0.11"), "current")
+        ]
+    );
+    let split_out = vec![format!("1mac:{}", mac(2))];
+    let s = split(&mut g, "acme", &dev.id, &split_out, "two boxes", 2)
+        .expect("infallible")
+        .expect("split");
+    let check = |g: &MemGraph| {
+        let a = device_with_mac(g, mac(1));
+        let b = device_with_mac(g, mac(2));
+        assert_eq!(a.macs, [mac(1)], "the split-out MAC left: {a:#?}");
+        assert_eq!(b.macs, [mac(2)], "{b:#?}");
+        assert_eq!(states(g, a, "hq"), [(ip("198.18.0.10"), "current")]);
+        assert_eq!(states(g, b, "hq"), [(ip("198.18.0.11"), "current")]);
+    };
+    check(&g);
+    // Seen again as before: the split holds, and so does what each lists.
+    apply_all(&mut g, "hq", &dual_nic(10));
+    assert_eq!(g.devices.len(), 2);
+    check(&g);
+    // Undone: one device again, with both.
+    undo(&mut g, "acme", s.seq, 20)
+        .expect("infallible")
+        .expect("undone");
+    let dev = only_device(&g).clone();
+    assert_eq!(dev.macs, [mac(1), mac(2)]);
+    assert_eq!(
+        states(&g, &dev, "hq"),
+        [
+            (ip("198.18.0.10"), "current"),
+            (ip("198.18.0.11"), "current")
+        ]
+    );
+    // An operator's merge and its undo: each lists its own again.
+    let mut g = MemGraph::default();
+    apply_all(
+        &mut g,
+        "hq",
+        &[arp("198.18.0.10", mac(1), 1), arp("198.18.0.11", mac(2), 1)],
+    );
+    let ids: Vec<String> = g.devices.keys().cloned().collect();
+    let m = merge(&mut g, "acme", &ids[0], &ids[1], "same box", 2)
+        .expect("infallible")
+        .expect("merged");
+    assert_eq!(only_device(&g).macs, [mac(1), mac(2)]);
+    undo(&mut g, "acme", m.seq, 3)
+        .expect("infallible")
+        .expect("undone");
+    check(&g);
+}
+
+#[test]
+fn an_address_is_current_only_when_answered_in_the_latest_sighting_at_its_site() {
+    // A DHCP host that moved: its old address is previous, not lost (no one took it).
+    let mut g = MemGraph::default();
+    apply_all(
+        &mut g,
+        "hq",
+        &[arp("198.18.0.10", mac(1), 1), arp("198.18.0.20", mac(1), 2)],
+    );
+    let dev = only_device(&g).clone();
+    assert_eq!(
+        states(&g, &dev, "hq"),
+        [
+            (ip("198.18.0.10"), "previous"),
+            (ip("198.18.0.20"), "current")
+        ]
+    );
+    let old = listed(&g, &dev).addresses[0].clone();
+    assert_eq!(
+        old.last_seen_ms, 1,
+        "a previous address keeps its last-seen time"
+    );
+    // Someone else answers on the old one: lost.
+    apply_all(&mut g, "hq", &[arp("198.18.0.10", mac(3), 3)]);
+    assert_eq!(
+        states(&g, device_with_mac(&g, mac(1)), "hq"),
+        [(ip("198.18.0.10"), "lost"), (ip("198.18.0.20"), "current")]
+    );
+
+    // A laptop roaming hq -> branch -> hq: per site, the latest sighting there.
+    let mut g = MemGraph::default();
+    apply(&mut g, &scope("hq"), "a1", &arp("198.18.0.10", mac(1), 1)).expect("infallible");
+    apply(
+        &mut g,
+        &scope("branch"),
+        "a2",
+        &arp("198.18.9.7", mac(1), 2),
+    )
+    .expect("infallible");
+    apply(&mut g, &scope("hq"), "a1", &arp("198.18.0.11", mac(1), 3)).expect("infallible");
+    let dev = only_device(&g).clone();
+    assert_eq!(
+        states(&g, &dev, "hq"),
+        [
+            (ip("198.18.0.10"), "previous"),
+            (ip("198.18.0.11"), "current")
+        ]
+    );
+    assert_eq!(states(&g, &dev, "branch"), [(ip("198.18.9.7"), "current")]);
+
+    // Two NICs answering milliseconds apart are one sighting: both current.
+    let mut g = MemGraph::default();
+    apply_all(&mut g, "hq", &dual_nic(1));
+    apply_all(&mut g, "hq", &dual_nic(100));
+    assert_eq!(current(&g, only_device(&g)).len(), 2);
+
+    // A routed router answering ping on two addresses, known by its SNMP engine ID: one
+    // observation per address, dated by the sweep, so both are current.
+    let mut g = MemGraph::default();
+    let routed = |addr: &str, at| CleanObservation {
+        macs: vec![],
+        methods: vec![v1::Method::Icmp, v1::Method::Snmp],
+        engine_id: Some(vec![0x80, 0, 0, 9, 3, 1, 2]),
+        ..arp(addr, mac(0), at)
+    };
+    apply_all(
+        &mut g,
+        "hq",
+        &[routed("198.18.7.1", 5), routed("198.18.8.1", 5)],
+    );
+    apply_all(
+        &mut g,
+        "hq",
+        &[routed("198.18.7.1", 9), routed("198.18.8.1", 9)],
+    );
+    assert_eq!(current(&g, only_device(&g)).len(), 2);
+
+    // A phone back with a new random MAC (one device through its mDNS name) answers on a new
+    // address: the address of its old MAC is previous.
+    let mut g = MemGraph::default();
+    let phone = |m: [u8; 6], addr: &str, at| CleanObservation {
+        mdns_host: Some("Annas-iPhone.local.".into()),
+        ..arp(addr, MacAddr(m), at)
+    };
+    apply_all(
+        &mut g,
+        "hq",
+        &[
+            phone([0xda, 1, 2, 3, 4, 5], "198.18.0.50", 1),
+            phone([0x7a, 9, 9, 9, 9, 9], "198.18.0.51", 2),
+        ],
+    );
+    assert_eq!(
+        states(&g, only_device(&g), "hq"),
+        [
+            (ip("198.18.0.50"), "previous"),
+            (ip("198.18.0.51"), "current")
+        ]
+    );
+
+    // A proxy-ARP router claims its addresses, all in one sighting.
+    let mut g = MemGraph::default();
+    let mut o = arp("198.18.0.1", mac(1), 1);
+    o.addresses = (1..5)
+        .map(|i| (ip(&format!("198.18.0.{i}")), true))
+        .collect();
+    o.proxy_arp = true;
+    apply_all(&mut g, "hq", &[o]);
+    assert_eq!(current(&g, only_device(&g)).len(), 4);
+}
+
+#[test]
+fn unknown_keeps_its_reason_and_never_undoes_a_decided_category() {
+    let mut g = MemGraph::default();
+    let with = |category: v1::Category, reason: &str, at| CleanObservation {
+        category: Some((category, reason.to_owned())),
+        ..arp("198.18.0.10", mac(1), at)
+    };
+    let nothing = "no identifying evidence (no SNMP, mDNS or telling vendor)";
+    apply_all(&mut g, "hq", &[with(v1::Category::Unknown, nothing, 1)]);
+    let dev = only_device(&g);
+    assert_eq!(crate::model::category(dev), "unknown");
+    assert_eq!(dev.category_reason, nothing);
+    apply_all(
+        &mut g,
+        "hq",
+        &[
+            with(
+                v1::Category::Printer,
+                "SNMP sysDescr mentions \"jetdirect\"",
+                2,
+            ),
+            // A later sweep whose SNMP went unanswered knows less, not better.
+            with(v1::Category::Unknown, nothing, 3),
+        ],
+    );
+    let dev = only_device(&g);
+    assert_eq!(dev.category, "printer");
+    assert_eq!(dev.category_reason, "SNMP sysDescr mentions \"jetdirect\"");
 }
 
 // === order does not matter ===
@@ -333,12 +584,18 @@ fn observation() -> impl Strategy<Value = CleanObservation> {
         ])),
         prop::sample::select(vec!["198.18.0.1", "198.18.0.2", "198.18.0.3"]),
         any::<bool>(),
+        prop::option::of(prop::sample::select(vec![
+            (v1::Category::Unknown, "nothing telling"),
+            (v1::Category::Unknown, "no SNMP"),
+            (v1::Category::Printer, "jetdirect"),
+            (v1::Category::Network, "routeros"),
+        ])),
     )
         .prop_map(
-            |(at, macs, ifs, host, engine, addr, proxy)| CleanObservation {
+            |(at, macs, ifs, host, engine, addr, proxy, category)| CleanObservation {
                 observed_ms: at,
                 methods: vec![v1::Method::Arp],
-                category: None,
+                category: category.map(|(c, r)| (c, r.to_owned())),
                 macs,
                 interface_macs: ifs,
                 engine_id: engine,

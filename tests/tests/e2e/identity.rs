@@ -5,7 +5,9 @@
 //! one set of devices; two clients with identical subnets, addresses and even MACs never meet;
 //! a VRRP virtual address and the addresses a proxy-ARP router answers for are not devices;
 //! phones that rotate their random MAC stay one device each through their mDNS name; and a
-//! collector killed in the middle of ingest loses no acknowledged batch.
+//! collector killed in the middle of ingest loses no acknowledged batch. A Linux host with two
+//! NICs and a bridge is a server, not network gear; an address is current only when answered
+//! in the device's latest sighting at its site (a host that moved, a laptop that roamed).
 
 use std::{
     net::Ipv4Addr,
@@ -159,6 +161,159 @@ fn a_multihomed_host_is_one_device_with_both_macs_and_addresses() -> Result<()> 
     assert_eq!(methods, ["arp", "snmp"], "{dev:#?}");
     let other = with_mac(&devices, plain.mac())?;
     assert_eq!(other.address_list(), ["198.18.50.20"]);
+
+    // An operator splits the second NIC out: every listing follows the identifiers, also
+    // after the next sweep (the split holds) and after the split is undone.
+    let key_b = format!("1mac:{}", mac_string(nic_b));
+    collector.census_ok(["split", "--client", "acme", &dev.id, "--keys", &key_b])?;
+    let check_split = || -> Result<()> {
+        let devices = collector.devices("acme")?;
+        assert_eq!(devices.len(), 3, "{devices:#?}");
+        for (nic, addr) in [(nic_a, "198.18.50.10"), (nic_b, "198.18.50.11")] {
+            let d = with_mac(&devices, nic)?;
+            assert_eq!(d.macs, macs(&[nic]), "{d:#?}");
+            assert_eq!(d.address_list(), [addr], "{d:#?}");
+            assert!(d.addresses[0].current, "{d:#?}");
+            let shown = collector.census_ok(["device", "--client", "acme", &d.id])?;
+            let other = if nic == nic_a { nic_b } else { nic_a };
+            assert!(!shown.contains(&mac_string(other)), "{shown}");
+        }
+        Ok(())
+    };
+    check_split()?;
+    sweep(
+        &lab,
+        &collector,
+        site.agent().ns(),
+        &token,
+        &[
+            "--scope",
+            "198.18.50.0/24",
+            "--snmp-community",
+            "census-mh",
+            "--disable",
+            "mdns",
+        ],
+    )?;
+    check_split()?;
+    let history: serde_json::Value =
+        serde_json::from_str(&collector.census_ok(["history", "--client", "acme", "--json"])?)?;
+    let split_seq = history
+        .as_array()
+        .and_then(|events| events.iter().find(|e| e["kind"] == "split"))
+        .and_then(|e| e["seq"].as_u64())
+        .context("the split in the history")?;
+    collector.census_ok(["undo", "--client", "acme", &split_seq.to_string()])?;
+    let devices = collector.devices("acme")?;
+    assert_eq!(devices.len(), 2, "{devices:#?}");
+    let dev = with_mac(&devices, nic_a)?;
+    assert_eq!(dev.macs, macs(&[nic_a, nic_b]), "{dev:#?}");
+    assert!(dev.addresses.iter().all(|a| a.current), "{dev:#?}");
+    Ok(())
+}
+
+/// A Debian host with two NICs and a bridge (a Docker host, a hypervisor) whose snmpd serves
+/// its real interface table and ARP cache: the shape of network gear, but its sysDescr says
+/// Linux, and what it says it runs decides. A policy counting computer and server counts it;
+/// one counting network gear only does not. Its neighbours, which say nothing, are `unknown`
+/// with the agent's reason.
+#[test]
+fn a_linux_host_with_two_nics_and_a_bridge_is_a_server_not_network_gear() -> Result<()> {
+    if lab_skipped() {
+        return Ok(());
+    }
+    const DEBIAN: &str =
+        "Linux host 6.1.0-18-amd64 #1 SMP PREEMPT_DYNAMIC Debian 6.1.76-1 (2024-02-01) x86_64";
+    let lab = Lab::new()?;
+    let site = lab.add_site(SiteSpec::new(
+        "srv",
+        "198.18.64.0/24".parse()?,
+        ip("198.18.64.2"),
+    ))?;
+    let (nic_a, nic_b) = (
+        [0x00, 0x16, 0x3e, 0x64, 0x00, 0x0a],
+        [0x00, 0x16, 0x3e, 0x64, 0x00, 0x0b],
+    );
+    let server = site.add_multihomed_host(
+        HostSpec::new(ip("198.18.64.10")).with_mac(nic_a),
+        HostSpec::new(ip("198.18.64.11")).with_mac(nic_b),
+    )?;
+    let peers = site.add_hosts([
+        HostSpec::new(ip("198.18.64.20")),
+        HostSpec::new(ip("198.18.64.21")),
+    ])?;
+    // A bridge, as Docker's docker0 or a hypervisor's br0, and an ARP cache of the LAN.
+    lab.exec_ok(server.ns(), ["ip", "link", "add", "br0", "type", "bridge"])?;
+    lab.exec_ok(server.ns(), ["ip", "link", "set", "br0", "up"])?;
+    for p in &peers {
+        lab.exec_ok(server.ns(), ["ping", "-c1", "-W1", &p.ip().to_string()])?;
+    }
+    let _snmpd = server.run_snmpd(&SnmpdSpec {
+        sys_descr: DEBIAN.into(),
+        ..SnmpdSpec::v2c("census-srv", "docker-host")
+    })?;
+
+    let collector = Collector::start(&lab, &lab.dir().join("collector"))?;
+    let token = enrolled(&collector, "acme", "hq")?;
+    sweep(
+        &lab,
+        &collector,
+        site.agent().ns(),
+        &token,
+        &[
+            "--scope",
+            "198.18.64.0/24",
+            "--snmp-community",
+            "census-srv",
+            "--disable",
+            "mdns",
+        ],
+    )?;
+
+    let devices = collector.devices("acme")?;
+    assert_eq!(devices.len(), 3, "the server and two peers: {devices:#?}");
+    let dev = with_mac(&devices, nic_a)?;
+    assert_eq!(dev.macs, macs(&[nic_a, nic_b]), "{dev:#?}");
+    assert_eq!(dev.category, "server", "{dev:#?}");
+    assert!(
+        dev.category_reason
+            .starts_with("SNMP sysDescr says Linux (\"Linux host 6.1.0-18-amd64")
+            && dev.category_reason.ends_with(": server"),
+        "{}",
+        dev.category_reason
+    );
+    for p in &peers {
+        let d = with_mac(&devices, p.mac())?;
+        assert_eq!(d.category, "unknown", "{d:#?}");
+        assert_eq!(
+            d.category_reason, "no identifying evidence (no SNMP, mDNS or telling vendor)",
+            "{d:#?}"
+        );
+    }
+    let shown = collector.census_ok(["device", "--client", "acme", &dev.id])?;
+    assert!(
+        shown.contains("category   server (SNMP sysDescr says Linux"),
+        "{shown}"
+    );
+
+    collector.census_ok([
+        "policy",
+        "set",
+        "--client",
+        "acme",
+        "--categories",
+        "computer,server",
+    ])?;
+    assert_eq!(collector.devices_of("acme")?, 1, "the server counts");
+    collector.census_ok([
+        "policy",
+        "set",
+        "--client",
+        "acme",
+        "--categories",
+        "network",
+    ])?;
+    assert_eq!(collector.devices_of("acme")?, 0, "it is not network gear");
     Ok(())
 }
 
@@ -193,7 +348,8 @@ fn a_host_that_moves_stays_one_device_and_a_host_taking_its_address_is_new() -> 
     assert_eq!(collector.devices_of("acme")?, 2);
 
     // A new lease: the same MAC at a new address is the same device. Nobody else answered on
-    // the old address, so it is still the mover's.
+    // the old address, so it is not lost, but it is previous: the mover did not answer on it
+    // in its latest sighting.
     mover.set_ip(ip("198.18.52.11"))?;
     sweep(&lab, &collector, &ns, &token, &args)?;
     assert_eq!(
@@ -209,10 +365,13 @@ fn a_host_that_moves_stays_one_device_and_a_host_taking_its_address_is_new() -> 
         strings(&["198.18.52.10", "198.18.52.11"]),
         "{moved:#?}"
     );
+    let old = moved.address("198.18.52.10").context("old address")?;
     assert!(
-        moved.addresses.iter().all(|a| a.current),
-        "no one took 198.18.52.10: {moved:#?}"
+        !old.current && !old.lost && !old.last_seen.is_empty(),
+        "198.18.52.10 is previous, with its last-seen time: {moved:#?}"
     );
+    let new = moved.address("198.18.52.11").context("new address")?;
+    assert!(new.current && !new.lost, "{moved:#?}");
     assert_eq!(
         moved.evidence.first().map(|e| e.observations),
         Some(2),
@@ -229,8 +388,8 @@ fn a_host_that_moves_stays_one_device_and_a_host_taking_its_address_is_new() -> 
     assert_eq!(moved.id, moved_id, "the mover kept its id");
     let old = moved.address("198.18.52.10").context("old address")?;
     assert!(
-        !old.current,
-        "the mover still holds its old address: {moved:#?}"
+        !old.current && old.lost,
+        "the mover's old address is lost to the newcomer: {moved:#?}"
     );
     let new = moved.address("198.18.52.11").context("new address")?;
     assert!(new.current, "{moved:#?}");
@@ -247,6 +406,98 @@ fn a_host_that_moves_stays_one_device_and_a_host_taking_its_address_is_new() -> 
         with_mac(&devices, steady.mac())?.address_list(),
         ["198.18.52.30"]
     );
+    Ok(())
+}
+
+/// A laptop roams hq -> branch -> hq (a new lease on its return): one device, and at each site
+/// the address it answered on in its latest sighting there is current, the older one previous.
+#[test]
+fn a_laptop_roaming_between_sites_has_one_current_address_per_site() -> Result<()> {
+    if lab_skipped() {
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let hq = lab.add_site(SiteSpec::new(
+        "roam-hq",
+        "198.18.62.0/24".parse()?,
+        ip("198.18.62.2"),
+    ))?;
+    let branch = lab.add_site(SiteSpec::new(
+        "roam-br",
+        "198.18.63.0/24".parse()?,
+        ip("198.18.63.2"),
+    ))?;
+    // The laptop's one NIC, plugged in at one site at a time.
+    let nic = [0x00, 0x16, 0x3e, 0x62, 0x00, 0x10];
+    let mut at_hq = hq.add_host(HostSpec::new(ip("198.18.62.10")).with_mac(nic))?;
+    let at_branch = branch.add_host(HostSpec::new(ip("198.18.63.10")).with_mac(nic))?;
+    let link = |host_ns: &str, state: &str| {
+        lab.exec_ok(host_ns, ["ip", "link", "set", "eth0", state])
+            .map(drop)
+    };
+    link(at_branch.ns(), "down")?;
+
+    let collector = Collector::start(&lab, &lab.dir().join("collector"))?;
+    let hq_state = enrolled(&collector, "acme", "hq")?;
+    let branch_state = enrolled(&collector, "acme", "branch")?;
+    let args = |scope: &'static str, state: &Path| -> Result<Vec<String>> {
+        Ok([
+            "--scope",
+            scope,
+            "--disable",
+            "snmp,mdns",
+            "--state-dir",
+            state.to_str().context("utf-8 path")?,
+        ]
+        .map(str::to_owned)
+        .to_vec())
+    };
+    let hq_args = args("198.18.62.0/24", &hq_state)?;
+    let branch_args = args("198.18.63.0/24", &branch_state)?;
+    let run = |ns: &str, state: &Path, args: &[String]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        sweep(&lab, &collector, ns, state, &args)
+    };
+    let state_of = |d: &Device, addr: &str| {
+        d.address(addr).map(|a| match (a.current, a.lost) {
+            (true, _) => "current",
+            (false, true) => "lost",
+            (false, false) => "previous",
+        })
+    };
+
+    run(hq.agent().ns(), &hq_state, &hq_args)?;
+    link(at_hq.ns(), "down")?;
+    link(at_branch.ns(), "up")?;
+    run(branch.agent().ns(), &branch_state, &branch_args)?;
+    link(at_branch.ns(), "down")?;
+    link(at_hq.ns(), "up")?;
+    at_hq.set_ip(ip("198.18.62.11"))?;
+    run(hq.agent().ns(), &hq_state, &hq_args)?;
+
+    let devices = collector.devices("acme")?;
+    let laptop = with_mac(&devices, nic)?;
+    assert_eq!(devices.len(), 1, "one laptop: {devices:#?}");
+    assert_eq!(laptop.sites, strings(&["branch", "hq"]), "{laptop:#?}");
+    assert_eq!(
+        state_of(laptop, "198.18.62.10"),
+        Some("previous"),
+        "{laptop:#?}"
+    );
+    assert_eq!(
+        state_of(laptop, "198.18.62.11"),
+        Some("current"),
+        "{laptop:#?}"
+    );
+    // Its latest sighting at the branch: that address space's current one.
+    assert_eq!(
+        state_of(laptop, "198.18.63.10"),
+        Some("current"),
+        "{laptop:#?}"
+    );
+    // The table shows the current ones first (branch sorts before hq), and cuts the list.
+    let table = collector.census_ok(["devices", "--client", "acme"])?;
+    assert!(table.contains(" 198.18.63.10,198.18.62.11 +1 "), "{table}");
     Ok(())
 }
 
@@ -555,6 +806,25 @@ fn a_proxy_arp_router_is_one_device_and_its_proxied_addresses_are_none() -> Resu
         assert_eq!(d.address_list(), [h.ip().to_string()]);
         assert!(d.anomalies.is_empty(), "{d:#?}");
     }
+    // The table cuts the router's long list (`... +N`), so no row is padded to its width;
+    // `--json` above had it whole.
+    let table = collector.census_ok(["devices", "--client", "acme"])?;
+    let gw_row = table
+        .lines()
+        .find(|l| l.starts_with(&gw.id))
+        .context("the router's row")?;
+    // Two or three addresses fit in a cell, the rest are counted.
+    let more: Vec<usize> = gw_row
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix('+')?.parse().ok())
+        .collect();
+    let all = gw.addresses.len();
+    assert!(
+        matches!(more.as_slice(), [n] if (all - 3..=all - 2).contains(n)),
+        "{all} addresses, {more:?} counted in {gw_row}"
+    );
+    let widest = table.lines().map(|l| l.chars().count()).max().unwrap_or(0);
+    assert!(widest <= 200, "{widest} columns:\n{table}");
     Ok(())
 }
 
@@ -644,6 +914,12 @@ fn phones_back_with_a_new_random_mac_and_the_same_mdns_name_stay_one_device_each
     }
     let b = with_mac(&devices, bob.mac())?;
     assert_eq!(b.address_list(), strings(&["198.18.60.21", "198.18.60.22"]));
+    // Bob answered on .22 with his new MAC in his latest sighting: .21 is previous.
+    let (old, new) = (
+        b.address("198.18.60.21").context(".21")?,
+        b.address("198.18.60.22").context(".22")?,
+    );
+    assert!(!old.current && !old.lost && new.current, "{b:#?}");
     let d = with_mac(&devices, desk.mac())?;
     assert!(!d.weak_only, "{d:#?}");
     Ok(())
