@@ -693,6 +693,7 @@ pub(crate) mod contract {
         for (i, batch) in batches.iter().enumerate() {
             let id = BatchId {
                 agent_id: "ag".into(),
+                epoch: 0,
                 sequence: i as u64 + 1,
                 digest: [9; 32],
             };
