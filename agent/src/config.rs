@@ -668,7 +668,9 @@ pub enum ConfigError {
         range: &'static str,
         value: String,
     },
-    #[error("every discovery method is disabled: enable at least one of arp, icmp, snmp, mdns")]
+    #[error(
+        "every discovery method is disabled: enable at least one of arp, icmp, snmp, mdns, or enable [directory] for an agent that only reads the directory"
+    )]
     NoMethod,
     #[error("SNMPv3 user {user:?}: {message}")]
     SnmpUser { user: String, message: String },
@@ -737,11 +739,26 @@ impl Config {
 
     /// Checks everything that can be checked without the network. Whether the agent has a
     /// certificate or a token to get one is `enroll::plan`'s question, not this one's.
+    ///
+    /// An agent sweeps when a discovery method is enabled, and then needs a scope; with every
+    /// method disabled it is valid only with `[directory]` enabled, and reads only the
+    /// directory (an agent on a domain controller's site there for the directory alone).
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_collector()?;
-        self.validate_sweep()?;
+        if self.sweeps() {
+            self.validate_sweep()?;
+        } else if self.directory.enabled {
+            self.validate_settings()?;
+        } else {
+            return Err(ConfigError::NoMethod);
+        }
         self.queue.validate()?;
         self.directory.validate()
+    }
+
+    /// Whether any discovery method is enabled: whether `run` sweeps at all.
+    pub fn sweeps(&self) -> bool {
+        self.arp.enabled || self.icmp.enabled || self.snmp.enabled || self.mdns.enabled
     }
 
     /// Checks what reaching the collector needs: its URL (`https://`, or `http://` for a
@@ -777,9 +794,18 @@ impl Config {
     /// Checks what a sweep needs (scopes, methods, state), not what delivery needs: enough for
     /// `census-agent scan`.
     pub fn validate_sweep(&self) -> Result<(), ConfigError> {
-        if self.scopes.is_empty() && self.scope_interfaces.is_empty() {
+        if self.scopes.is_empty() && self.scope_interfaces.is_empty() && self.sweeps() {
             return Err(ConfigError::NoScope);
         }
+        if !self.sweeps() {
+            return Err(ConfigError::NoMethod);
+        }
+        self.validate_settings()
+    }
+
+    /// Checks the settings themselves (scope sizes, the interval, each method's tuning, the
+    /// state directory), whether or not a sweep uses them.
+    fn validate_settings(&self) -> Result<(), ConfigError> {
         self.check_scope_sizes(&self.scopes)?;
         if self.interval < Duration::from_secs(10) {
             return Err(ConfigError::Interval(self.interval));
@@ -797,9 +823,6 @@ impl Config {
             && !dir.is_dir()
         {
             return Err(ConfigError::StateDir(dir.clone()));
-        }
-        if !(self.arp.enabled || self.icmp.enabled || self.snmp.enabled || self.mdns.enabled) {
-            return Err(ConfigError::NoMethod);
         }
         check(
             "icmp.rate",
@@ -1139,6 +1162,44 @@ mod directory_tests {
 
     fn err(d: &DirectorySettings) -> String {
         d.validate().expect_err("invalid").to_string()
+    }
+
+    #[test]
+    fn an_agent_with_no_discovery_method_is_valid_only_to_read_the_directory() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut c = Config {
+            collector: Some("https://198.19.255.1:7400".into()),
+            directory: enabled(tmp.path()),
+            ..Config::default()
+        };
+        c.arp.enabled = false;
+        c.icmp.enabled = false;
+        c.snmp.enabled = false;
+        c.mdns.enabled = false;
+        assert!(!c.sweeps());
+        c.validate()
+            .expect("directory only: no scope, no method, still valid");
+        // Its settings are still checked, and a sweep (`scan`) still needs a method.
+        c.arp.rate = 0;
+        assert!(
+            c.validate()
+                .expect_err("arp.rate")
+                .to_string()
+                .contains("rate")
+        );
+        c.arp.rate = 1000;
+        assert!(matches!(c.validate_sweep(), Err(ConfigError::NoMethod)));
+        // With the directory off as well, there is nothing to do: one line says both ways out.
+        c.directory.enabled = false;
+        let e = c.validate().expect_err("nothing to do").to_string();
+        assert!(
+            e.contains("arp, icmp, snmp, mdns") && e.contains("[directory]"),
+            "{e}"
+        );
+        // A method enabled needs a scope again.
+        c.directory.enabled = true;
+        c.mdns.enabled = true;
+        assert!(matches!(c.validate(), Err(ConfigError::NoScope)));
     }
 
     #[test]

@@ -30,6 +30,7 @@ use tonic::transport::Channel;
 use tracing::{error, info, warn};
 
 use crate::{
+    enroll,
     metrics::Metrics,
     queue::Queue,
     report::{self, DeliveryError},
@@ -127,6 +128,8 @@ pub struct Deliverer {
     pub status: Status,
     /// Batches acknowledged so far (to tell a conflict right after a rotation).
     acknowledged: u64,
+    /// Whether the queue carries the id `creds` names (see [`Deliverer::adopt_identity`]).
+    adopted: bool,
 }
 
 impl Deliverer {
@@ -148,12 +151,34 @@ impl Deliverer {
             metrics,
             status: Status::default(),
             acknowledged: 0,
+            adopted: false,
         }
+    }
+
+    /// Has the queue carry the agent id the certificate names (the collector refuses batches
+    /// naming another agent): queued batches under another id are renumbered under it.
+    fn adopt_identity(&mut self) -> Result<(), AgentError> {
+        if self.adopted {
+            return Ok(());
+        }
+        match enroll::certificate_agent_id(&self.creds) {
+            Some(id) => {
+                let renumbered = self.queue.adopt(&id).map_err(AgentError::Queue)?;
+                if renumbered > 0 {
+                    info!(agent_id = %id, batches = renumbered, "queued batches under another agent id renumbered under the one this agent's certificate names");
+                }
+            }
+            // The collector says what is wrong with such a certificate when it is presented.
+            None => warn!("the agent's certificate names no agent id (no common name)"),
+        }
+        self.adopted = true;
+        Ok(())
     }
 
     /// One attempt: sends windows until the queue is empty, `stop` is cancelled, or a window
     /// fails. What was acknowledged leaves the queue either way.
     pub async fn drain(&mut self, stop: &CancellationToken) -> Result<(), AgentError> {
+        self.adopt_identity()?;
         loop {
             if stop.is_cancelled() {
                 return Ok(());
@@ -180,6 +205,7 @@ impl Deliverer {
                 info!(
                     batches = batches.len(),
                     agent_id = %first.agent_id,
+                    epoch = first.epoch,
                     first = first.sequence,
                     last = last.sequence,
                     "sending queued batches"
@@ -253,6 +279,7 @@ impl Deliverer {
                 }
                 self.auth = Authenticate::new(&self.url, Some(&creds));
                 self.creds = creds;
+                self.adopted = false;
             }
             Err(e) => {
                 warn!(error = %e, "cannot read the agent's identity again; keeping the one loaded")
@@ -315,7 +342,7 @@ async fn back_off(d: &Deliverer, wait: Duration, shutdown: &CancellationToken) {
 
 /// Delivers what is queued, as `mode` says. Retryable failures (the collector unreachable, a
 /// stream cut) back off; a conflict (our sequence numbers already used with other content)
-/// continues under a new agent id at once; a batch the collector refuses as invalid is taken out
+/// continues in a new sequence epoch at once; a batch the collector refuses as invalid is taken out
 /// of the queue (see [`Deliverer::set_aside`]) and delivery goes on after a back-off, except
 /// with `--once`, which then ends with that error; a refused certificate ends `--once` with
 /// that error, and in the daemon is an error line and a back-off before trying again with the
@@ -370,10 +397,11 @@ pub async fn deliver(
         match error {
             DeliveryError::Conflict(reason) if !last && rotated_at != Some(d.acknowledged) => {
                 // Our state was restored or copied: the collector already holds other batches
-                // under our sequence numbers. Continue as a new agent, resending everything.
+                // under our sequence numbers. Continue in a new sequence epoch (the same agent
+                // id, the one the certificate names), resending everything queued.
                 let (old, new) = d.queue.rotate().map_err(AgentError::Queue)?;
                 rotated_at = Some(d.acknowledged);
-                warn!(old_agent_id = %old, new_agent_id = %new, %reason, queued = d.queue.len(), "sequence numbers already used: continuing under a new agent id");
+                warn!(agent_id = %d.queue.agent_id(), old_epoch = old, new_epoch = new, %reason, queued = d.queue.len(), "sequence numbers already used (the agent's state was restored or copied): continuing in a new sequence epoch");
             }
             // A refused certificate (revoked, expired, unknown to this collector): loud, and in
             // the daemon retried on the back-off schedule, reading the identity again each

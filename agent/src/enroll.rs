@@ -346,6 +346,15 @@ pub fn save_identity(
 }
 
 /// Reads `enrollment.json`, if the agent has enrolled.
+/// The agent id a certificate names: its subject's common name (the collector signs the id it
+/// bound the certificate to there, and takes the agent's identity from it).
+pub fn certificate_agent_id(creds: &Credentials) -> Option<String> {
+    let der = creds.certificate_der()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
 pub fn load_enrollment(state_dir: &Path) -> Option<Enrollment> {
     let text = fs::read_to_string(identity_dir(state_dir).join(ENROLLMENT_FILE)).ok()?;
     serde_json::from_str(&text).ok()

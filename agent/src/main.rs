@@ -332,7 +332,7 @@ struct Settings {
     /// `run` needs one).
     #[arg(long, env = "CENSUS_AGENT_STATE_DIR")]
     state_dir: Option<PathBuf>,
-    /// Time between sweeps, e.g. 15m [default: 15m].
+    /// Time between sweeps, at least 10s, e.g. 15m [default: 15m].
     #[arg(long, env = "CENSUS_AGENT_INTERVAL", value_parser = config::parse_duration)]
     interval: Option<std::time::Duration>,
     /// Most ARP requests per second per interface, retries included; sweeps start at 1200/s and speed up toward it while the network keeps up (1200 or less: a fixed rate) [default: 6000].

@@ -2,8 +2,9 @@
 //! collector has acknowledged it (stored durably, or recognised as a replay).
 //!
 //! With a state directory the queue is a sled database in `<state dir>/queue/` beside
-//! `agent.json` ([`AgentState`]: the agent id and its next sequence number), and it survives a
-//! restart, a crash or SIGKILL: the next start delivers what it holds, oldest first. Without a
+//! `agent.json` ([`AgentState`]: the agent id, its sequence epoch and next sequence number),
+//! and it survives a restart, a crash or SIGKILL: the next start delivers what it holds, oldest
+//! first. Without a
 //! state directory (each run is a new agent anyway) it is held in memory and lost when the
 //! agent stops; `run` says so in a warn line at start.
 //!
@@ -35,14 +36,21 @@
 //!
 //! Rotation (the collector reports FAILED_PRECONDITION: it holds other content under one of
 //! our sequence numbers, because `agent.json` was restored from a backup or an agent image was
-//! cloned): (1) a new agent id is written to `agent.json` with sequences reserved for every
-//! queued batch, (2) every queued batch is rewritten under the new id and its reserved sequence
-//! in one atomic sled batch, flushed. A crash between them leaves batches under the old id in
-//! the queue; they are sent as they are, conflict again if they did before, and are rotated
-//! again: nothing is dropped, at worst one more agent id is used. Batches under another id
-//! than the current one are sent in windows of their own (a window holds one agent id), and
-//! opening the queue moves the next sequence past any queued batch of the current id, so even
-//! an `agent.json` restored behind the queue never reuses a sequence.
+//! cloned): (1) a new sequence epoch is written to `agent.json` with sequences reserved for
+//! every queued batch, (2) every queued batch is rewritten in the new epoch under its reserved
+//! sequence in one atomic sled batch, flushed. The agent id stays: it is the one the agent's
+//! certificate names, the only one the collector takes from it. A crash between them leaves
+//! batches in the old epoch in the queue; they are sent as they are, conflict again if they did
+//! before, and are rotated again: nothing is dropped, at worst one more epoch is used. Batches
+//! of another epoch (or id) than the current one are sent in windows of their own (a window
+//! holds one agent id and epoch), and opening the queue moves the next sequence past any
+//! queued batch of the current id and epoch, so even an `agent.json` restored behind the queue
+//! never reuses a sequence. A new `agent.json` (a state directory wiped and used again with
+//! the same certificate) starts in a random epoch of its own, and so collides with nothing.
+//!
+//! [`Queue::adopt`] takes the id the certificate names (at start, and after the agent was
+//! enrolled again): queued batches under another id (a state from before the certificate, or
+//! one that predates ids taken from certificates) are renumbered under it the same way.
 //!
 //! ## The cap
 //!
@@ -298,6 +306,7 @@ impl Queue {
     fn load(&self) -> Result<(), QueueError> {
         let mut inner = self.lock();
         let agent_id = inner.state.agent_id.clone();
+        let epoch = inner.state.epoch;
         let (mut len, mut bytes, mut next_key, mut max_sequence) = (0u64, 0u64, 0u64, 0u64);
         let mut corrupt = Vec::new();
         inner.store.scan(|key, value| {
@@ -306,7 +315,7 @@ impl Queue {
                     len += 1;
                     bytes += value.len() as u64;
                     next_key = next_key.max(k.saturating_add(1));
-                    if batch.agent_id == agent_id {
+                    if batch.agent_id == agent_id && batch.epoch == epoch {
                         max_sequence = max_sequence.max(batch.sequence);
                     }
                 }
@@ -376,6 +385,11 @@ impl Queue {
         self.lock().state.agent_id.clone()
     }
 
+    /// The sequence epoch new batches are queued in.
+    pub fn epoch(&self) -> u64 {
+        self.lock().state.epoch
+    }
+
     /// The next sequence number [`Queue::push`] would reserve.
     pub fn next_sequence(&self) -> u64 {
         self.lock().state.next_sequence
@@ -417,7 +431,10 @@ impl Queue {
         }
         let mut inner = self.lock();
         let first = inner.state.reserve(count)?;
-        let batches = build(&inner.state.agent_id, first);
+        let mut batches = build(&inner.state.agent_id, first);
+        for b in &mut batches {
+            b.epoch = inner.state.epoch;
+        }
         debug_assert_eq!(
             batches.len() as u64,
             count,
@@ -517,10 +534,9 @@ impl Queue {
             }
             match (key, decode(value)) {
                 (Ok(key), Ok(batch)) => {
-                    if out
-                        .first()
-                        .is_some_and(|q| q.batch.agent_id != batch.agent_id)
-                    {
+                    if out.first().is_some_and(|q| {
+                        (&q.batch.agent_id, q.batch.epoch) != (&batch.agent_id, batch.epoch)
+                    }) {
                         return false;
                     }
                     bytes += value.len() as u64;
@@ -566,45 +582,103 @@ impl Queue {
         Ok(())
     }
 
-    /// Continues as a new agent: a new agent id, saved with sequences reserved for every queued
-    /// batch, then every queued batch renumbered under it in one atomic write. Returns the old
-    /// and the new id.
-    pub fn rotate(&self) -> Result<(String, String), QueueError> {
+    /// Continues in a new sequence epoch under the same agent id: the new epoch saved with
+    /// sequences reserved for every queued batch, then every queued batch renumbered in it in
+    /// one atomic write. Returns the old and the new epoch.
+    pub fn rotate(&self) -> Result<(u64, u64), QueueError> {
         let mut inner = self.lock();
-        let old = inner.state.agent_id.clone();
+        let old = inner.state.epoch;
+        Self::renumber(
+            &mut inner,
+            self.metrics,
+            |_| true,
+            |state, batches| state.rotate(batches),
+        )?;
+        let new = inner.state.epoch;
+        drop(inner);
+        self.changed.notify_waiters();
+        Ok((old, new))
+    }
+
+    /// Takes `agent_id` (the one the agent's certificate names) as the id batches carry, and
+    /// renumbers the queued batches that name another id under it (the collector refuses a
+    /// batch naming another agent than the certificate's): batches of a state made before the
+    /// certificate, or queued before the agent was enrolled again under a new id. Returns how
+    /// many were renumbered.
+    pub fn adopt(&self, agent_id: &str) -> Result<usize, QueueError> {
+        let mut inner = self.lock();
+        let changed = inner.state.agent_id != agent_id;
+        let mut renumbered = 0;
+        Self::renumber(
+            &mut inner,
+            self.metrics,
+            |b| b.agent_id != agent_id,
+            |state, batches| {
+                if changed {
+                    state.adopt(agent_id)?;
+                }
+                renumbered = batches.len();
+                if batches.is_empty() {
+                    return Ok(batches);
+                }
+                state.renumber(batches)
+            },
+        )?;
+        drop(inner);
+        if changed || renumbered > 0 {
+            self.changed.notify_waiters();
+        }
+        Ok(renumbered)
+    }
+
+    /// Rewrites the queued batches `select` picks as `change` renumbers them (it saves the
+    /// state, with their sequences reserved, first), in one atomic write, flushed; removes
+    /// entries that cannot be read.
+    fn renumber(
+        inner: &mut Inner,
+        metrics: &Metrics,
+        select: impl Fn(&v1::ObservationBatch) -> bool,
+        change: impl FnOnce(
+            &mut AgentState,
+            Vec<v1::ObservationBatch>,
+        ) -> std::io::Result<Vec<v1::ObservationBatch>>,
+    ) -> Result<(), QueueError> {
         let mut entries = Vec::new();
         let mut corrupt = Vec::new();
+        let (mut len, mut bytes) = (0u64, 0u64);
         inner.store.scan(|key, value| {
             match (key, decode(value)) {
-                (Ok(k), Ok(b)) => entries.push((k, b)),
+                (Ok(k), Ok(b)) if select(&b) => entries.push((k, b)),
+                (Ok(_), Ok(_)) => {
+                    len += 1;
+                    bytes += value.len() as u64;
+                }
                 (key, _) => corrupt.push(raw_key(key)),
             }
             true
         })?;
         let keys: Vec<u64> = entries.iter().map(|(k, _)| *k).collect();
-        let renumbered = inner
-            .state
-            .rotate(entries.into_iter().map(|(_, b)| b).collect())?;
+        let renumbered = change(
+            &mut inner.state,
+            entries.into_iter().map(|(_, b)| b).collect(),
+        )?;
         let insert: Vec<(u64, Vec<u8>)> = keys
             .into_iter()
             .zip(&renumbered)
             .map(|(k, b)| (k, encode(b)))
             .collect();
-        inner.len = insert.len() as u64;
-        inner.bytes = insert.iter().map(|(_, v)| v.len() as u64).sum();
+        inner.len = len + insert.len() as u64;
+        inner.bytes = bytes + insert.iter().map(|(_, v)| v.len() as u64).sum::<u64>();
         if !corrupt.is_empty() {
-            self.metrics.corrupt(corrupt.len() as u64);
+            metrics.corrupt(corrupt.len() as u64);
             warn!(
                 batches = corrupt.len(),
                 "queued batches that cannot be read: removed from the queue"
             );
         }
         inner.store.apply(&corrupt, insert, true)?;
-        self.metrics.queue_size(inner.len, inner.bytes);
-        let new = inner.state.agent_id.clone();
-        drop(inner);
-        self.changed.notify_waiters();
-        Ok((old, new))
+        metrics.queue_size(inner.len, inner.bytes);
+        Ok(())
     }
 }
 
@@ -614,14 +688,14 @@ struct Dropped {
     batches: u64,
     observations: u64,
     users: u64,
-    /// `agent-id#sequence` of the first and last batch dropped.
+    /// `agent-id#epoch.sequence` of the first and last batch dropped.
     from: String,
     to: String,
 }
 
 impl Dropped {
     fn add(&mut self, b: &v1::ObservationBatch) {
-        let name = format!("{}#{}", b.agent_id, b.sequence);
+        let name = format!("{}#{}.{}", b.agent_id, b.epoch, b.sequence);
         if self.batches == 0 {
             self.from.clone_from(&name);
         }
@@ -804,6 +878,7 @@ mod tests {
         sweep(&q, 1); // 3
         let first = q.peek(1, u64::MAX).expect("peek");
         q.remove(&[first[0].key]).expect("acked");
+        let id = q.agent_id();
         let (old, new) = q.rotate().expect("rotate");
         assert_ne!(old, new);
         let window = q.peek(10, u64::MAX).expect("peek");
@@ -812,21 +887,23 @@ mod tests {
                 .iter()
                 .map(|e| (
                     e.batch.agent_id.as_str(),
+                    e.batch.epoch,
                     e.batch.sequence,
                     e.batch.observations.len()
                 ))
                 .collect::<Vec<_>>(),
-            [(new.as_str(), 1, 200), (new.as_str(), 2, 1)]
+            [(id.as_str(), new, 1, 200), (id.as_str(), new, 2, 1)],
+            "the same agent id, in the new epoch"
         );
         assert_eq!(sweep(&q, 1), [3]);
         drop(q);
         let q = Queue::open(Some(dir.path()), 1 << 30, metrics()).expect("reopen");
-        assert_eq!(q.agent_id(), new);
+        assert_eq!((q.agent_id(), q.epoch()), (id, new));
         assert_eq!(sequences(&q), [1, 2, 3]);
     }
 
     #[test]
-    fn a_window_holds_one_agent_id_and_an_old_state_never_reuses_a_sequence() {
+    fn a_window_holds_one_epoch_and_an_old_state_never_reuses_a_sequence() {
         let dir = tempfile::tempdir().expect("tempdir");
         let q = Queue::open(Some(dir.path()), 1 << 30, metrics()).expect("open");
         sweep(&q, 1);
@@ -840,22 +917,92 @@ mod tests {
         assert_eq!(q.next_sequence(), 4);
         assert_eq!(sweep(&q, 1), [4]);
 
-        // A queue whose head is under an older id (a rotation cut short by a crash).
-        q.rotate().expect("rotate");
-        let current = q.agent_id();
+        // A queue whose head is in an older epoch (a rotation cut short by a crash).
+        let (old, current) = q.rotate().expect("rotate");
         if let Store::Disk { tree, .. } = &q.lock().store {
             let mut b = decode(&tree.get(0u64.to_be_bytes()).expect("get").expect("key 0"))
                 .expect("decode");
-            b.agent_id = "an-old-id".into();
+            b.epoch = old;
             tree.insert(0u64.to_be_bytes(), encode(&b)).expect("insert");
         }
         let window = q.peek(10, u64::MAX).expect("peek");
         assert_eq!(window.len(), 1);
-        assert_eq!(window[0].batch.agent_id, "an-old-id");
+        assert_eq!(window[0].batch.epoch, old);
         q.remove(&[window[0].key]).expect("remove");
         let window = q.peek(10, u64::MAX).expect("peek");
-        assert!(window.iter().all(|e| e.batch.agent_id == current));
+        assert!(window.iter().all(|e| e.batch.epoch == current));
         assert_eq!(window.len(), 3);
+    }
+
+    #[test]
+    fn a_new_state_starts_in_an_epoch_of_its_own() {
+        let (a, b) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let qa = Queue::open(Some(a.path()), 1 << 30, metrics()).expect("open");
+        let qb = Queue::open(Some(b.path()), 1 << 30, metrics()).expect("open");
+        assert_ne!(qa.epoch(), 0, "0 is the epoch of states older than epochs");
+        assert_ne!(qa.epoch(), qb.epoch());
+        sweep(&qa, 1);
+        assert_eq!(
+            qa.peek(1, u64::MAX).expect("peek")[0].batch.epoch,
+            qa.epoch()
+        );
+        // A state written before epochs reads as epoch 0, and keeps it.
+        drop(qa);
+        std::fs::write(
+            a.path().join("agent.json"),
+            r#"{"agent_id":"old","next_sequence":5}"#,
+        )
+        .expect("write");
+        let qa = Queue::open(Some(a.path()), 1 << 30, metrics()).expect("reopen");
+        assert_eq!(
+            (qa.agent_id(), qa.epoch(), qa.next_sequence()),
+            ("old".into(), 0, 5)
+        );
+    }
+
+    #[test]
+    fn adopting_the_certificates_id_renumbers_batches_under_another_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = Queue::open(Some(dir.path()), 1 << 30, metrics()).expect("open");
+        let epoch = q.epoch();
+        sweep(&q, 700); // 1, 2 under the state's own id
+        assert_eq!(q.adopt(&q.agent_id()).expect("adopt"), 0, "already");
+        assert_eq!(q.adopt("cert-id").expect("adopt"), 2);
+        assert_eq!(q.agent_id(), "cert-id");
+        sweep(&q, 1); // 5
+        let window = q.peek(10, u64::MAX).expect("peek");
+        assert_eq!(
+            window
+                .iter()
+                .map(|e| (e.batch.agent_id.as_str(), e.batch.epoch, e.batch.sequence))
+                .collect::<Vec<_>>(),
+            [
+                ("cert-id", epoch, 3),
+                ("cert-id", epoch, 4),
+                ("cert-id", epoch, 5)
+            ],
+            "in order, never reusing a sequence"
+        );
+        // Batches still under another id (queued before the agent was enrolled again, when
+        // agent.json already names the new id) are renumbered too.
+        if let Store::Disk { tree, .. } = &q.lock().store {
+            let mut b = decode(&tree.get(0u64.to_be_bytes()).expect("get").expect("key 0"))
+                .expect("decode");
+            b.agent_id = "revoked-id".into();
+            tree.insert(0u64.to_be_bytes(), encode(&b)).expect("insert");
+        }
+        assert_eq!(q.adopt("cert-id").expect("adopt"), 1);
+        assert_eq!(
+            sequences(&q),
+            [6, 4, 5],
+            "a new sequence, its place in the queue kept"
+        );
+        drop(q);
+        let q = Queue::open(Some(dir.path()), 1 << 30, metrics()).expect("reopen");
+        assert_eq!((q.agent_id(), q.len()), ("cert-id".into(), 3));
     }
 
     #[test]
@@ -868,7 +1015,7 @@ mod tests {
         q.remove(&[w[0].key]).expect("remove");
         assert_eq!(sequences(&q), [2]);
         let (_, new) = q.rotate().expect("rotate");
-        assert_eq!(q.peek(10, u64::MAX).expect("peek")[0].batch.agent_id, new);
+        assert_eq!(q.peek(10, u64::MAX).expect("peek")[0].batch.epoch, new);
         // A window never passes its byte budget, except to hold one batch.
         sweep(&q, 1000);
         assert_eq!(q.peek(10, 1).expect("peek").len(), 1);

@@ -1,8 +1,8 @@
 //! From sweep results to acknowledged batches: building observations, numbering batches, and
 //! delivering them over the collector's ingest stream until every one is acknowledged.
 //!
-//! A batch is named by (agent id, sequence). The agent keeps both in its state directory so a
-//! restarted agent never reuses a sequence number (the collector would take the new batch for
+//! A batch is named by (agent id, epoch, sequence). The agent keeps them in its state directory
+//! so a restarted agent never reuses a sequence number (the collector would take the new batch for
 //! a replay of the old one and drop it). Batches wait in the queue (`queue.rs`, which owns the
 //! [`AgentState`]) until [`deliver`] has them acknowledged.
 
@@ -52,10 +52,27 @@ pub fn arp_observation(
 
 // === impl AgentState ===
 
+/// A new sequence epoch: random (so two copies of one state, or a state made again, almost
+/// surely never pick the same one), never 0 (the epoch of states older than epochs) nor
+/// `old`.
+fn new_epoch(old: u64) -> u64 {
+    let e = rand::random::<u64>().max(1);
+    if e == old { e % (u64::MAX - 1) + 1 } else { e }
+}
+
 /// The agent's identity and next batch sequence number, kept in `<state dir>/agent.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentState {
+    /// The id batches carry: the one the agent's certificate names, once enrolled (see
+    /// [`AgentState::adopt`]; the collector refuses batches naming another agent).
     pub agent_id: String,
+    /// The sequence epoch: a new one starts the sequences again under the same id, when the
+    /// collector already holds other batches under ours (see [`AgentState::rotate`]). A new
+    /// state starts in an epoch of its own, so a state directory wiped and used again with the
+    /// same certificate does not collide with what it sent before. Absent in states written
+    /// before epochs: epoch 0.
+    #[serde(default)]
+    pub epoch: u64,
     pub next_sequence: u64,
     /// The directory (AD domain) the last complete directory read named: the collector keeps a
     /// directory's users under this name, so a failed read, which may not get far enough to
@@ -72,6 +89,7 @@ impl AgentState {
         let Some(dir) = dir else {
             return Ok(AgentState {
                 agent_id: uuid::Uuid::new_v4().to_string(),
+                epoch: new_epoch(0),
                 next_sequence: 1,
                 directory: None,
                 path: None,
@@ -96,6 +114,7 @@ impl AgentState {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let state = AgentState {
                     agent_id: uuid::Uuid::new_v4().to_string(),
+                    epoch: new_epoch(0),
                     next_sequence: 1,
                     directory: None,
                     path: Some(path),
@@ -107,29 +126,40 @@ impl AgentState {
         }
     }
 
-    /// Becomes a new agent (a new id, sequences from 1) and renumbers `batches` under it, for
-    /// when the collector says our sequence numbers were already used by another copy of us.
+    /// Starts a new sequence epoch (sequences from 1, the same agent id) and renumbers
+    /// `batches` in it, for when the collector says our sequence numbers were already used
+    /// (our state was restored from a backup, or copied).
     pub fn rotate(
         &mut self,
         batches: Vec<v1::ObservationBatch>,
     ) -> io::Result<Vec<v1::ObservationBatch>> {
-        self.agent_id = uuid::Uuid::new_v4().to_string();
+        self.epoch = new_epoch(self.epoch);
         self.next_sequence = 1;
+        self.renumber(batches)
+    }
+
+    /// Reserves sequences for `batches` (saved first) and gives them this state's id, epoch
+    /// and those sequences, in order.
+    pub fn renumber(
+        &mut self,
+        batches: Vec<v1::ObservationBatch>,
+    ) -> io::Result<Vec<v1::ObservationBatch>> {
         let first = self.reserve(batches.len() as u64)?;
         Ok(batches
             .into_iter()
             .zip(first..)
             .map(|(mut b, sequence)| {
                 b.agent_id.clone_from(&self.agent_id);
+                b.epoch = self.epoch;
                 b.sequence = sequence;
                 b
             })
             .collect())
     }
 
-    /// Takes `agent_id` as this agent's id, keeping the sequence counter (so no sequence is
-    /// handed out twice): for enrollment, when the collector bound the certificate to another
-    /// id than the one proposed.
+    /// Takes `agent_id` as this agent's id, keeping the epoch and the sequence counter (so no
+    /// sequence is handed out twice): for enrollment, when the collector bound the certificate
+    /// to another id than the one proposed, and at start, from the certificate.
     pub fn adopt(&mut self, agent_id: &str) -> io::Result<()> {
         self.agent_id = agent_id.to_owned();
         self.save()
@@ -226,6 +256,8 @@ pub fn directory_batches(
             users,
             directory_read: Some(read),
             backlog: 0,
+            // Set by the queue, which owns the epoch.
+            epoch: 0,
         })
         .collect()
 }
@@ -495,28 +527,33 @@ mod tests {
     }
 
     #[test]
-    fn rotation_renumbers_under_a_new_identity() {
+    fn rotation_renumbers_in_a_new_epoch_under_the_same_id() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = AgentState::load_or_create(Some(dir.path())).expect("create");
         s.reserve(10).expect("reserve");
-        let old = s.agent_id.clone();
+        let (id, old) = (s.agent_id.clone(), s.epoch);
         let obs = vec![arp_observation(
             std::net::Ipv4Addr::new(198, 18, 0, 1),
             [0, 0x16, 0x3e, 0, 0, 1],
             "eth0",
             SystemTime::now(),
         )];
-        let batches = into_batches(&old, 9, obs);
+        let batches = into_batches(&id, 9, obs);
         let moved = s.rotate(batches).expect("rotate");
-        assert_ne!(s.agent_id, old);
+        assert_eq!(s.agent_id, id, "the id is the certificate's: it stays");
+        assert_ne!(s.epoch, old);
         assert_eq!(
-            (moved[0].agent_id.as_str(), moved[0].sequence),
-            (s.agent_id.as_str(), 1)
+            (
+                moved[0].agent_id.as_str(),
+                moved[0].epoch,
+                moved[0].sequence
+            ),
+            (id.as_str(), s.epoch, 1)
         );
         let reloaded = AgentState::load_or_create(Some(dir.path())).expect("load");
         assert_eq!(
-            (reloaded.agent_id, reloaded.next_sequence),
-            (s.agent_id.clone(), 2)
+            (reloaded.agent_id, reloaded.epoch, reloaded.next_sequence),
+            (id, s.epoch, 2)
         );
     }
 

@@ -175,18 +175,19 @@ impl Due {
 /// tested without waiting.
 #[derive(Debug, Clone)]
 pub struct Schedule {
-    next_sweep: Instant,
+    /// `None`: nothing is swept (a directory-only agent).
+    next_sweep: Option<Instant>,
     /// `None`: the directory is not read.
     next_read: Option<Instant>,
     directory_interval: Duration,
 }
 
 impl Schedule {
-    /// Everything due at `now`; the directory read only when `directory_interval` is given
-    /// (the directory is enabled).
-    pub fn new(now: Instant, directory_interval: Option<Duration>) -> Schedule {
+    /// Everything due at `now`: the sweep when `sweeps` (a discovery method is enabled), the
+    /// directory read when `directory_interval` is given (the directory is enabled).
+    pub fn new(now: Instant, sweeps: bool, directory_interval: Option<Duration>) -> Schedule {
         Schedule {
-            next_sweep: now,
+            next_sweep: sweeps.then_some(now),
             next_read: directory_interval.map(|_| now),
             directory_interval: directory_interval.unwrap_or_default(),
         }
@@ -195,14 +196,16 @@ impl Schedule {
     /// What is due at `now`.
     pub fn due(&self, now: Instant) -> Due {
         Due {
-            sweep: now >= self.next_sweep,
+            sweep: self.next_sweep.is_some_and(|t| now >= t),
             directory: self.next_read.is_some_and(|t| now >= t),
         }
     }
 
     /// The sweep is done at `now`; the next one `wait` later.
     pub fn swept(&mut self, now: Instant, wait: Duration) {
-        self.next_sweep = now + wait;
+        if self.next_sweep.is_some() {
+            self.next_sweep = Some(now + wait);
+        }
     }
 
     /// A read started at `started` (whatever came of it): the next one is an interval later.
@@ -214,10 +217,13 @@ impl Schedule {
         }
     }
 
-    /// When the next thing is due.
-    pub fn next_due(&self) -> Instant {
-        self.next_read
-            .map_or(self.next_sweep, |r| r.min(self.next_sweep))
+    /// When the next thing is due (`None`: nothing ever is; validation refuses such a
+    /// config, so the loop only waits for shutdown then).
+    pub fn next_due(&self) -> Option<Instant> {
+        match (self.next_sweep, self.next_read) {
+            (Some(s), Some(r)) => Some(s.min(r)),
+            (s, r) => s.or(r),
+        }
     }
 }
 
@@ -420,7 +426,19 @@ pub async fn run(
         warn!("{w}");
     }
     let (creds, identity_dir) = identity(&config).await?;
-    let plan = plan(&config)?;
+    // An agent with every discovery method disabled only reads the directory (validate
+    // allows that only with [directory] enabled): no scope, no plan, no sweep.
+    let plan = if config.sweeps() {
+        plan(&config)?
+    } else {
+        if !config.scopes.is_empty() || !config.scope_interfaces.is_empty() {
+            warn!(
+                "every discovery method is disabled: the scopes are not swept, only the directory is read"
+            );
+        }
+        info!("every discovery method is disabled: this agent only reads the directory");
+        SweepPlan::default()
+    };
     let metrics = metrics::global();
     let queue = Arc::new(
         Queue::open(
@@ -430,7 +448,12 @@ pub async fn run(
         )
         .map_err(AgentError::Queue)?,
     );
-    info!(agent_id = %queue.agent_id(), collector = %url, queued = queue.len(), "agent starting");
+    // Batches carry the id the certificate names (delivery checks again after a new
+    // certificate is read); adopted here already so the log says the id the collector knows.
+    if let Some(id) = enroll::certificate_agent_id(&creds) {
+        queue.adopt(&id).map_err(AgentError::Queue)?;
+    }
+    info!(agent_id = %queue.agent_id(), epoch = queue.epoch(), collector = %url, queued = queue.len(), "agent starting");
     if !queue.is_empty() {
         info!(
             batches = queue.len(),
@@ -555,7 +578,7 @@ async fn run_once(
     shutdown: &CancellationToken,
 ) -> Result<RunSummary, AgentError> {
     let due = Due {
-        sweep: true,
+        sweep: turns.config.sweeps(),
         directory: turns.config.directory.enabled,
     };
     let queue = turns.queue.clone();
@@ -610,6 +633,7 @@ async fn run_forever(
     };
     let mut schedule = Schedule::new(
         Instant::now(),
+        config.sweeps(),
         config
             .directory
             .enabled
@@ -667,7 +691,12 @@ async fn run_forever(
         tokio::select! {
             () = shutdown.cancelled() => break 'run Ok(()),
             r = &mut task => break 'run ended(r).and(Err(AgentError::Internal("the delivery task stopped".into()))),
-            () = tokio::time::sleep_until(schedule.next_due().into()) => {}
+            () = async {
+                match schedule.next_due() {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
         }
     };
     stop.cancel();
@@ -752,7 +781,7 @@ mod tests {
     #[test]
     fn everything_is_due_at_start_then_each_on_its_own_interval() {
         let t0 = Instant::now();
-        let mut s = Schedule::new(t0, Some(60 * MIN));
+        let mut s = Schedule::new(t0, true, Some(60 * MIN));
         assert_eq!(
             s.due(t0),
             Due {
@@ -763,7 +792,7 @@ mod tests {
         s.read_started(t0);
         s.swept(t0 + MIN, 15 * MIN);
         assert!(!s.due(t0 + MIN).any(), "nothing due right after");
-        assert_eq!(s.next_due(), t0 + 16 * MIN, "the sweep comes first");
+        assert_eq!(s.next_due(), Some(t0 + 16 * MIN), "the sweep comes first");
         assert_eq!(
             s.due(t0 + 16 * MIN),
             Due {
@@ -776,7 +805,7 @@ mod tests {
         s.swept(t0 + 47 * MIN, 15 * MIN);
         assert_eq!(
             s.next_due(),
-            t0 + 60 * MIN,
+            Some(t0 + 60 * MIN),
             "then the read, an interval after it started"
         );
         assert_eq!(
@@ -788,7 +817,7 @@ mod tests {
             "a read falls due between sweeps"
         );
         s.read_started(t0 + 60 * MIN);
-        assert_eq!(s.next_due(), t0 + 62 * MIN);
+        assert_eq!(s.next_due(), Some(t0 + 62 * MIN));
         assert!(!s.due(t0 + 61 * MIN).directory);
         assert!(s.due(t0 + 120 * MIN).directory);
     }
@@ -796,7 +825,7 @@ mod tests {
     #[test]
     fn without_a_directory_only_the_sweep_is_due() {
         let t0 = Instant::now();
-        let mut s = Schedule::new(t0, None);
+        let mut s = Schedule::new(t0, true, None);
         assert_eq!(
             s.due(t0),
             Due {
@@ -806,8 +835,26 @@ mod tests {
         );
         s.read_started(t0);
         s.swept(t0, 15 * MIN);
-        assert_eq!(s.next_due(), t0 + 15 * MIN);
+        assert_eq!(s.next_due(), Some(t0 + 15 * MIN));
         assert!(!s.due(t0 + 365 * 24 * 60 * MIN).directory);
+    }
+
+    #[test]
+    fn a_directory_only_agent_never_sweeps() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(t0, false, Some(60 * MIN));
+        assert_eq!(
+            s.due(t0),
+            Due {
+                sweep: false,
+                directory: true
+            }
+        );
+        s.read_started(t0);
+        s.swept(t0, 15 * MIN);
+        assert_eq!(s.next_due(), Some(t0 + 60 * MIN), "only the next read");
+        assert!(!s.due(t0 + 365 * 24 * 60 * MIN).sweep);
+        assert_eq!(Schedule::new(t0, false, None).next_due(), None);
     }
 
     fn user(n: u8) -> v1::DirectoryUser {

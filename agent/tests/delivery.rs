@@ -2,7 +2,8 @@
 //! swept): batches go in order and leave the queue once acknowledged; a batch the collector
 //! refuses as invalid is set aside, loudly and counted, instead of holding up the queue for
 //! ever; a copy of an agent's state (a restored backup, a cloned image) whose sequence numbers
-//! the collector already holds with other content continues under a new agent id.
+//! the collector already holds with other content continues in a new sequence epoch under the
+//! same agent id, the one its certificate names.
 
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -179,7 +180,7 @@ async fn deliver_all(deliverer: Deliverer, queue: &Queue) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_batch_is_set_aside_and_a_copied_state_continues_under_a_new_id() {
+async fn a_refused_batch_is_set_aside_and_a_copied_or_wiped_state_continues_as_the_same_agent() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let collector = start(&tmp.path().join("collector")).await;
     let token = collector.token().await;
@@ -234,26 +235,57 @@ async fn a_refused_batch_is_set_aside_and_a_copied_state_continues_under_a_new_i
     assert_eq!(s.queue_batches, 0);
 
     // The copy queues other hosts under sequence 1, which the collector holds with other
-    // content: it is refused as a conflict, and the copy continues as a new agent.
+    // content: it is refused as a conflict, and the copy continues in a new sequence epoch,
+    // under the same agent id (the one its certificate names): every host is credited to it.
     let m2 = metrics();
     let clone = Arc::new(Queue::open(Some(&copy), 1 << 30, m2).expect("queue"));
-    assert_eq!(clone.agent_id(), id);
+    let epoch = clone.epoch();
+    assert_eq!((clone.agent_id(), epoch), (id.clone(), queue.epoch()));
     assert_eq!(push(&clone, 40, 4), 1);
     deliver_all(
-        Deliverer::new(collector.url.clone(), creds, None, clone.clone(), None, m2),
+        Deliverer::new(
+            collector.url.clone(),
+            creds.clone(),
+            None,
+            clone.clone(),
+            None,
+            m2,
+        ),
         &clone,
     )
     .await;
-    let new_id = clone.agent_id();
-    assert_ne!(new_id, id);
-    let mut want = vec![(id, 5), (new_id.clone(), 4)];
-    want.sort();
-    assert_eq!(collector.evidence().await, want);
+    assert_eq!(clone.agent_id(), id);
+    let new_epoch = clone.epoch();
+    assert_ne!(new_epoch, epoch);
+    assert_eq!(collector.evidence().await, [(id.clone(), 9)]);
     drop(clone);
     let reopened = Queue::open(Some(&copy), 1 << 30, metrics()).expect("reopen");
     assert_eq!(
-        (reopened.agent_id(), reopened.next_sequence()),
-        (new_id, 2),
-        "the new identity is saved"
+        (
+            reopened.agent_id(),
+            reopened.epoch(),
+            reopened.next_sequence()
+        ),
+        (id.clone(), new_epoch, 2),
+        "the new epoch is saved"
     );
+    drop(reopened);
+
+    // A state directory wiped and used again with the same certificate: a new agent.json,
+    // whose own id the certificate does not carry. The queue takes the certificate's id, and
+    // a new state's epoch is its own: nothing collides, everything is credited to the agent.
+    let wiped = tmp.path().join("wiped");
+    std::fs::create_dir_all(&wiped).expect("mkdir");
+    let m3 = metrics();
+    let fresh = Arc::new(Queue::open(Some(&wiped), 1 << 30, m3).expect("queue"));
+    assert_ne!(fresh.agent_id(), id);
+    assert_eq!(push(&fresh, 50, 2), 1);
+    deliver_all(
+        Deliverer::new(collector.url.clone(), creds, None, fresh.clone(), None, m3),
+        &fresh,
+    )
+    .await;
+    assert_eq!(fresh.agent_id(), id);
+    assert_eq!(collector.evidence().await, [(id, 11)]);
+    assert_eq!(m3.snapshot().batches_acknowledged, 1);
 }

@@ -3,7 +3,9 @@
 //! Output is a table for people or `--json` for scripts. The users commands are in `users.rs`.
 //!
 //! Every failure ends in one line on stderr and an exit code: 64 for a usage error, 69 when the
-//! collector cannot be reached, 77 when a credential is refused, 1 otherwise.
+//! collector cannot be reached (or speaks another protocol than the URL's scheme), 77 when a
+//! credential is refused or the collector's certificate is not signed by the CA we trust, 1
+//! otherwise; `reach.rs` reads the transport's error chain to say which.
 
 use std::{error::Error as _, path::PathBuf, time::Duration};
 
@@ -35,6 +37,7 @@ macro_rules! out {
     }};
 }
 
+mod reach;
 mod users;
 pub use users::{UserPolicyCommand, UsersArgs, UsersCommand};
 
@@ -382,6 +385,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
     let channel = connect(
         &cli.collector,
         &creds,
+        &cli.credentials,
         Duration::from_secs(cli.timeout.max(1)),
     )
     .await?;
@@ -780,21 +784,35 @@ fn token_state(t: &v1::EnrollmentToken, now: std::time::SystemTime) -> String {
     }
 }
 
-async fn connect(url: &str, creds: &Credentials, timeout: Duration) -> Result<Channel, Failure> {
+/// Connects (TCP and the TLS handshake) to the collector at `url` with the credentials read
+/// from `dir`.
+async fn connect(
+    url: &str,
+    creds: &Credentials,
+    dir: &std::path::Path,
+    timeout: Duration,
+) -> Result<Channel, Failure> {
     let endpoint = transport::endpoint(url, None, Some(creds), timeout)
         .map_err(|e| Failure::new(EX_USAGE, e.to_string()))?
         .timeout(timeout);
-    endpoint.connect().await.map_err(|e| {
-        Failure::new(
-            EX_UNAVAILABLE,
-            format!("cannot reach the collector at {url}: {}; is census-collector running there? (set --collector or CENSUS_COLLECTOR_URL)", error_chain(&e)),
-        )
-    })
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| reach::failure(url, Some(dir), &e))
 }
 
 pub use census_proto::transport::error_chain;
 
 fn status_failure(status: Status, url: &str) -> Failure {
+    // A status made on our side from a transport error (the connection broke, TLS failed)
+    // carries that error as its source; the collector's own statuses carry none.
+    if matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Internal
+    ) && let Some(source) = status.source()
+    {
+        return reach::failure(url, None, source);
+    }
     let msg = status.message().to_owned();
     match status.code() {
         Code::Unauthenticated | Code::PermissionDenied => Failure::new(

@@ -19,6 +19,7 @@
 //! - [`service`]: the `census.v1` gRPC services (ingest, query, admin).
 //! - [`metrics`]: the collector's Prometheus metrics, their gRPC layer and their HTTP endpoint.
 //! - [`server`]: wires store and services into a tonic server with health and reflection.
+//! - [`handshake`]: the TLS listener, which counts and logs (rate-limited) failed handshakes.
 //! - [`cli`]: the `census` command-line client.
 //! - [`signal`], [`telemetry`]: shutdown signals and tracing set-up.
 
@@ -29,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod entra;
 pub mod graph;
+pub mod handshake;
 pub mod identity;
 pub mod metrics;
 pub mod model;

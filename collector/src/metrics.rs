@@ -98,6 +98,7 @@ pub struct Metrics {
     pub entra_reads: IntCounterVec,
     pub grpc_requests: IntCounterVec,
     pub grpc_seconds: HistogramVec,
+    pub tls_handshakes_failed: IntCounterVec,
     /// 1 while the store takes writes, 0 while it cannot (a full or failing disk).
     pub store_writable: IntGauge,
     store_bytes: IntGauge,
@@ -238,6 +239,15 @@ impl Metrics {
                 ),
                 &["result"]
             ),
+            tls_handshakes_failed: metric!(
+                r,
+                IntCounterVec,
+                Opts::new(
+                    "census_collector_tls_handshakes_failed_total",
+                    "Connections refused because their TLS handshake failed, by reason: untrusted_server_certificate, bad_client_certificate, not_tls, timeout, other."
+                ),
+                &["reason"]
+            ),
             grpc_requests: metric!(
                 r,
                 IntCounterVec,
@@ -314,7 +324,17 @@ impl Metrics {
             m.directory_parts.with_label_values(&[result]);
             m.entra_reads.with_label_values(&[result]);
         }
+        for why in crate::handshake::Failure::ALL {
+            m.tls_handshakes_failed.with_label_values(&[why.label()]);
+        }
         Arc::new(m)
+    }
+
+    /// A connection's TLS handshake failed, for `reason` (a [`crate::handshake::Failure`]).
+    pub fn tls_handshake_failed(&self, reason: &str) {
+        self.tls_handshakes_failed
+            .with_label_values(&[reason])
+            .inc();
     }
 
     /// A batch was refused for `reason`.
@@ -404,6 +424,7 @@ mod tests {
         m.observations_rejected.inc_by(2);
         m.directory_parts.with_label_values(&["ok"]).inc();
         m.entra_reads.with_label_values(&["failed"]).inc();
+        m.tls_handshake_failed("not_tls");
         m.grpc_seconds
             .with_label_values(&["census.v1.QueryService", "GetCounts"])
             .observe(0.002);
@@ -420,6 +441,10 @@ mod tests {
             ("census_collector_observations_rejected_total", 2.0),
             ("census_collector_directory_parts_total{result=\"ok\"}", 1.0),
             ("census_collector_entra_reads_total{result=\"failed\"}", 1.0),
+            (
+                "census_collector_tls_handshakes_failed_total{reason=\"not_tls\"}",
+                1.0,
+            ),
             ("census_collector_report_streams", 0.0),
             ("census_collector_store_writable", 1.0),
             ("census_collector_store_bytes", 4106.0),

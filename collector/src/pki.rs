@@ -71,6 +71,8 @@ pub enum PkiError {
     Csr(String),
     #[error("cannot make a certificate: {0}")]
     Sign(#[from] rcgen::Error),
+    #[error("cannot set up the TLS listener: {0}")]
+    Listener(String),
 }
 
 /// The TLS settings of the collector's config (`[tls]`).
@@ -271,9 +273,37 @@ impl Pki {
         &self.ca_pem
     }
 
-    /// The server's certificate and key, for the TLS listener.
-    pub fn server_identity(&self) -> tonic::transport::Identity {
-        tonic::transport::Identity::from_pem(&self.server_cert_pem, &self.server_key_pem)
+    /// The TLS listener's rustls configuration: the server's certificate; client
+    /// certificates optional at the handshake (enrollment is made without one) but, when
+    /// presented, signed by this CA; HTTP/2 (what tonic's own listener sets up).
+    pub fn server_tls_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, PkiError> {
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+        let bad = |e: &dyn std::fmt::Display| PkiError::Listener(e.to_string());
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots.add(ca.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::clone(&provider),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| bad(&e))?;
+        let chain = CertificateDer::pem_slice_iter(self.server_cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(&e))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(self.server_key_pem.as_bytes()).map_err(|e| bad(&e))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(&e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| bad(&e))?;
+        config.alpn_protocols.push(b"h2".to_vec());
+        Ok(std::sync::Arc::new(config))
     }
 
     /// Where the operator's credentials are, and whether this start made them.

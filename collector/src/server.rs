@@ -16,6 +16,7 @@ use crate::{
     config::{Config, ConfigError},
     entra::{EntraError, EntraReader},
     graph::GraphLimits,
+    handshake,
     metrics::{Metrics, grpc::GrpcMetricsLayer},
     pki::{Pki, PkiError},
     service::{Collector, Limits, Security, operator_check},
@@ -173,41 +174,50 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "collector listening");
     }
-    let mut builder = tonic::transport::Server::builder();
-    if config.dev_plaintext {
+    // Mutual TLS (unless in development mode): a client certificate is optional at the
+    // handshake (enrollment is made without one), and every service but enrollment refuses
+    // calls without one. The handshakes are ours ([`handshake`]), so failed ones are logged.
+    let tls = if config.dev_plaintext {
         warn!(
             "DEVELOPMENT MODE: serving plaintext gRPC and taking callers' certificates on their word; never use this across a network"
         );
+        None
     } else {
-        // Mutual TLS: a client certificate is optional at the handshake (enrollment is made
-        // without one), and every service but enrollment refuses calls without one.
-        builder = builder.tls_config(
-            tonic::transport::ServerTlsConfig::new()
-                .identity(prepared.pki.server_identity())
-                .client_ca_root(tonic::transport::Certificate::from_pem(
-                    prepared.pki.ca_pem(),
-                ))
-                .client_auth_optional(true)
-                .timeout(TLS_HANDSHAKE_TIMEOUT),
-        )?;
-    }
-    let server = builder
+        Some(tokio_rustls::TlsAcceptor::from(
+            prepared.pki.server_tls_config()?,
+        ))
+    };
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         // One connection (one agent, or a leaked token) cannot hold unbounded streams.
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
-        .layer(GrpcMetricsLayer::new(metrics))
+        .layer(GrpcMetricsLayer::new(Arc::clone(&metrics)))
         .add_service(health)
         .add_service(reflection)
         .add_service(ingest)
         .add_service(query)
         .add_service(admin)
-        .add_service(enrollment)
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
-            shutdown.clone().cancelled_owned(),
-        );
+        .add_service(enrollment);
+    let stopped = shutdown.clone().cancelled_owned();
+    let server: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match tls {
+        None => {
+            Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped))
+        }
+        Some(acceptor) => Box::pin(router.serve_with_incoming_shutdown(
+            handshake::incoming(
+                listener,
+                acceptor,
+                TLS_HANDSHAKE_TIMEOUT,
+                Arc::clone(&metrics),
+                shutdown.clone(),
+            ),
+            stopped,
+        )),
+    };
     tokio::pin!(server);
     tokio::select! {
         res = &mut server => res?,

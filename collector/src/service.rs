@@ -1,8 +1,9 @@
 //! The gRPC services of `census.v1`: ingest (agents), query and admin (operators).
 //!
 //! Handlers authenticate, validate, and hand the work to the [`Store`] on a blocking thread;
-//! they never trust a client or site named by an agent: an agent's scope comes from the
-//! certificate it presents (see [`crate::auth`] and [`agents`]).
+//! they never trust a client, site or agent id named by an agent: an agent's identity and
+//! scope come from the certificate it presents (see [`crate::auth`] and [`agents`]), and a
+//! batch naming another agent is refused.
 //! Every count and every device's `counted`/`reason` follows the client's counting policy
 //! ([`crate::policy`]); billing snapshots ([`crate::snapshot`]) freeze them per period.
 
@@ -282,7 +283,7 @@ impl IngestService for Collector {
                     let reply = match this.security.agents.identify(&cert) {
                         Ok(now) if now.client == scope.client && now.site == scope.site => {
                             this.note_seen(&cert, &batch);
-                            this.ingest(&scope, batch).await
+                            this.ingest(&scope, &now.id, batch).await
                         }
                         Ok(_) => Err(Status::unauthenticated("this agent now belongs to another client or site: reconnect")),
                         Err(e) => Err(auth_status(e)),
@@ -312,12 +313,21 @@ impl IngestService for Collector {
 
 impl Collector {
     /// Validates, stores and acknowledges one batch.
+    /// `agent_id` is the agent the certificate names: the batch's evidence is credited to it,
+    /// and its sequences are its own; a batch naming another agent is refused.
     async fn ingest(
         &self,
         scope: &Scope,
+        agent_id: &str,
         batch: v1::ObservationBatch,
     ) -> Result<v1::BatchAck, Status> {
         check_batch(&batch, self.limits)?;
+        if batch.agent_id != agent_id {
+            return Err(Status::permission_denied(format!(
+                "batch {} names agent {:?}, but this connection's certificate is agent {agent_id}'s: an agent reports only as the agent its certificate names",
+                batch.sequence, batch.agent_id
+            )));
+        }
         let received = now_ms();
         let offset = model::clock_offset(batch.sent_at.as_ref(), received);
         let directory = users::directory_part(&batch, received, offset)?;
@@ -329,7 +339,8 @@ impl Collector {
         let rejected = batch.observations.len() - clean.len();
         let stored = u32::try_from(clean.len()).unwrap_or(u32::MAX);
         let id = BatchId {
-            agent_id: batch.agent_id.clone(),
+            agent_id: agent_id.to_owned(),
+            epoch: batch.epoch,
             sequence: batch.sequence,
             digest: batch_digest(&batch),
         };
@@ -400,12 +411,12 @@ impl Collector {
             BatchOutcome::Duplicate => v1::AckStatus::Duplicate,
             BatchOutcome::Conflict => {
                 return Err(Status::failed_precondition(format!(
-                    "batch {} of agent {} was already stored with different content: this agent's state was restored or copied; it must continue under a new agent id",
-                    batch.sequence, batch.agent_id
+                    "batch {} (epoch {}) of agent {} was already stored with different content: this agent's state was restored or copied; it must continue in a new sequence epoch",
+                    batch.sequence, batch.epoch, batch.agent_id
                 )));
             }
         };
-        debug!(agent = %batch.agent_id, sequence = batch.sequence, stored, rejected, ?outcome, "batch");
+        debug!(agent = %batch.agent_id, epoch = batch.epoch, sequence = batch.sequence, stored, rejected, ?outcome, "batch");
         Ok(v1::BatchAck {
             agent_id: batch.agent_id,
             sequence: batch.sequence,

@@ -45,13 +45,30 @@ pub enum BatchOutcome {
     Conflict,
 }
 
-/// Names a batch: (agent, sequence) within the token's scope, and a digest of its content
-/// that tells a replay from a reused sequence number.
+/// Names a batch: (agent, epoch, sequence) within the certificate's scope, and a digest of its
+/// content that tells a replay from a reused sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchId {
+    /// The agent its certificate names (never what the batch says).
     pub agent_id: String,
+    /// The agent's sequence epoch: an agent whose sequences were already used (its state was
+    /// restored or copied) starts a new epoch under the same id.
+    pub epoch: u64,
     pub sequence: u64,
     pub digest: [u8; 32],
+}
+
+impl BatchId {
+    /// The name the batch's sequence is kept under: the agent id, and for epochs past 0 a NUL
+    /// and the epoch (agent ids hold no control characters, so no two streams share a name;
+    /// epoch 0 keeps the name batches had before epochs, so replays of those stay duplicates).
+    pub fn stream(&self) -> std::borrow::Cow<'_, str> {
+        if self.epoch == 0 {
+            std::borrow::Cow::Borrowed(&self.agent_id)
+        } else {
+            std::borrow::Cow::Owned(format!("{}\0{}", self.agent_id, self.epoch))
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -321,6 +338,7 @@ pub(crate) mod contract {
         ];
         let id = |agent: &str, sequence: u64, digest: u8| BatchId {
             agent_id: agent.into(),
+            epoch: 0,
             sequence,
             digest: [digest; 32],
         };
@@ -446,6 +464,7 @@ pub(crate) mod contract {
         };
         let id = |sequence: u64, digest: u8| BatchId {
             agent_id: "ag".into(),
+            epoch: 0,
             sequence,
             digest: [digest; 32],
         };
@@ -674,6 +693,7 @@ pub(crate) mod contract {
         for (i, batch) in batches.iter().enumerate() {
             let id = BatchId {
                 agent_id: "ag".into(),
+                epoch: 0,
                 sequence: i as u64 + 1,
                 digest: [9; 32],
             };

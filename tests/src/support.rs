@@ -430,6 +430,29 @@ impl<'lab> Collector<'lab> {
         self.lab.exec(self.lab.core_ns(), full)
     }
 
+    /// Runs `census --collector URL --credentials DIR ARGS` from the core namespace (another
+    /// URL or credentials than this collector's own); returns its output whatever the exit.
+    pub fn census_as<I, S>(&self, url: &str, credentials: &Path, args: I) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut full: Vec<std::ffi::OsString> = vec![
+            bin("census")?.into_os_string(),
+            "--collector".into(),
+            url.into(),
+            "--credentials".into(),
+            credentials.as_os_str().to_owned(),
+        ];
+        full.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self.lab.exec(self.lab.core_ns(), full)
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// Runs `census ARGS` and returns stdout; a non-zero exit is an error quoting stderr.
     pub fn census_ok<I, S>(&self, args: I) -> Result<String>
     where
@@ -695,6 +718,20 @@ pub fn deliveries(log: &str) -> Vec<Delivery> {
 /// The agent id in `<state dir>/agent.json`, which agents run with `--state-dir` keep.
 pub fn agent_id(state_dir: &Path) -> Result<String> {
     let path = state_dir.join("agent.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    v["agent_id"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("no agent_id in {}", path.display()))
+}
+
+/// The agent id the collector bound an enrolled agent's certificate to, as `census-agent
+/// enroll` noted it in `<state dir>/identity/enrollment.json`.
+pub fn enrolled_agent_id(state_dir: &Path) -> Result<String> {
+    let path = state_dir.join("identity").join("enrollment.json");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let v: serde_json::Value =

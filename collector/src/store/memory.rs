@@ -145,7 +145,7 @@ impl Store for MemoryStore {
         let key = (
             scope.client.clone(),
             scope.site.clone(),
-            batch.agent_id.clone(),
+            batch.stream().into_owned(),
             batch.sequence,
         );
         if let Some(digest) = inner.batches.get(&key) {
@@ -274,7 +274,7 @@ impl Store for MemoryStore {
         let key = (
             scope.client.clone(),
             scope.site.clone(),
-            batch.agent_id.clone(),
+            batch.stream().into_owned(),
             batch.sequence,
         );
         if let Some(digest) = inner.user_batches.get(&key) {

@@ -732,7 +732,7 @@ impl Store for SledStore {
             &[
                 client,
                 scope.site.as_bytes(),
-                batch.agent_id.as_bytes(),
+                batch.stream().as_bytes(),
                 &batch.sequence.to_be_bytes(),
             ],
         );
@@ -1010,6 +1010,7 @@ mod tests {
         };
         let batch = BatchId {
             agent_id: "ag".into(),
+            epoch: 0,
             sequence: 1,
             digest: [1; 32],
         };
@@ -1095,6 +1096,7 @@ mod tests {
                             .collect();
                         let id = BatchId {
                             agent_id: format!("agent-{t}"),
+                            epoch: 0,
                             sequence: u64::from(seq),
                             digest: [seq; 32],
                         };

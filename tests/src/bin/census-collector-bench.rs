@@ -341,7 +341,8 @@ struct TokenMaker {
 }
 
 impl TokenMaker {
-    /// A token for `client`, traded with a CSR for an agent's certificate.
+    /// A token for `client`, traded with a CSR for an agent's certificate naming agent
+    /// `bench-<client>` (the id its batches must carry).
     async fn token(&self, channel: Channel, client: &str) -> Result<Credentials> {
         let mut admin = AdminServiceClient::new(channel.clone());
         let token = admin
@@ -357,7 +358,7 @@ impl TokenMaker {
             .with_context(|| format!("creating a token for {client}"))?
             .into_inner()
             .token;
-        let (creds, _) = support::enroll_over(
+        let (creds, response) = support::enroll_over(
             channel,
             &token,
             &format!("bench-{client}"),
@@ -366,6 +367,11 @@ impl TokenMaker {
         )
         .await?
         .with_context(|| format!("enrolling an agent of {client}"))?;
+        anyhow::ensure!(
+            response.agent_id == format!("bench-{client}"),
+            "enrolled as {}, not bench-{client}",
+            response.agent_id
+        );
         Ok(creds)
     }
 }
@@ -825,7 +831,8 @@ async fn ingest(opts: &Options, scratch: &Path, rows: &mut Vec<Row>) -> Result<b
         tasks.push(tokio::spawn(run_stream(
             channel,
             token.clone(),
-            format!("bench-agent-{i:04}"),
+            // The id the agent's certificate names (see `TokenMaker::token`).
+            format!("bench-ingest-{i:04}"),
             devices,
             state,
             Arc::clone(&totals),
@@ -1079,7 +1086,8 @@ async fn counts(opts: &Options, scratch: &Path, rows: &mut Vec<Row>) -> Result<b
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
             let devices: Vec<v1::Observation> = (0..n).map(|j| observation(i, j)).collect();
-            let agent = format!("agent-{i:05}");
+            // The id the agent's certificate names (see `TokenMaker::token`).
+            let agent = format!("bench-client-{i:05}");
             let batches: Vec<v1::ObservationBatch> = (1..=(n / BATCH) as u64)
                 .map(|s| batch(&agent, s, &devices))
                 .collect();

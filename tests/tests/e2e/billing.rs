@@ -207,7 +207,7 @@ fn policy(
 async fn a_policy_changes_the_counts_and_says_why() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let c = start(dir.path()).await?;
-    let token = c.agent("acme", "hq").await?;
+    let token = c.agent_named("acme", "hq", "agent-1").await?;
     c.send(
         &token,
         batch(
@@ -354,7 +354,7 @@ async fn a_policy_changes_the_counts_and_says_why() -> Result<()> {
 async fn snapshots_are_frozen_diffed_and_exported() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let c = start(dir.path()).await?;
-    let token = c.agent("acme", "hq").await?;
+    let token = c.agent_named("acme", "hq", "agent-1").await?;
     c.send(
         &token,
         batch(
@@ -697,7 +697,7 @@ fn parse_csv(text: &str) -> Result<Vec<Vec<String>>> {
 async fn census_output_into_a_closed_pipe_ends_quietly() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let c = start(dir.path()).await?;
-    let agent = c.agent("acme", "hq").await?;
+    let agent = c.agent_named("acme", "hq", "agent-1").await?;
     c.send(
         &agent,
         batch(

@@ -3,7 +3,9 @@
 //! observation once when the collector is back; an agent killed with SIGKILL while its batches
 //! are on the wire, unacknowledged, delivers them after a restart (`run --once` too), and killed
 //! again right after an acknowledgement, resends what the collector already holds, whose
-//! idempotency keeps the counts exact.
+//! idempotency keeps the counts exact; and an agent whose state was restored from a backup, or
+//! wiped and used again with the same certificate, goes on as the agent its certificate names
+//! (a new sequence epoch where its sequences were already used), with nothing lost.
 
 use std::{
     net::Ipv4Addr,
@@ -397,5 +399,65 @@ fn an_agent_killed_mid_delivery_delivers_after_a_restart_and_nothing_counts_twic
         .filter_map(|l| l.number("duplicates"))
         .sum();
     eprintln!("{replays} batches were resent after a lost acknowledgement and taken as replays");
+    Ok(())
+}
+
+#[test]
+fn a_restored_or_wiped_state_goes_on_as_the_agent_its_certificate_names() -> Result<()> {
+    if lab_skipped() {
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let site = site_with_hosts(&lab)?;
+    let collector = Collector::start_at(&lab, &lab.dir().join("collector"), COLLECTOR_PORT)?;
+    let state = collector.enroll(CLIENT, "hq")?;
+    let id = support::enrolled_agent_id(&state)?;
+    std::fs::write(state.with_extension("toml"), "[queue]\nmax_mb = 16\n")?;
+    let ns = site.agent().ns();
+
+    let first = once(&lab, ns, &collector.url(), &state)?;
+    let backup = std::fs::read(state.join("agent.json"))?;
+    let second = once(&lab, ns, &collector.url(), &state)?;
+
+    // agent.json restored from the backup: the next sweep reuses sequence numbers the
+    // collector holds with other content. It is refused as a conflict, and the agent goes on
+    // in a new sequence epoch under the same id.
+    std::fs::write(state.join("agent.json"), &backup)?;
+    let restored = once(&lab, ns, &collector.url(), &state)?;
+    ensure!(
+        restored
+            .iter()
+            .any(|l| l.message().starts_with("sequence numbers already used")),
+        "no conflict after the restore: {restored:?}"
+    );
+
+    // The state wiped (the queue and agent.json), the identity kept: a new state, in an epoch
+    // of its own, that carries the certificate's id.
+    std::fs::remove_file(state.join("agent.json"))?;
+    std::fs::remove_dir_all(state.join("queue"))?;
+    let wiped = once(&lab, ns, &collector.url(), &state)?;
+    ensure!(
+        support::agent_id(&state)? == id,
+        "agent.json names the certificate's id"
+    );
+
+    // `census agents` lists the one real agent, and every observation of the four runs is
+    // credited to it, once.
+    let agents: Vec<serde_json::Value> =
+        serde_json::from_str(&collector.census_ok(["agents", "--json"])?)?;
+    let listed: Vec<&str> = agents
+        .iter()
+        .filter_map(|a| a["agent_id"].as_str())
+        .collect();
+    assert_eq!(listed, [id.as_str()]);
+    let runs = [&first, &second, &restored, &wiped];
+    let queued: u64 = runs.iter().map(|log| queued_observations(log)).sum();
+    assert_eq!(queued, 4 * u64::from(HOSTS), "every sweep saw every host");
+    let devices = collector.devices(CLIENT)?;
+    assert_eq!(devices.len() as u64, u64::from(HOSTS));
+    assert_eq!(stored_by(&devices, &id), queued);
+    for d in &devices {
+        assert_eq!(d.agents(), std::slice::from_ref(&id), "{d:?}");
+    }
     Ok(())
 }

@@ -2,7 +2,9 @@
 //! LDAPS verified against the lab's CA from an agent's namespace, exactly the accounts the
 //! billable-user rules are about (enabled, disabled, expired, computer, contact, service,
 //! critical system, exclusion-group member, stale logon) and over a thousand bulk users that are
-//! proper user objects; a wrong password is refused; and nothing of it outlives the lab.
+//! proper user objects; a wrong password is refused; and nothing of it outlives the lab. An
+//! agent there only for the directory (every discovery method disabled, no scope) delivers the
+//! users and sweeps nothing.
 //!
 //! The agent's reader is tested against the same kind of DC in the agent crate
 //! (`agent/src/directory/tests.rs`), where it can run inside the lab's agent namespace.
@@ -11,8 +13,11 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
-use census_tests::lab::{
-    Lab, LdifEntry, SAM_USER_OBJECT, SiteSpec, lab_skipped, namespaces_with_prefix,
+use census_tests::{
+    lab::{
+        HostSpec, Lab, LdifEntry, SAM_USER_OBJECT, SiteSpec, lab_skipped, namespaces_with_prefix,
+    },
+    support::{self, Collector},
 };
 
 /// A FILETIME (100 ns ticks since 1601) of a time.
@@ -223,5 +228,91 @@ fn samba_dc_serves_the_accounts_the_user_rules_need() -> Result<()> {
     ensure!(!dc_dir.exists(), "{} outlived the lab", dc_dir.display());
     let left = namespaces_with_prefix(&prefix);
     ensure!(left.is_empty(), "namespaces left behind: {left:?}");
+    Ok(())
+}
+
+#[test]
+fn a_directory_only_agent_reads_the_users_and_sweeps_nothing() -> Result<()> {
+    if lab_skipped() {
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let site = lab.add_site(SiteSpec::new(
+        "dc-only",
+        "198.18.42.0/24".parse()?,
+        Ipv4Addr::new(198, 18, 42, 2),
+    ))?;
+    // Hosts that would answer a sweep, were there one.
+    site.add_hosts(HostSpec::range(Ipv4Addr::new(198, 18, 42, 20), 4))?;
+    let agent_ns = site.agent().ns().to_owned();
+    let dc = lab.samba_dc(&site, Ipv4Addr::new(198, 18, 42, 10), "dconly.census.test")?;
+    for name in ["alice", "bob"] {
+        dc.add_user(name, "Lab-User-Passw0rd!")?;
+    }
+    let persons = dc.search(
+        "(&(objectCategory=person)(objectClass=user))",
+        &["sAMAccountName"],
+    )?;
+
+    let collector = Collector::start(&lab, &lab.dir().join("collector"))?;
+    let conf_dir = support::lab_dir(&lab, "dc-only-agent")?;
+    let state = conf_dir.join("state");
+    collector.enroll_into("dconly", "dc", &state)?;
+    let password_file = conf_dir.join("bind.password");
+    std::fs::write(&password_file, dc.admin_password())?;
+    let directory = format!(
+        "[directory]\nenabled = true\nurl = \"{}\"\nbind_dn = \"{}\"\npassword_file = {:?}\nca_file = {:?}\n",
+        dc.url(),
+        dc.admin_upn(),
+        password_file,
+        dc.ca_file()
+    );
+    let with_directory = conf_dir.join("agent.toml");
+    std::fs::write(&with_directory, &directory)?;
+    let without = conf_dir.join("none.toml");
+    std::fs::write(&without, "")?;
+    let url = collector.url();
+    let state_arg = state.display().to_string();
+    let args = |config: &std::path::Path| -> Vec<String> {
+        vec![
+            "--state-dir".into(),
+            state_arg.clone(),
+            "--config".into(),
+            config.display().to_string(),
+            "--disable".into(),
+            "arp,icmp,snmp,mdns".into(),
+            "--collector".into(),
+            url.clone(),
+        ]
+    };
+
+    // No method and no directory: nothing to do, said in one line (64).
+    let out = support::agent_once(&lab, &agent_ns, args(&without))?;
+    ensure!(out.status.code() == Some(64), "{out:?}");
+    let errors = support::error_lines(&out);
+    ensure!(
+        errors.len() == 1 && errors[0].contains("[directory]"),
+        "{errors:?}"
+    );
+
+    // No method, no scope, the directory enabled: valid, and it reads only the directory.
+    let out = support::agent_once(&lab, &agent_ns, args(&with_directory))?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "agent run --once: {log}");
+    ensure!(log.contains("only reads the directory"), "{log}");
+    let listing = collector.users("dconly")?;
+    let source = listing["sources"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["source"] == "ad:dconly.census.test"))
+        .with_context(|| format!("the AD source in {listing}"))?;
+    ensure!(
+        source["accounts"] == persons.len() && source["stale"] == false,
+        "every person of the directory: {source} vs {}",
+        persons.len()
+    );
+    ensure!(
+        collector.devices("dconly")?.is_empty(),
+        "nothing was swept, so no device"
+    );
     Ok(())
 }

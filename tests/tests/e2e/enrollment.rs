@@ -211,13 +211,19 @@ async fn a_revoked_agent_is_locked_out_at_once_even_on_an_open_stream() -> Resul
 async fn an_agent_of_one_client_cannot_write_or_read_anything_of_another() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let c = start(dir.path()).await?;
-    let a = c.agent("acme", "hq").await?;
-    let g = c.agent("globex", "hq").await?;
+    let a = c.agent_named("acme", "hq", "a").await?;
+    let g = c.agent_named("globex", "hq", "g").await?;
     c.report(&g, vec![batch("g", 1, &[("198.18.0.10", MAC2)])])
         .await??;
-    // Batches carry no client: whatever acme's agent sends, under any agent id (even the
-    // globex agent's), lands in acme.
-    c.report(&a, vec![batch("g", 2, &[("198.18.0.10", MAC1)])])
+    // Batches carry no client, and the agent is the one its certificate names: a batch of
+    // acme's agent naming the globex agent is refused; its own lands in acme.
+    refused(
+        c.report(&a, vec![batch("g", 2, &[("198.18.0.10", MAC1)])])
+            .await?,
+        Code::PermissionDenied,
+        "names agent \"g\"",
+    );
+    c.report(&a, vec![batch("a", 1, &[("198.18.0.10", MAC1)])])
         .await??;
     let acme = c.devices("acme").await?;
     let globex = c.devices("globex").await?;
@@ -341,7 +347,7 @@ async fn development_mode_serves_plaintext_and_still_needs_an_enrolled_certifica
         ..Config::default()
     })
     .await?;
-    let agent = c.agent("acme", "hq").await?;
+    let agent = c.agent_named("acme", "hq", "d").await?;
     assert_eq!(
         c.report(&agent, vec![batch("d", 1, &[("198.18.0.10", MAC1)])])
             .await??
@@ -373,8 +379,8 @@ async fn a_stream_that_never_finishes_is_cut_off_and_others_carry_on() -> Result
         ..Config::default()
     })
     .await?;
-    let stalled = c.agent("acme", "hq").await?;
-    let healthy = c.agent("acme", "branch").await?;
+    let stalled = c.agent_named("acme", "hq", "s").await?;
+    let healthy = c.agent_named("acme", "branch", "h").await?;
     // A stream that opens and then sends nothing, ever.
     let (tx, rx) = tokio::sync::mpsc::channel::<v1::ObservationBatch>(1);
     let mut ingest = IngestServiceClient::new(c.agent_channel(&stalled).await?);

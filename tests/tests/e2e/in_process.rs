@@ -148,12 +148,19 @@ impl Running {
 
     /// An agent enrolled into (client, site): its credentials.
     pub async fn agent(&self, client: &str, site: &str) -> Result<Credentials> {
+        self.agent_named(client, site, &format!("agent-{}", uuid_like()))
+            .await
+    }
+
+    /// An agent enrolled into (client, site) as `id` (its batches must name it: the collector
+    /// takes the agent's identity from its certificate): its credentials.
+    pub async fn agent_named(&self, client: &str, site: &str, id: &str) -> Result<Credentials> {
         let token = self.token(client, site).await?;
-        let id = format!("agent-{}", uuid_like());
-        let (creds, _) = self
-            .enroll_with(&token, &id)
+        let (creds, response) = self
+            .enroll_with(&token, id)
             .await?
             .map_err(|s| anyhow::anyhow!("enrollment refused: {s:?}"))?;
+        anyhow::ensure!(response.agent_id == id, "enrolled as {}", response.agent_id);
         Ok(creds)
     }
 

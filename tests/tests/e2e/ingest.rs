@@ -28,7 +28,7 @@ const MAC2: [u8; 6] = [0, 0x16, 0x3e, 0, 0, 2];
 async fn a_batch_sent_twice_is_stored_once() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let c = start(dir.path()).await?;
-    let token = c.agent("acme", "hq").await?;
+    let token = c.agent_named("acme", "hq", "agent-1").await?;
     let b = batch(
         "agent-1",
         1,
@@ -73,17 +73,23 @@ async fn a_batch_sent_twice_is_stored_once() -> Result<()> {
 async fn an_agent_writes_only_for_the_client_and_site_of_its_token() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let c = start(dir.path()).await?;
-    let acme = c.agent("acme", "hq").await?;
-    let _globex = c.agent("globex", "hq").await?;
+    let acme = c.agent_named("acme", "hq", "a").await?;
+    let _globex = c.agent_named("globex", "hq", "globex-agent").await?;
     c.report(&acme, vec![batch("a", 1, &[("198.18.0.10", MAC1)])])
         .await??;
-    // Messages carry no client or site: the same agent id and sequence under acme's token land
-    // in acme, and globex is untouched.
-    let acks = c
+    // Messages carry no client or site, and the agent is the one its certificate names: a
+    // batch naming globex's agent under acme's certificate is refused...
+    let refused = c
         .report(
             &acme,
             vec![batch("globex-agent", 1, &[("198.18.0.10", MAC2)])],
         )
+        .await?
+        .expect_err("another agent's batch");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    // ...and acme's own lands in acme, and globex is untouched.
+    let acks = c
+        .report(&acme, vec![batch("a", 2, &[("198.18.0.10", MAC2)])])
         .await??;
     assert_eq!(acks[0].status, v1::AckStatus::Stored as i32);
     assert_eq!(c.devices("acme").await?.len(), 2);
@@ -124,7 +130,7 @@ async fn an_agent_writes_only_for_the_client_and_site_of_its_token() -> Result<(
 async fn malformed_batches_are_refused_and_the_collector_stays_healthy() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let c = start(dir.path()).await?;
-    let token = c.agent("acme", "hq").await?;
+    let token = c.agent_named("acme", "hq", "a").await?;
     let status = c
         .report(&token, vec![batch("a", 0, &[("198.18.0.10", MAC1)])])
         .await?
@@ -161,7 +167,7 @@ async fn malformed_batches_are_refused_and_the_collector_stays_healthy() -> Resu
 async fn oversized_messages_end_only_their_stream() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let c = start(dir.path()).await?;
-    let token = c.agent("acme", "hq").await?;
+    let token = c.agent_named("acme", "hq", "a").await?;
     let mut big = batch("a", 1, &[("198.18.0.10", MAC1)]);
     big.observations[0].names.push(v1::Name {
         value: "x".repeat(5 * 1024 * 1024),
@@ -246,7 +252,7 @@ async fn health_and_reflection_are_served() -> Result<()> {
 async fn a_reused_sequence_number_with_other_content_is_refused_not_dropped() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let c = start(dir.path()).await?;
-    let token = c.agent("acme", "hq").await?;
+    let token = c.agent_named("acme", "hq", "a").await?;
     c.report(&token, vec![batch("a", 1, &[("198.18.0.10", MAC1)])])
         .await??;
     // A restored or cloned agent sends other observations under the same sequence number.
@@ -255,6 +261,68 @@ async fn a_reused_sequence_number_with_other_content_is_refused_not_dropped() ->
         .await?
         .expect_err("a conflict, not a duplicate");
     assert_eq!(status.code(), Code::FailedPrecondition);
-    assert!(status.message().contains("new agent id"), "{status:?}");
+    assert!(
+        status.message().contains("new sequence epoch"),
+        "{status:?}"
+    );
+    // The agent continues in a new epoch, under the same id: its sequences start again.
+    let mut again = batch("a", 1, &[("198.18.0.11", MAC2)]);
+    again.epoch = 7;
+    let acks = c.report(&token, vec![again.clone()]).await??;
+    assert_eq!(acks[0].status, v1::AckStatus::Stored as i32);
+    let acks = c.report(&token, vec![again]).await??;
+    assert_eq!(
+        acks[0].status,
+        v1::AckStatus::Duplicate as i32,
+        "replays stay idempotent"
+    );
+    let devices = c.devices("acme").await?;
+    assert_eq!(devices.len(), 2);
+    assert!(
+        devices
+            .iter()
+            .all(|d| d.evidence.len() == 1 && d.evidence[0].agent_id == "a"),
+        "{devices:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_batch_naming_another_agent_is_refused_and_spends_none_of_its_sequences() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let c = start(dir.path()).await?;
+    let a = c.agent_named("acme", "hq", "agent-a").await?;
+    let b = c.agent_named("acme", "hq", "agent-b").await?;
+    // agent-a, enrolled at the same client and site, sends a batch naming agent-b.
+    let forged = c
+        .report(&a, vec![batch("agent-b", 1, &[("198.18.0.10", MAC1)])])
+        .await?
+        .expect_err("a batch naming another agent");
+    assert_eq!(forged.code(), Code::PermissionDenied, "{forged:?}");
+    assert!(
+        forged.message().contains("names agent \"agent-b\"")
+            && forged.message().contains("certificate is agent agent-a's"),
+        "{forged:?}"
+    );
+    assert!(c.devices("acme").await?.is_empty(), "nothing was credited");
+    // agent-b's own sequence 1 is still its own: stored, no conflict.
+    let acks = c
+        .report(&b, vec![batch("agent-b", 1, &[("198.18.0.11", MAC2)])])
+        .await??;
+    assert_eq!(acks[0].status, v1::AckStatus::Stored as i32);
+    let devices = c.devices("acme").await?;
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].evidence[0].agent_id, "agent-b");
+    // The agents list holds the two enrolled agents, no other id.
+    let agents = c
+        .admin()
+        .await?
+        .list_agents(c.op(v1::ListAgentsRequest::default()))
+        .await?
+        .into_inner()
+        .agents;
+    let mut ids: Vec<&str> = agents.iter().map(|a| a.agent_id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["agent-a", "agent-b"]);
     Ok(())
 }

@@ -16,4 +16,5 @@ mod ingest;
 mod lab;
 mod metrics;
 mod operating;
+mod tls;
 mod users;

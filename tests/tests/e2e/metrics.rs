@@ -317,7 +317,7 @@ async fn send(
 async fn duplicates_and_refusals_are_counted_by_reason() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let c = start(dir.path()).await?;
-    let token = c.agent("acme", "hq").await?;
+    let token = c.agent_named("acme", "hq", "metrics-agent").await?;
     let mac = [0, 0x16, 0x3e, 0x6d, 0, 1];
     let first = batch(1, mac);
     assert_eq!(send(&c, &token, vec![first.clone()]).await?, 1);

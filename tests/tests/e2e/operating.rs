@@ -81,6 +81,7 @@ fn store_with_a_log_to_replay(data: &Path, batches: u64) -> Result<()> {
             .collect();
         let id = BatchId {
             agent_id: "loader".into(),
+            epoch: 0,
             sequence: seq,
             digest: [seq as u8; 32],
         };
@@ -384,7 +385,7 @@ async fn a_full_disk_is_unavailable_to_agents_and_not_serving_for_ingest_until_i
     let data = disk.0.join("collector");
     std::fs::create_dir_all(&data)?;
     let c = start(&data).await?;
-    let agent = c.agent("acme", "hq").await?;
+    let agent = c.agent_named("acme", "hq", "a").await?;
     let mac = |n: u8| [0, 0x16, 0x3e, 0, 0, n];
     c.report(&agent, vec![batch("a", 1, &[("198.18.0.10", mac(1))])])
         .await??;

@@ -1003,6 +1003,7 @@ mod tests {
     fn id(seq: u64) -> BatchId {
         BatchId {
             agent_id: "agent".into(),
+            epoch: 0,
             sequence: seq,
             digest: [seq as u8; 32],
         }

@@ -155,7 +155,7 @@ impl SledStore {
             &[
                 scope.client.as_bytes(),
                 scope.site.as_bytes(),
-                batch.agent_id.as_bytes(),
+                batch.stream().as_bytes(),
                 &batch.sequence.to_be_bytes(),
             ],
         );
@@ -277,6 +277,7 @@ mod tests {
         };
         let batch = |sequence| BatchId {
             agent_id: "ag".into(),
+            epoch: 0,
             sequence,
             digest: [1; 32],
         };
