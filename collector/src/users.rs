@@ -500,7 +500,12 @@ impl Activity<'_> {
     fn decide(&self, window: u32, now_ms: u64) -> Decision {
         let w = self.words;
         let window_ms = u64::from(window) * DAY_MS;
-        let days_ago = |at: u64| now_ms.saturating_sub(at) / DAY_MS;
+        // "today", "1 day ago", "12 days ago": a new hire's reason reads as people say it.
+        let days_ago = |at: u64| match now_ms.saturating_sub(at) / DAY_MS {
+            0 => "today".to_owned(),
+            1 => "1 day ago".to_owned(),
+            n => format!("{n} days ago"),
+        };
         match (self.last_ms, self.created_ms) {
             (Some(at), _) if now_ms.saturating_sub(at) > window_ms => Decision::no(format!(
                 "stale: {} {}, more than {window} days ago ({})",
@@ -514,7 +519,7 @@ impl Activity<'_> {
             },
             (None, Some(created)) if now_ms.saturating_sub(created) > window_ms => {
                 Decision::no(format!(
-                    "stale: {}, created {} ({} days ago, more than {window} days)",
+                    "stale: {}, created {} ({}, more than {window} days)",
                     w.never,
                     day(created),
                     days_ago(created)
@@ -523,7 +528,7 @@ impl Activity<'_> {
             (None, Some(created)) => Decision {
                 billable: true,
                 reason: format!(
-                    "{}, created {} ({} days ago): a new account, billed until it is {window} days old without a logon",
+                    "{}, created {} ({}): a new account, billed until it is {window} days old without a logon",
                     w.never,
                     day(created),
                     days_ago(created)

@@ -637,8 +637,7 @@ fn directory_users_from_samba_and_entra_count_once_per_person() -> Result<()> {
         ensure!(
             p["counted"] == true
                 && p["reason"].as_str().is_some_and(|r| {
-                    r.contains("never logged on, created ")
-                        && r.contains("(0 days ago): a new account")
+                    r.contains("never logged on, created ") && r.contains("(today): a new account")
                 })
                 && p["accounts"][0]["created"].is_string(),
             "{sam}: {p}"
