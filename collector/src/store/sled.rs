@@ -41,8 +41,10 @@
 //! same lock and path.
 //!
 //! **Durability.** Every write that is acknowledged to anyone is durable first: a `graph`
-//! write in the log, any other write by a sled flush (sled's background flush alone can lose
-//! the last half second).
+//! write in the log, any other write by a sled flush. The one write that is not (an agent's
+//! last-seen time) is flushed by the checkpoint thread within half a second, when the disk has
+//! room: sled's own background flusher is off, as it would write on a full disk (see
+//! [`commit`]).
 //!
 //! **Counting.** `GetCounts` counts from [`counts::CountIndex`], the summaries of a client's
 //! devices in memory, read from the store on the client's first count and kept in step by
@@ -175,9 +177,13 @@ impl SledStore {
     /// Opens (or creates) the store in `dir`, which must exist.
     pub fn open_with(dir: &Path, options: &SledOptions) -> Result<Self, StoreError> {
         let path = dir.join("store");
+        // No background flusher: it would write on a full disk, and sled fails for good once
+        // one of its writes fails. The checkpoint thread flushes instead, when there is room
+        // (see [`commit::Pipeline::note_sled_write`]); every durable write flushes itself.
         let config = sled::Config::new()
             .path(&path)
-            .cache_capacity(options.cache_bytes);
+            .cache_capacity(options.cache_bytes)
+            .flush_every_ms(None);
         let db = open_sled(&config).map_err(|e| match e {
             sled::Error::Io(io)
                 if io.kind() == std::io::ErrorKind::WouldBlock
@@ -713,7 +719,12 @@ impl Store for SledStore {
         self.agents
             .insert(agent.id.as_bytes(), encode_json(agent)?)
             .map_err(engine)?;
-        if durable { self.flush() } else { Ok(()) }
+        if durable {
+            self.flush()
+        } else {
+            self.pipeline.note_sled_write();
+            Ok(())
+        }
     }
 
     fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
