@@ -274,6 +274,12 @@ impl SledStore {
         self.flush()
     }
 
+    /// Refuses a write of sled's own (the trees other than `graph`) when the disk has no room
+    /// for it, before sled is touched: a failed write would stop sled for good, reads too.
+    fn room(&self) -> Result<(), StoreError> {
+        self.pipeline.room()
+    }
+
     /// Makes every write made so far durable.
     fn flush(&self) -> Result<(), StoreError> {
         self.pipeline.flush_all(&self.db)
@@ -623,6 +629,9 @@ impl Store for SledStore {
             name: name.to_owned(),
             created_ms: now_ms,
         };
+        if self.client(name)?.is_none() {
+            self.room()?;
+        }
         let prev = self
             .clients
             .compare_and_swap(
@@ -652,6 +661,14 @@ impl Store for SledStore {
             name: site.to_owned(),
             created_ms: now_ms,
         };
+        if self
+            .sites
+            .get(key(&[client.as_bytes(), site.as_bytes()]))
+            .map_err(engine)?
+            .is_none()
+        {
+            self.room()?;
+        }
         let created = self
             .sites
             .compare_and_swap(
@@ -684,6 +701,7 @@ impl Store for SledStore {
     }
 
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        self.room()?;
         self.tokens
             .insert(token.id.as_bytes(), encode_json(token)?)
             .map_err(engine)?;
@@ -705,6 +723,7 @@ impl Store for SledStore {
     fn enroll(&self, token: &TokenRecord, agent: &AgentRecord) -> Result<(), StoreError> {
         use sled::Transactional as _;
         let (t, a) = (encode_json(token)?, encode_json(agent)?);
+        self.room()?;
         (&self.tokens, &self.agents)
             .transaction(|(tokens, agents)| {
                 tokens.insert(token.id.as_bytes(), t.as_slice())?;
@@ -716,6 +735,10 @@ impl Store for SledStore {
     }
 
     fn put_agent(&self, agent: &AgentRecord, durable: bool) -> Result<(), StoreError> {
+        // Not durable: only in sled's memory, flushed later when there is room.
+        if durable {
+            self.room()?;
+        }
         self.agents
             .insert(agent.id.as_bytes(), encode_json(agent)?)
             .map_err(engine)?;
@@ -882,6 +905,7 @@ impl Store for SledStore {
         rules: &PolicyRules,
         at_ms: u64,
     ) -> Result<Policy, StoreError> {
+        self.room()?;
         let policy = put_versioned(&self.policies, client, |n| Policy {
             version: Policy::version_for(client, n),
             client: client.to_owned(),
@@ -916,6 +940,7 @@ impl Store for SledStore {
         // What the snapshot was built from is durable before it bills anything: a commit
         // that a failed write dropped meanwhile fails this instead.
         self.pipeline.sync()?;
+        self.room()?;
         // One transaction that refuses to overwrite: a snapshot is written once, whole.
         let created = self
             .snapshots

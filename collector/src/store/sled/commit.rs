@@ -447,6 +447,12 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Whether the disk has room for a write of sled's own (a probe written, synced and
+    /// removed): an error if not, before sled is touched (see [`Shared::room_for`]).
+    pub(super) fn room(&self) -> Result<(), StoreError> {
+        self.shared.room_for(0)
+    }
+
     /// sled was written outside the log and not flushed: the checkpoint thread flushes it
     /// within [`FLUSH_EVERY`], when the disk has room (sled's own flusher is off).
     pub(super) fn note_sled_write(&self) {
@@ -1449,6 +1455,36 @@ mod tests {
         }
         drop(store);
         check(dir.path(), &want, 3);
+    }
+
+    #[test]
+    fn writes_of_sleds_own_trees_are_refused_before_sled_on_a_full_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let rules = crate::policy::PolicyRules::default();
+        store.ensure_client("acme", 1).expect("client");
+        store.put_policy("acme", &rules, 1).expect("policy");
+
+        store.pipeline.fail_writes(true);
+        assert!(matches!(
+            store.put_policy("acme", &rules, 2),
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            store.ensure_client("other", 2),
+            Err(StoreError::Unavailable(_))
+        ));
+        // No write needed, none refused.
+        assert!(!store.ensure_client("acme", 2).expect("client").1);
+        // sled was not touched: it has not failed, and answers.
+        assert_eq!(store.write_failure(), None);
+        assert!(!store.needs_reopen());
+        assert_eq!(store.policies("acme").expect("policies").len(), 1);
+        assert_eq!(store.clients().expect("clients").len(), 1);
+
+        store.pipeline.fail_writes(false);
+        store.put_policy("acme", &rules, 3).expect("policy");
+        assert_eq!(store.policies("acme").expect("policies").len(), 2);
     }
 
     #[test]
