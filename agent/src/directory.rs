@@ -2,7 +2,7 @@
 //! LDAPS (or LDAP with StartTLS), runs one paged search for user objects and one for groups,
 //! and hands back each account as a `census.v1.DirectoryUser` with what the collector's
 //! billable-user policy needs (objectGUID and objectSid as join keys to Entra ID,
-//! sAMAccountType, userAccountControl, accountExpires, lastLogonTimestamp,
+//! sAMAccountType, userAccountControl, accountExpires, lastLogonTimestamp, whenCreated,
 //! isCriticalSystemObject, servicePrincipalName, and `member_of`: every group the user is in,
 //! nested groups included, so that a member of an exclusion group through a nested group is
 //! excluded too).
@@ -208,6 +208,10 @@ pub enum DirectoryError {
         host: String,
         message: String,
     },
+    #[error(
+        "{url}: the directory's certificate has no subjectAltName (SAN), so TLS clients accept it for no name (the subject's CN is not used): reissue the domain controller's certificate with a SAN naming {host}"
+    )]
+    NoSubjectAltName { url: String, host: String },
     #[error("{url}: TLS failed: {message}")]
     Tls { url: String, message: String },
     #[error(

@@ -530,6 +530,7 @@ fn directory_exit_code(e: &DirectoryError) -> u8 {
         | DirectoryError::CaFile { .. }
         | DirectoryError::Untrusted { .. }
         | DirectoryError::WrongName { .. }
+        | DirectoryError::NoSubjectAltName { .. }
         | DirectoryError::TooManyUsers { .. }
         | DirectoryError::TooManyGroups { .. } => EX_USAGE,
         DirectoryError::Unreachable { .. }

@@ -501,6 +501,7 @@ mod tests {
             has_service_principal_name: true,
             member_of: vec![text.clone(); crate::directory::entry::MAX_MEMBER_OF],
             is_computer: true,
+            when_created: ts,
         };
         let read = v1::DirectoryRead {
             directory: text.clone(),

@@ -681,7 +681,9 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Policy(cmd) => policy_command(cmd, &mut query, &mut admin, url).await?,
         Command::Snapshot(cmd) => snapshot_command(cmd, &mut query, &mut admin, url).await?,
-        Command::Users(args) => users::run(args, &mut query, &mut admin, url).await?,
+        Command::Users(args) => {
+            users::run(args, &mut query, &mut admin, url, cli.timeout.max(1)).await?
+        }
         Command::Devices {
             client,
             site,
@@ -825,6 +827,13 @@ fn status_failure(status: Status, url: &str) -> Failure {
                     .source()
                     .map(|s| format!(": {}", error_chain(s)))
                     .unwrap_or_default()
+            ),
+        ),
+        // tonic's own client deadline (--timeout) ran out: name the step and the flag.
+        Code::Cancelled if msg.contains("Timeout expired") => Failure::new(
+            EX_UNAVAILABLE,
+            format!(
+                "the collector at {url} did not answer within --timeout (15 seconds unless set): raise --timeout, or see the collector's log for what it was doing"
             ),
         ),
         Code::InvalidArgument => Failure::new(EX_USAGE, msg),

@@ -28,6 +28,11 @@ pub const DEFAULT_CACHE_MB: u64 = 64;
 pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default time between two reads of a client's Entra ID users.
 pub const DEFAULT_GRAPH_INTERVAL: Duration = Duration::from_secs(60 * 60);
+/// Default longest time one read of a client's Entra ID users may take, throttling included.
+pub const DEFAULT_GRAPH_READ_DEADLINE: Duration = Duration::from_secs(30 * 60);
+/// Shortest and longest `graph_read_deadline` accepted.
+pub const GRAPH_READ_DEADLINE_RANGE: (Duration, Duration) =
+    (Duration::from_secs(60), Duration::from_secs(6 * 60 * 60));
 /// Shortest and longest `graph_interval` accepted.
 pub const GRAPH_INTERVAL_RANGE: (Duration, Duration) = (
     Duration::from_secs(60),
@@ -60,6 +65,14 @@ pub struct Config {
         with = "crate::graph::humantime_serde_compat"
     )]
     pub graph_interval: Duration,
+    /// The longest one read of a client's Entra ID users may take, waits for throttling
+    /// included, e.g. "30m"; a read that runs out is stored as failed (the users are kept,
+    /// marked stale) and tried again at the next interval.
+    #[serde(
+        default = "default_graph_read_deadline",
+        with = "crate::graph::humantime_serde_compat"
+    )]
+    pub graph_read_deadline: Duration,
     /// Address and port of the Prometheus metrics endpoint (`GET /metrics`, plain HTTP, no
     /// authentication); `None`, the default, serves none. Keep it on loopback or a
     /// monitoring network.
@@ -110,6 +123,9 @@ fn default_cache_mb() -> u64 {
 fn default_graph_interval() -> Duration {
     DEFAULT_GRAPH_INTERVAL
 }
+fn default_graph_read_deadline() -> Duration {
+    DEFAULT_GRAPH_READ_DEADLINE
+}
 fn default_stream_idle_timeout() -> Duration {
     DEFAULT_STREAM_IDLE_TIMEOUT
 }
@@ -123,6 +139,7 @@ impl Default for Config {
             max_batch_observations: DEFAULT_MAX_BATCH_OBSERVATIONS,
             cache_mb: DEFAULT_CACHE_MB,
             graph_interval: DEFAULT_GRAPH_INTERVAL,
+            graph_read_deadline: DEFAULT_GRAPH_READ_DEADLINE,
             metrics_listen: None,
             stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
             tls: crate::pki::TlsSettings::default(),
@@ -162,6 +179,8 @@ pub enum ConfigError {
     CacheSize(u64),
     #[error("graph_interval must be between 1m and 7days, got {0}")]
     GraphInterval(String),
+    #[error("graph_read_deadline must be between 1m and 6h, got {0}")]
+    GraphReadDeadline(String),
     #[error(
         "metrics_listen {metrics} is the gRPC listen address too: give the metrics endpoint a port of its own"
     )]
@@ -210,6 +229,12 @@ impl Config {
         if !(lo..=hi).contains(&self.graph_interval) {
             return Err(ConfigError::GraphInterval(
                 humantime::format_duration(self.graph_interval).to_string(),
+            ));
+        }
+        let (lo, hi) = GRAPH_READ_DEADLINE_RANGE;
+        if !(lo..=hi).contains(&self.graph_read_deadline) {
+            return Err(ConfigError::GraphReadDeadline(
+                humantime::format_duration(self.graph_read_deadline).to_string(),
             ));
         }
         if let Some(m) = self.metrics_listen
@@ -347,6 +372,25 @@ mod tests {
             c.metrics_listen,
             Some(SocketAddr::from(([127, 0, 0, 1], 7401)))
         );
+        assert_eq!(c.graph_read_deadline, DEFAULT_GRAPH_READ_DEADLINE);
+    }
+
+    #[test]
+    fn the_graph_read_deadline_is_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let with = |deadline: Duration| Config {
+            data_dir: Some(dir.path().to_owned()),
+            graph_read_deadline: deadline,
+            ..Config::default()
+        };
+        assert!(with(Duration::from_secs(3600)).validate().is_ok());
+        for bad in [Duration::from_secs(59), Duration::from_secs(7 * 3600)] {
+            let err = with(bad).validate().expect_err("out of range").to_string();
+            assert!(
+                err.starts_with("graph_read_deadline must be between 1m and 6h"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -6,19 +6,25 @@
 //! tenant at start and then every `graph_interval` (with ±10% jitter, so many clients do not
 //! hit Graph at once). A complete read replaces the client's `entra:<tenant>` accounts; a
 //! failed read (unreachable, expired secret, throttled past every retry) is stored as a failure
-//! that keeps every account and marks the source stale, and is logged in one line. `census
-//! users refresh` runs a read at once ([`EntraReader::read_client`]). Two reads of one client
-//! never overlap.
+//! that keeps every account and marks the source stale, and is logged in one line.
+//!
+//! **A read runs to its end, whoever waits for it.** Every read, scheduled or asked for by
+//! `census users refresh` ([`EntraReader::start`]), runs on a task the reader owns (its
+//! [`TaskTracker`], drained at shutdown), never inside a caller's request: a caller that gives
+//! up (the CLI's `--timeout`) stops waiting, not reading, and the outcome is stored and logged
+//! all the same. A read asked for while one of the same client runs joins it, so two reads of
+//! one client never overlap and a throttled tenant is not asked twice.
 
 use std::{
     collections::BTreeMap,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
 use census_proto::convert::unix_millis;
 use rand::Rng as _;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::watch;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::{
@@ -46,14 +52,24 @@ pub enum EntraError {
     Graph(#[from] GraphError),
 }
 
+/// How a read ended, as every caller waiting for it sees it: what the store did (a failed
+/// Graph read is stored too: [`Outcome::Failed`], its error in the source's status), or why
+/// nothing could be stored.
+pub type Finished = Result<Outcome, Arc<EntraError>>;
+
+/// A read in progress (or just ended): `None` until it ends.
+pub type ReadWatch = watch::Receiver<Option<Finished>>;
+
 /// The collector's Entra ID reader: one HTTPS client, the tenants by client.
 #[derive(Debug)]
 pub struct EntraReader {
     http: GraphHttp,
     tenants: BTreeMap<String, GraphSettings>,
     interval: Duration,
-    /// One lock per client: reads of one client take turns.
-    running: BTreeMap<String, tokio::sync::Mutex<()>>,
+    /// Per client, the latest read started: joined while it runs.
+    running: BTreeMap<String, Mutex<Option<ReadWatch>>>,
+    /// Owns every read's task (and the schedules), so none is dropped with a caller.
+    tasks: TaskTracker,
     /// Counts reads by result (`census_collector_entra_reads_total`), when given.
     metrics: Option<Arc<Metrics>>,
 }
@@ -68,13 +84,14 @@ impl EntraReader {
     ) -> Result<Self, EntraError> {
         let running = tenants
             .keys()
-            .map(|c| (c.clone(), tokio::sync::Mutex::new(())))
+            .map(|c| (c.clone(), Mutex::new(None)))
             .collect();
         Ok(EntraReader {
             http: GraphHttp::with_limits(limits)?,
             tenants,
             interval,
             running,
+            tasks: TaskTracker::new(),
             metrics: None,
         })
     }
@@ -86,20 +103,98 @@ impl EntraReader {
         self
     }
 
+    /// Starts a read of the client's tenant on a task of the reader's own, or joins the read of
+    /// that client already running. The read runs to its end (or to `shutdown`) whether or not
+    /// anyone waits on the returned watch; its outcome is stored and logged by the task.
+    pub fn start(
+        self: &Arc<Self>,
+        store: &Arc<dyn Store>,
+        client: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<ReadWatch, EntraError> {
+        let slot = self
+            .running
+            .get(client)
+            .ok_or_else(|| EntraError::NotConfigured(client.to_owned()))?;
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(running) = slot.as_ref()
+            && running.borrow().is_none()
+        {
+            info!(
+                client,
+                "an Entra ID read of this client is running: joining it"
+            );
+            return Ok(running.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        *slot = Some(rx.clone());
+        let (this, store, client, shutdown) = (
+            Arc::clone(self),
+            Arc::clone(store),
+            client.to_owned(),
+            shutdown.clone(),
+        );
+        let span = info_span!("entra_read", client = %client);
+        self.tasks.spawn(
+            async move {
+                let finished = this.read_now(&store, &client, &shutdown).await;
+                match &finished {
+                    Ok(_) => {}
+                    Err(EntraError::Cancelled) => info!("Entra ID read cancelled: shutting down"),
+                    Err(e) => warn!(error = %e, "cannot store the Entra ID read"),
+                }
+                tx.send_replace(Some(finished.map_err(Arc::new)));
+            }
+            .instrument(span),
+        );
+        Ok(rx)
+    }
+
+    /// The client's Entra ID source (`entra:<tenant>`) while a read of it runs.
+    pub fn reading(&self, client: &str) -> Option<String> {
+        let slot = self.running.get(client)?;
+        let slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        let running = slot.as_ref().is_some_and(|r| r.borrow().is_none());
+        let tenant = &self.tenants.get(client)?.tenant_id;
+        running.then(|| users::entra_source(tenant).ok()).flatten()
+    }
+
+    /// Waits for a read [`Self::start`] gave, until it ends.
+    pub async fn outcome(mut read: ReadWatch) -> Finished {
+        match read.wait_for(Option::is_some).await {
+            Ok(done) => done.clone().unwrap_or_else(|| {
+                Err(Arc::new(EntraError::Store(StoreError::Engine(
+                    "the read ended without an outcome".into(),
+                ))))
+            }),
+            // The task ended without sending: it panicked (the panic is in the log).
+            Err(_) => Err(Arc::new(EntraError::Store(StoreError::Engine(
+                "the read's task ended without an outcome".into(),
+            )))),
+        }
+    }
+
+    /// Waits until every read's task and every schedule has ended, for shutdown (the caller
+    /// bounds the wait: reads and schedules end at the shutdown token, a read within one
+    /// request).
+    pub async fn drain(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
     /// Reads the client's tenant now and stores the result: the accounts of a complete read,
     /// or the failure (which keeps the accounts and marks the source stale). Returns what the
-    /// store did; the read's own error is in the source's status and in the log.
-    pub async fn read_client(
+    /// store did; the read's own error is in the source's status and in the log. Runs only on
+    /// the reader's tasks ([`Self::start`]).
+    async fn read_now(
         &self,
         store: &Arc<dyn Store>,
         client: &str,
         shutdown: &CancellationToken,
     ) -> Result<Outcome, EntraError> {
-        let (Some(settings), Some(lock)) = (self.tenants.get(client), self.running.get(client))
-        else {
+        let Some(settings) = self.tenants.get(client) else {
             return Err(EntraError::NotConfigured(client.to_owned()));
         };
-        let _turn = lock.lock().await;
         let source = users::entra_source(&settings.tenant_id)
             .map_err(|e| EntraError::Store(StoreError::Engine(e)))?;
         // The licence allow-list lives in the client's (versioned) user policy; the read needs
@@ -156,8 +251,8 @@ impl EntraReader {
         Ok(stored)
     }
 
-    /// Starts one task per configured client that reads at once and then every interval,
-    /// until `shutdown`.
+    /// Starts one schedule per configured client that reads at once and then every interval,
+    /// until `shutdown`. A scheduled read joins one asked for by `census users refresh`.
     pub fn spawn(self: &Arc<Self>, store: Arc<dyn Store>, shutdown: CancellationToken) {
         for client in self.tenants.keys() {
             let (this, store, shutdown, client) = (
@@ -167,12 +262,15 @@ impl EntraReader {
                 client.clone(),
             );
             let span = info_span!("entra", client = %client);
-            tokio::spawn(
+            self.tasks.spawn(
                 async move {
                     loop {
-                        match this.read_client(&store, &client, &shutdown).await {
-                            Ok(_) | Err(EntraError::Cancelled) => {}
-                            Err(e) => warn!(error = %e, "cannot store the Entra ID read"),
+                        // The read's own task logs how it ended.
+                        if let Ok(read) = this.start(&store, &client, &shutdown) {
+                            tokio::select! {
+                                () = shutdown.cancelled() => break,
+                                _ = Self::outcome(read) => {}
+                            }
                         }
                         let wait = this.interval.mul_f64(rand::rng().random_range(0.9..1.1));
                         tokio::select! {

@@ -1,8 +1,9 @@
 //! Microsoft 365 / Entra ID users, read by the collector from Microsoft Graph (issue 5; BRIEF:
 //! "Users: what a billable user is"). This file owns the HTTP side: the OAuth2 client
 //! credentials token (cached per tenant until shortly before it expires), `GET /v1.0/users`
-//! with `$select` following `@odata.nextLink` to the end, and throttling (429 and 503 obey
-//! `Retry-After`; backoff with jitter otherwise). Everything is bounded: a timeout on every
+//! with `$select` following `@odata.nextLink` to the end (asking for `signInActivity` first,
+//! and again without it when the tenant refuses it: it needs Entra ID P1), and throttling (429
+//! and 503 obey `Retry-After`; backoff with jitter otherwise). Everything is bounded: a timeout on every
 //! request, a cap on pages, users, body size, attempts and each wait, and a deadline on the
 //! whole read. The access token is only ever sent to the configured Graph origin: a next-page
 //! link elsewhere is refused, and redirects are not followed.
@@ -67,12 +68,15 @@ pub use settings::{
     SecretSource, SettingsError, SettingsErrors,
 };
 pub use wire::{
-    AadError, GraphUser, MAX_STRING, PageError, SubscribedSku, UsersPage, parse_skus,
-    parse_users_page,
+    AadError, GraphUser, MAX_STRING, PageError, SubscribedSku, UsersPage, graph_time_ms,
+    parse_skus, parse_users_page,
 };
 
 /// Page size asked of Graph (its maximum for `/users`).
 const PAGE_SIZE: u32 = 999;
+/// Page size asked when selecting `signInActivity`: Graph's maximum then (it serves at most 120
+/// users a page with sign-in activity, whatever `$top` says).
+const SIGN_IN_PAGE_SIZE: u32 = 120;
 /// The token scope for the public cloud, also used with a plain-http test server.
 const DEFAULT_SCOPE: &str = "https://graph.microsoft.com/.default";
 /// A token is renewed this long before it expires (or at half its life, if that is shorter).
@@ -84,7 +88,8 @@ const MAX_TOKEN_LIFE: Duration = Duration::from_secs(24 * 3600);
 /// tests shrink them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GraphLimits {
-    /// Most pages of users read; more is an error (1,000 pages of 999 users).
+    /// Most pages of users read; more is an error (5,000 pages: 600,000 users at the 120 a page
+    /// Graph serves with sign-in activity).
     pub max_pages: u32,
     /// Most users read; more is an error.
     pub max_users: usize,
@@ -105,7 +110,7 @@ pub struct GraphLimits {
 impl Default for GraphLimits {
     fn default() -> Self {
         GraphLimits {
-            max_pages: 1_000,
+            max_pages: 5_000,
             max_users: 500_000,
             max_attempts: 8,
             max_wait: Duration::from_secs(120),
@@ -183,7 +188,9 @@ pub enum GraphError {
         origin: String,
         reason: String,
     },
-    #[error("{endpoint} at {origin} did not answer within {timeout} for tenant {tenant}")]
+    #[error(
+        "{endpoint} at {origin} did not answer within {timeout} for tenant {tenant} (one request's limit: raise `timeout` in the client's [clients.<name>.graph] settings)"
+    )]
     Timeout {
         tenant: String,
         endpoint: Endpoint,
@@ -200,7 +207,7 @@ pub enum GraphError {
         attempts: u32,
     },
     #[error(
-        "reading tenant {tenant} did not finish within {deadline} (waited {waited} for throttling and retries): giving up until the next read"
+        "reading tenant {tenant} did not finish within {deadline} (waited {waited} for throttling and retries; the whole read's limit: raise the collector's --graph-read-deadline, graph_read_deadline in its config): giving up until the next read"
     )]
     Deadline {
         tenant: String,
@@ -251,6 +258,8 @@ pub struct TenantUsers {
     pub duplicates: usize,
     /// Time spent waiting for throttling and retries.
     pub waited: Duration,
+    /// `None` when the read had the tenant's sign-in activity; else why Graph refused it.
+    pub sign_in_refused: Option<String>,
 }
 
 impl TenantUsers {
@@ -396,6 +405,7 @@ pub async fn read_tenant(
         pages = read.pages,
         skipped = read.skipped,
         waited = ?read.waited,
+        sign_in_activity = read.sign_in_refused.is_none(),
         "read Entra ID users"
     );
     Ok(read)
@@ -792,11 +802,13 @@ impl<'a> Session<'a> {
 
     async fn users(&mut self) -> Result<TenantUsers, GraphError> {
         let limits = self.http.limits.clone();
-        let mut url = format!(
-            "{}/v1.0/users?$select={}&$top={PAGE_SIZE}",
-            self.settings.graph_base_url,
-            wire::USER_SELECT
-        );
+        let select_url = |select: &str, top: u32| {
+            format!(
+                "{}/v1.0/users?$select={select}&$top={top}",
+                self.settings.graph_base_url
+            )
+        };
+        let mut url = select_url(wire::USER_SELECT_WITH_SIGN_IN, SIGN_IN_PAGE_SIZE);
         let mut read = TenantUsers {
             users: Vec::new(),
             skus: Vec::new(),
@@ -804,7 +816,9 @@ impl<'a> Session<'a> {
             skipped: 0,
             duplicates: 0,
             waited: Duration::ZERO,
+            sign_in_refused: None,
         };
+        let mut with_sign_in = true;
         let mut seen = HashSet::new();
         loop {
             if read.pages >= limits.max_pages {
@@ -813,7 +827,24 @@ impl<'a> Session<'a> {
                     max: limits.max_pages,
                 });
             }
-            let body = self.get(&url, Resource::Users).await?;
+            let body = match self.get(&url, Resource::Users).await {
+                Ok(body) => body,
+                // Sign-in activity needs Entra ID P1 and AuditLog.Read.All: a tenant without
+                // them refuses the page that asks for it. Every tenant is still read (the
+                // licence decides alone there); the read asks again next time, so a tenant
+                // that gains P1 is picked up without a setting.
+                Err(GraphError::Forbidden { detail, .. }) if with_sign_in && read.pages == 0 => {
+                    info!(
+                        %detail,
+                        "sign-in activity refused (it needs Entra ID P1 and AuditLog.Read.All): reading users without it; the stale-logon rule does not apply to this tenant's users"
+                    );
+                    read.sign_in_refused = Some(wire::cap(&detail, wire::MAX_DETAIL));
+                    with_sign_in = false;
+                    url = select_url(wire::USER_SELECT, PAGE_SIZE);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let page = parse_users_page(&body).map_err(|e| GraphError::BadReply {
                 tenant: self.tenant(),
                 endpoint: Endpoint::Graph,
@@ -821,7 +852,8 @@ impl<'a> Session<'a> {
             })?;
             read.pages += 1;
             read.skipped += page.skipped;
-            for user in page.users {
+            for mut user in page.users {
+                user.sign_in_read = with_sign_in;
                 if seen.insert(user.id.clone()) {
                     read.users.push(user);
                 } else {

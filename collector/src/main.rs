@@ -73,6 +73,10 @@ struct Settings {
     /// Time between two reads of each configured client's Entra ID users, e.g. 30m [default: 1h].
     #[arg(long, env = "CENSUS_COLLECTOR_GRAPH_INTERVAL", value_parser = humantime::parse_duration)]
     graph_interval: Option<std::time::Duration>,
+    /// Longest one read of a client's Entra ID users may take, throttling included, e.g. 1h
+    /// [default: 30m].
+    #[arg(long, env = "CENSUS_COLLECTOR_GRAPH_READ_DEADLINE", value_parser = humantime::parse_duration)]
+    graph_read_deadline: Option<std::time::Duration>,
     /// Serve Prometheus metrics (GET /metrics, plain HTTP) on this address, e.g.
     /// 127.0.0.1:7401 [default: none, no metrics served].
     #[arg(long, env = "CENSUS_COLLECTOR_METRICS_LISTEN")]
@@ -112,6 +116,9 @@ impl Settings {
         }
         if let Some(v) = self.graph_interval {
             config.graph_interval = v;
+        }
+        if let Some(v) = self.graph_read_deadline {
+            config.graph_read_deadline = v;
         }
         if let Some(v) = self.metrics_listen {
             config.metrics_listen = Some(v);

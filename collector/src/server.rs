@@ -113,14 +113,23 @@ pub async fn run(
         shutdown.clone(),
     )
     .with_metrics(Arc::clone(&metrics));
+    let mut entra = None;
     if !tenants.is_empty() {
         info!(clients = tenants.len(), interval = %humantime::format_duration(config.graph_interval), "reading Entra ID users");
         let reader = Arc::new(
-            EntraReader::new(tenants, config.graph_interval, GraphLimits::default())?
-                .with_metrics(Arc::clone(&metrics)),
+            EntraReader::new(
+                tenants,
+                config.graph_interval,
+                GraphLimits {
+                    deadline: config.graph_read_deadline,
+                    ..GraphLimits::default()
+                },
+            )?
+            .with_metrics(Arc::clone(&metrics)),
         );
         reader.spawn(store, shutdown.clone());
-        collector = collector.with_entra(reader);
+        collector = collector.with_entra(Arc::clone(&reader));
+        entra = Some(reader);
     }
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -215,6 +224,14 @@ pub async fn run(
         () = async { shutdown.cancelled().await; tokio::time::sleep(DRAIN_DEADLINE).await } => {
             warn!(deadline = ?DRAIN_DEADLINE, "in-flight calls did not finish before the drain deadline; stopping anyway");
         }
+    }
+    // Entra ID reads end at the shutdown token; their tasks are owned by the reader.
+    if let Some(reader) = &entra
+        && tokio::time::timeout(DRAIN_DEADLINE, reader.drain())
+            .await
+            .is_err()
+    {
+        warn!(deadline = ?DRAIN_DEADLINE, "Entra ID reads did not end before the drain deadline; stopping anyway");
     }
     health_reporter
         .set_not_serving::<IngestServiceServer<Collector>>()

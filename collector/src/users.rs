@@ -115,6 +115,9 @@ pub struct AdFacts {
     pub has_service_principal_name: bool,
     pub member_of: Vec<String>,
     pub is_computer: bool,
+    /// whenCreated in Unix millis; `None` when the agent did not send it (older agents).
+    #[serde(default)]
+    pub created_ms: Option<u64>,
 }
 
 /// What a source says of an account.
@@ -132,7 +135,8 @@ pub struct Account {
     pub source: String,
     /// Stable within the source: the objectGUID (AD) or the Graph object id (Entra), lower-case.
     pub id: String,
-    /// For people: the userPrincipalName, else the sAMAccountName, else the id.
+    /// For people: the userPrincipalName, else the sAMAccountName (AD), else the display
+    /// name, else the id.
     pub name: String,
     pub display_name: String,
     /// The hybrid join keys (see [`crate::graph::join_key_ad`]).
@@ -165,6 +169,14 @@ pub fn millis(ts: &prost_types::Timestamp) -> u64 {
     convert::system_time(ts).map_or(0, convert::unix_millis)
 }
 
+/// The first of `names` that is not blank, else `id`: what people read an account by.
+fn readable_name(names: &[&String], id: &str) -> String {
+    names
+        .iter()
+        .find(|n| !n.trim().is_empty())
+        .map_or_else(|| id.to_owned(), |n| (*n).clone())
+}
+
 /// An Active Directory account as an agent reported it, or `None` when it has no usable
 /// objectGUID (it could not be told apart from others).
 pub fn ad_account(source: &str, user: &v1::DirectoryUser, read_at_ms: u64) -> Option<Account> {
@@ -177,11 +189,8 @@ pub fn ad_account(source: &str, user: &v1::DirectoryUser, read_at_ms: u64) -> Op
     );
     let upn = cap(&user.user_principal_name, MAX_TEXT);
     let sam = cap(&user.sam_account_name, MAX_TEXT);
-    let name = [&upn, &sam]
-        .into_iter()
-        .find(|s| !s.is_empty())
-        .cloned()
-        .unwrap_or_else(|| id.clone());
+    let display_name = cap(&user.display_name, MAX_TEXT);
+    let name = readable_name(&[&upn, &sam, &display_name], &id);
     // Sorted before the cap, so which groups a list too long loses does not depend on the
     // order they came in (the message size limit bounds the work).
     let mut member_of: Vec<String> = user
@@ -205,12 +214,13 @@ pub fn ad_account(source: &str, user: &v1::DirectoryUser, read_at_ms: u64) -> Op
         has_service_principal_name: user.has_service_principal_name,
         member_of,
         is_computer: user.is_computer,
+        created_ms: user.when_created.as_ref().map(millis),
     };
     Some(Account {
         source: source.to_owned(),
         id,
         name,
-        display_name: cap(&user.display_name, MAX_TEXT),
+        display_name,
         join_keys,
         facts: Facts::Ad(facts),
         first_seen_ms: read_at_ms,
@@ -223,16 +233,13 @@ pub fn ad_account(source: &str, user: &v1::DirectoryUser, read_at_ms: u64) -> Op
 /// An Entra ID user as the collector read it from Graph.
 pub fn entra_account(source: &str, user: &GraphUser, read_at_ms: u64) -> Account {
     let id = user.id.to_ascii_lowercase();
-    let name = if user.upn.is_empty() {
-        id.clone()
-    } else {
-        cap(&user.upn, MAX_TEXT)
-    };
+    let display_name = cap(&user.display_name, MAX_TEXT);
+    let name = readable_name(&[&cap(&user.upn, MAX_TEXT), &display_name], &id);
     Account {
         source: source.to_owned(),
         id,
         name,
-        display_name: cap(&user.display_name, MAX_TEXT),
+        display_name,
         join_keys: join_key_graph(user),
         facts: Facts::Entra(user.clone()),
         first_seen_ms: read_at_ms,
@@ -343,8 +350,11 @@ impl<'a> Resolved<'a> {
 /// Decides whether `account` is billable at `now_ms`. An account no longer in its source never
 /// is. Active Directory, in order: computer accounts, accounts that are not normal user
 /// accounts, critical system objects, disabled, expired, service accounts (unless the policy
-/// counts them), members of an exclusion group, and (when the rule is on) no logon within the
-/// window. Entra ID: see [`crate::graph::decide`].
+/// counts them), members of an exclusion group, and (when the rule is on) the stale-logon rule
+/// (`Activity::decide`: no logon within the window; an account that never logged on is
+/// stale only once it is older than the window). Entra ID: [`crate::graph::decide`], then the
+/// same stale-logon rule on the latest sign-in and createdDateTime, where the tenant gives
+/// sign-in activity.
 pub fn decide(resolved: &Resolved<'_>, account: &Account, now_ms: u64) -> Decision {
     if !account.present {
         return Decision::no(format!(
@@ -365,9 +375,28 @@ pub fn decide(resolved: &Resolved<'_>, account: &Account, now_ms: u64) -> Decisi
                 }
             };
             let d = graph::decide(user, licences);
+            let window = resolved.policy.rules.stale_logon_days;
+            // The stale-logon rule needs the tenant's sign-in activity (Entra ID P1): without
+            // it there is no evidence either way, and the licence decides alone.
+            if !d.billable || window == 0 || !user.sign_in_read {
+                return Decision {
+                    billable: d.billable,
+                    reason: d.reason,
+                };
+            }
+            let activity = Activity {
+                last_ms: user.last_sign_in.as_deref().and_then(graph::graph_time_ms),
+                created_ms: user.created.as_deref().and_then(graph::graph_time_ms),
+                words: &ENTRA_WORDS,
+            };
+            let a = activity.decide(window, now_ms);
             Decision {
-                billable: d.billable,
-                reason: d.reason,
+                billable: a.billable,
+                reason: if a.billable {
+                    format!("{}, {}", d.reason, a.reason)
+                } else {
+                    a.reason
+                },
             }
         }
     }
@@ -412,23 +441,99 @@ fn decide_ad(policy: &UserPolicy, ad: &AdFacts, now_ms: u64) -> Decision {
             reason: "enabled user account (no stale-logon rule)".into(),
         };
     }
-    match ad.last_logon_ms {
-        None => Decision::no(format!(
-            "never logged on (no lastLogonTimestamp; the policy wants a logon within {window} days)"
-        )),
-        Some(at) if now_ms.saturating_sub(at) > u64::from(window) * DAY_MS => {
-            Decision::no(format!(
-                "stale: last logon {}, more than {window} days ago (lastLogonTimestamp lags up to 14 days)",
-                day(at)
-            ))
-        }
-        Some(at) => Decision {
-            billable: true,
-            reason: format!(
-                "enabled user account, last logon {} (within {window} days)",
-                day(at)
-            ),
+    let activity = Activity {
+        last_ms: ad.last_logon_ms,
+        created_ms: ad.created_ms,
+        words: &AD_WORDS,
+    };
+    let d = activity.decide(window, now_ms);
+    Decision {
+        billable: d.billable,
+        reason: if d.billable {
+            format!("enabled user account, {}", d.reason)
+        } else {
+            d.reason
         },
+    }
+}
+
+/// How a source names what the stale-logon rule reads, for reasons.
+struct ActivityWords {
+    /// "last logon", "last sign-in".
+    last: &'static str,
+    /// "never logged on", "never signed in".
+    never: &'static str,
+    /// The attribute that says so, and its caveat.
+    last_attr: &'static str,
+    created_attr: &'static str,
+}
+
+const AD_WORDS: ActivityWords = ActivityWords {
+    last: "last logon",
+    never: "never logged on",
+    last_attr: "lastLogonTimestamp lags up to 14 days",
+    created_attr: "whenCreated",
+};
+
+const ENTRA_WORDS: ActivityWords = ActivityWords {
+    last: "last sign-in",
+    never: "never signed in",
+    last_attr: "signInActivity",
+    created_attr: "createdDateTime",
+};
+
+/// What a source says of an account's activity, for the stale-logon rule.
+struct Activity<'w> {
+    /// The latest logon (AD lastLogonTimestamp) or sign-in (Entra ID signInActivity).
+    last_ms: Option<u64>,
+    /// When the account was made (AD whenCreated, Entra ID createdDateTime).
+    created_ms: Option<u64>,
+    words: &'w ActivityWords,
+}
+
+impl Activity<'_> {
+    /// The stale-logon rule, the same for every source: an account with a logon within
+    /// `window` days counts and one whose latest logon is older does not. An account that
+    /// never logged on is a new account, billed from the day it exists, until it is older
+    /// than the window: then it is stale. One that never logged on and whose creation time is
+    /// unknown is stale (the rule asks for evidence of use, and there is none).
+    fn decide(&self, window: u32, now_ms: u64) -> Decision {
+        let w = self.words;
+        let window_ms = u64::from(window) * DAY_MS;
+        let days_ago = |at: u64| now_ms.saturating_sub(at) / DAY_MS;
+        match (self.last_ms, self.created_ms) {
+            (Some(at), _) if now_ms.saturating_sub(at) > window_ms => Decision::no(format!(
+                "stale: {} {}, more than {window} days ago ({})",
+                w.last,
+                day(at),
+                w.last_attr
+            )),
+            (Some(at), _) => Decision {
+                billable: true,
+                reason: format!("{} {} (within {window} days)", w.last, day(at)),
+            },
+            (None, Some(created)) if now_ms.saturating_sub(created) > window_ms => {
+                Decision::no(format!(
+                    "stale: {}, created {} ({} days ago, more than {window} days)",
+                    w.never,
+                    day(created),
+                    days_ago(created)
+                ))
+            }
+            (None, Some(created)) => Decision {
+                billable: true,
+                reason: format!(
+                    "{}, created {} ({} days ago): a new account, billed until it is {window} days old without a logon",
+                    w.never,
+                    day(created),
+                    days_ago(created)
+                ),
+            },
+            (None, None) => Decision::no(format!(
+                "stale: {} and no creation time ({}) to tell a new account from an unused one; the policy wants a logon within {window} days",
+                w.never, w.created_attr
+            )),
+        }
     }
 }
 

@@ -193,6 +193,14 @@ impl Plan {
         let url = self.url.clone();
         let message = e.to_string();
         match e {
+            // No name at all to put in directory.url: the certificate must be reissued.
+            rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
+                presented,
+                ..
+            }) if presented.is_empty() => DirectoryError::NoSubjectAltName {
+                url,
+                host: self.host.clone(),
+            },
             rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             ) => DirectoryError::WrongName {
@@ -849,5 +857,93 @@ mod tests {
             .expect_err("missing")
             .to_string();
         assert!(err.contains("missing.pem"), "{err}");
+    }
+
+    /// A directory whose certificate (issued by a CA the agent trusts) names the DC only in its
+    /// subject CN, with no subjectAltName, as older AD CS templates issue them: rustls accepts it
+    /// for no name, and the error must say the certificate needs reissuing with a SAN rather
+    /// than ask for a name it does not hold. A real TLS handshake on loopback.
+    #[test]
+    fn a_certificate_without_subject_alt_name_must_be_reissued() {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        use rustls::{ServerConfig, ServerConnection};
+
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "Census test CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let dc_key = KeyPair::generate().expect("DC key");
+        let mut dc_params = CertificateParams::new(Vec::<String>::new()).expect("DC params");
+        dc_params
+            .distinguished_name
+            .push(DnType::CommonName, "127.0.0.1");
+        let dc_cert = dc_params.signed_by(&dc_key, &issuer).expect("DC cert");
+
+        let server_config = Arc::new(
+            ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![dc_cert.der().clone()],
+                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(dc_key.serialize_der())),
+                )
+                .expect("server config"),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        // One handshake, then the thread ends (bounded by the socket timeouts).
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("accept");
+            let timeout = Some(std::time::Duration::from_secs(20));
+            stream.set_read_timeout(timeout).expect("timeout");
+            stream.set_write_timeout(timeout).expect("timeout");
+            let mut conn = ServerConnection::new(server_config).expect("server connection");
+            while conn.is_handshaking() {
+                if conn.complete_io(&mut stream).is_err() {
+                    break;
+                }
+            }
+        });
+
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ca_file = tmp.path().join("ca.pem");
+        std::fs::write(&ca_file, ca_cert.pem()).expect("write CA");
+        let settings = DirectorySettings {
+            url: Some(format!("ldaps://127.0.0.1:{port}")),
+            insecure_skip_verify: false,
+            ca_file: Some(ca_file),
+            timeout_ms: 20_000,
+            ..settings(tmp.path())
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let err = runtime
+            .block_on(super::super::read(
+                &settings,
+                &tokio_util::sync::CancellationToken::new(),
+            ))
+            .expect_err("no name to verify");
+        server.join().expect("server thread");
+        assert!(
+            matches!(err, DirectoryError::NoSubjectAltName { .. }),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("has no subjectAltName (SAN)")
+                && text.contains(
+                    "reissue the domain controller's certificate with a SAN naming 127.0.0.1"
+                )
+                && !text.contains("put a name the certificate holds"),
+            "{text}"
+        );
     }
 }

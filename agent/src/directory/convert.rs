@@ -99,6 +99,76 @@ pub fn filetime(text: &str) -> Option<Timestamp> {
     })
 }
 
+/// An LDAP GeneralizedTime in UTC (RFC 4517 3.3.13, as AD's whenCreated holds it:
+/// `20240102030405.0Z`) as a timestamp. Only the UTC form (`Z`) is read, which is all AD sends;
+/// a local time or an offset, or anything that is no valid date, gives `None` (unknown rather
+/// than guessed). Times before 1970 clamp to 1970-01-01, as [`filetime`]'s do.
+pub fn generalized_time(text: &str) -> Option<Timestamp> {
+    let body = text.trim().strip_suffix(['Z', 'z'])?;
+    let (whole, fraction) = match body.split_once(['.', ',']) {
+        Some((w, f)) => (w, Some(f)),
+        None => (body, None),
+    };
+    if whole.len() != 14 || !whole.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| whole.get(r)?.parse::<i64>().ok();
+    let (year, month, day) = (num(0..4)?, num(4..6)?, num(6..8)?);
+    let (hour, minute, second) = (num(8..10)?, num(10..12)?, num(12..14)?);
+    let nanos = match fraction {
+        None => 0,
+        Some(f) if !f.is_empty() && f.len() <= 9 && f.bytes().all(|b| b.is_ascii_digit()) => {
+            let digits: i64 = f.parse().ok()?;
+            digits * 10i64.pow(9 - u32::try_from(f.len()).ok()?)
+        }
+        Some(_) => return None,
+    };
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    let days_in_month = *month_days.get(usize::try_from(month - 1).ok()?)?;
+    // 60 seconds: a leap second, as GeneralizedTime allows.
+    if !(1..=days_in_month).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second;
+    Some(if secs < 0 {
+        Timestamp {
+            seconds: 0,
+            nanos: 0,
+        }
+    } else {
+        Timestamp {
+            seconds: secs.min(MAX_TIMESTAMP_SECS),
+            nanos: i32::try_from(nanos).unwrap_or(0),
+        }
+    })
+}
+
+/// Days from 1970-01-01 to a date of the proleptic Gregorian calendar (Howard Hinnant's
+/// `days_from_civil`).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// A timestamp as a FILETIME, the inverse of [`filetime`] (for tests and the lab).
 pub fn to_filetime(ts: &Timestamp) -> i64 {
     (ts.seconds + FILETIME_UNIX_OFFSET_SECS) * FILETIME_TICKS_PER_SEC + i64::from(ts.nanos) / 100
@@ -167,6 +237,29 @@ mod tests {
         1, 5, 0, 0, 0, 0, 0, 5, 21, 0, 0, 0, 0xf5, 0xaa, 0xc1, 0x3d, 0x7d, 0x67, 0x3e, 0x60, 0x72,
         0x9d, 0x3f, 0xf9, 0xf4, 0x01, 0, 0,
     ];
+
+    #[test]
+    fn generalized_times_read_as_ad_writes_whencreated() {
+        let at = |t: &str| generalized_time(t).map(|ts| (ts.seconds, ts.nanos));
+        // 2024-01-02T03:04:05Z, as AD and Samba write whenCreated.
+        assert_eq!(at("20240102030405.0Z"), Some((1_704_164_645, 0)));
+        assert_eq!(at("20240102030405Z"), Some((1_704_164_645, 0)));
+        assert_eq!(at("20240229235959.5Z"), Some((1_709_251_199, 500_000_000)));
+        assert_eq!(at("19700101000000.0Z"), Some((0, 0)));
+        assert_eq!(at("16010101000000.0Z"), Some((0, 0)), "clamped to 1970");
+        for bad in [
+            "",
+            "20240102030405.0",     // local time: not read
+            "20240102030405+0100",  // an offset: not read
+            "20230229000000.0Z",    // no 29 February in 2023
+            "20241301000000.0Z",    // month 13
+            "2024010203040.0Z",     // too short
+            "2024-01-02T03:04:05Z", // RFC 3339 is not GeneralizedTime
+            "20240102030405.Z",     // an empty fraction
+        ] {
+            assert_eq!(at(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn sids_read_as_windows_prints_them() {

@@ -9,7 +9,9 @@ use std::collections::BTreeSet;
 use census_proto::v1;
 use ldap3::asn1::{PL, StructureTag, TagClass, parse_tag};
 
-use super::convert::{boolean, cap_text, filetime, guid_bytes, int32_bits, sid_to_string};
+use super::convert::{
+    boolean, cap_text, filetime, generalized_time, guid_bytes, int32_bits, sid_to_string,
+};
 
 /// The most memberOf DNs a user is sent with: direct groups here, then every group, nested
 /// included, once the read has resolved nesting (`groups.rs`). Far more than any real account is
@@ -18,7 +20,7 @@ use super::convert::{boolean, cap_text, filetime, guid_bytes, int32_bits, sid_to
 pub const MAX_MEMBER_OF: usize = 1024;
 
 /// What a search for users asks for (lowercase is how [`RawEntry`] names them).
-pub const USER_ATTRIBUTES: [&str; 14] = [
+pub const USER_ATTRIBUTES: [&str; 15] = [
     "objectGUID",
     "objectSid",
     "sAMAccountName",
@@ -33,6 +35,7 @@ pub const USER_ATTRIBUTES: [&str; 14] = [
     "servicePrincipalName",
     "memberOf",
     "objectClass",
+    "whenCreated",
 ];
 
 /// One search result entry: its DN and every attribute's values as bytes, attribute names
@@ -177,6 +180,7 @@ pub fn to_user(entry: &RawEntry) -> Result<v1::DirectoryUser, Skipped> {
         is_computer: entry
             .values("objectClass")
             .any(|v| v.eq_ignore_ascii_case(b"computer")),
+        when_created: entry.text("whenCreated").and_then(|t| generalized_time(&t)),
     })
 }
 
@@ -253,6 +257,7 @@ mod tests {
             ("userAccountControl", vec![s("512")]),
             ("accountExpires", vec![s("9223372036854775807")]),
             ("lastLogonTimestamp", vec![s("132223104000000000")]),
+            ("whenCreated", vec![s("20191231080000.0Z")]),
             (
                 "memberOf",
                 vec![s("CN=Staff,DC=lab"), s("CN=Billing Exclusions,DC=lab")],
@@ -278,6 +283,11 @@ mod tests {
         assert_eq!(user.user_account_control, 512);
         assert_eq!(user.account_expires, None, "never expires");
         assert_eq!(user.last_logon.map(|t| t.seconds), Some(1_577_836_800));
+        assert_eq!(
+            user.when_created.map(|t| t.seconds),
+            Some(1_577_779_200),
+            "2019-12-31T08:00:00Z"
+        );
         assert!(!user.critical_system_object);
         assert!(!user.has_service_principal_name);
         assert!(!user.is_computer);
@@ -331,6 +341,7 @@ mod tests {
             ("userAccountControl", vec![s("-2147483646")]),
             ("accountExpires", vec![s("1")]),
             ("lastLogonTimestamp", vec![s("0")]),
+            ("whenCreated", vec![s("yesterday")]),
             ("isCriticalSystemObject", vec![s("yes")]),
             ("servicePrincipalName", vec![vec![]]),
             ("memberOf", groups),
@@ -349,6 +360,7 @@ mod tests {
             "expired in 1601 is expired"
         );
         assert_eq!(user.last_logon, None, "never logged on");
+        assert_eq!(user.when_created, None, "no GeneralizedTime: unknown");
         assert!(!user.critical_system_object);
         assert!(!user.has_service_principal_name, "an empty value is no SPN");
         assert_eq!(user.member_of.len(), MAX_MEMBER_OF);

@@ -137,6 +137,7 @@ pub fn user_json(u: &v1::DirectoryUser, now: SystemTime) -> serde_json::Value {
         "expired": expired(u, now),
         "account_expires": rfc3339(u.account_expires.as_ref()),
         "last_logon": rfc3339(u.last_logon.as_ref()),
+        "when_created": rfc3339(u.when_created.as_ref()),
         "critical_system_object": u.critical_system_object,
         "service_principal_name": u.has_service_principal_name,
         "computer": u.is_computer,

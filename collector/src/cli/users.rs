@@ -38,7 +38,9 @@ pub enum UsersCommand {
     #[command(subcommand)]
     Policy(UserPolicyCommand),
     /// Read the client's Entra ID users now (the collector reads them every graph_interval
-    /// anyway) and show the state of its user sources.
+    /// anyway, and a refresh while a read runs joins it) and show the state of its user
+    /// sources. Waits up to --timeout; a read still running then goes on on the collector
+    /// (exit 75), and `census users --client C` shows its outcome.
     Refresh {
         #[arg(long)]
         client: String,
@@ -64,15 +66,18 @@ pub enum UserPolicyCommand {
     Set {
         #[arg(long)]
         client: String,
-        /// An AD account with no logon in this many days does not count: 0 (off) or 15 to
-        /// 3650 (lastLogonTimestamp lags real logons by up to 14 days).
+        /// An account with no logon in this many days does not count (AD lastLogonTimestamp;
+        /// Entra ID sign-ins where the tenant has Entra ID P1); an account that never logged
+        /// on counts until it is this many days old. 0 (off) or 15 to 3650
+        /// (lastLogonTimestamp lags real logons by up to 14 days).
         #[arg(long)]
         stale_logon_days: Option<u32>,
         /// Whether AD accounts with a servicePrincipalName count.
         #[arg(long)]
         count_service_accounts: Option<bool>,
-        /// AD groups (DNs or names) whose direct members do not count, comma-separated, or
-        /// "none".
+        /// AD groups (DNs or names) whose members do not count, nested members included
+        /// (a member of a group inside an exclusion group is excluded too), comma-separated,
+        /// or "none".
         #[arg(long, value_delimiter = ',')]
         exclusion_groups: Option<Vec<String>>,
         /// Entra ID licences that make a user billable (SKU ids or part numbers such as
@@ -123,6 +128,7 @@ pub(super) fn source_json(s: &v1::UserSource) -> serde_json::Value {
         "last_attempt": (s.last_attempt.is_some()).then(|| time(s.last_attempt.as_ref())),
         "error": (!s.error.is_empty()).then_some(&s.error),
         "stale": s.stale,
+        "reading": s.reading,
     })
 }
 
@@ -150,6 +156,7 @@ fn account_json(a: &v1::UserAccount) -> serde_json::Value {
         "removed_at": a.removed_at.is_some().then(|| time(a.removed_at.as_ref())),
         "join_keys": a.join_keys,
         "last_logon": a.last_logon.is_some().then(|| time(a.last_logon.as_ref())),
+        "created": a.created.is_some().then(|| time(a.created.as_ref())),
     })
 }
 
@@ -229,15 +236,36 @@ fn print_sources(sources: &[v1::UserSource]) {
                 s.source.clone(),
                 non_empty(time(s.last_read.as_ref()), "never"),
                 s.accounts.to_string(),
-                if s.stale {
-                    format!("STALE: {}", s.error)
-                } else {
-                    "ok".into()
+                non_empty(time(s.last_attempt.as_ref()), "-"),
+                match (s.reading, s.stale) {
+                    (true, true) => format!("READING NOW; last attempt STALE: {}", s.error),
+                    (true, false) => "READING NOW".into(),
+                    (false, true) => format!("STALE: {}", s.error),
+                    (false, false) => "ok".into(),
                 },
             ]
         })
         .collect();
-    print_table(&["SOURCE", "LAST READ", "ACCOUNTS", "STATE"], rows);
+    print_table(
+        &["SOURCE", "LAST READ", "ACCOUNTS", "LAST ATTEMPT", "STATE"],
+        rows,
+    );
+}
+
+/// sysexits EX_TEMPFAIL: the Entra ID read asked for has not ended yet; it goes on.
+const EX_TEMPFAIL: u8 = 75;
+/// How much sooner than `--timeout` the collector is asked to answer a refresh, so its answer
+/// ("still running") arrives before the CLI gives up.
+const REFRESH_MARGIN_SECS: u64 = 2;
+
+/// The one line for a refresh whose read goes on after the CLI stopped waiting.
+fn still_running(client: &str, waited: &str) -> Failure {
+    Failure::new(
+        EX_TEMPFAIL,
+        format!(
+            "the Entra ID read of client {client} is still running on the collector after {waited} (raise --timeout to wait longer); it goes on by itself: `census users --client {client}` shows its outcome (the source's last attempt and error) once it ends"
+        ),
+    )
 }
 
 pub(super) async fn run<F: tonic::service::Interceptor>(
@@ -245,6 +273,7 @@ pub(super) async fn run<F: tonic::service::Interceptor>(
     query: &mut QueryServiceClient<Authed<F>>,
     admin: &mut AdminServiceClient<Authed<F>>,
     url: &str,
+    timeout_secs: u64,
 ) -> Result<(), Failure> {
     match args.command {
         None => {
@@ -271,13 +300,26 @@ pub(super) async fn run<F: tonic::service::Interceptor>(
             .await
         }
         Some(UsersCommand::Refresh { client, json }) => {
+            let wait = timeout_secs.saturating_sub(REFRESH_MARGIN_SECS).max(1);
             let r = admin
                 .refresh_users(v1::RefreshUsersRequest {
                     client: client.clone(),
+                    wait_seconds: u32::try_from(wait).unwrap_or(u32::MAX),
                 })
                 .await
-                .map_err(|s| status_failure(s, url))?
+                .map_err(|s| {
+                    // The CLI's own --timeout ran out before the collector answered (tonic
+                    // reports it as CANCELLED "Timeout expired"): the read goes on there.
+                    if s.code() == tonic::Code::Cancelled && s.message().contains("Timeout") {
+                        still_running(&client, &format!("{timeout_secs} s"))
+                    } else {
+                        status_failure(s, url)
+                    }
+                })?
                 .into_inner();
+            if r.running {
+                return Err(still_running(&client, &format!("{wait} s")));
+            }
             if json {
                 print_json(&r.sources.iter().map(source_json).collect::<Vec<_>>());
             } else {
@@ -375,6 +417,16 @@ pub(super) async fn run<F: tonic::service::Interceptor>(
     }
 }
 
+/// What a person reads a user by: the collector's name (a UPN, else a sAMAccountName, else
+/// the display name), else the display name, else the id.
+fn readable(u: &v1::User) -> String {
+    [&u.name, &u.display_name, &u.id]
+        .into_iter()
+        .find(|n| !n.trim().is_empty())
+        .cloned()
+        .unwrap_or_default()
+}
+
 async fn list<F: tonic::service::Interceptor>(
     query: &mut QueryServiceClient<Authed<F>>,
     client: String,
@@ -410,8 +462,8 @@ async fn list<F: tonic::service::Interceptor>(
         .iter()
         .map(|u| {
             vec![
+                readable(u),
                 u.id.clone(),
-                u.name.clone(),
                 u.accounts
                     .iter()
                     .map(|a| a.source.as_str())
@@ -422,7 +474,7 @@ async fn list<F: tonic::service::Interceptor>(
             ]
         })
         .collect();
-    print_table(&["USER", "NAME", "SOURCES", "COUNTED", "WHY"], rows);
+    print_table(&["NAME", "USER", "SOURCES", "COUNTED", "WHY"], rows);
     if accounts {
         out!();
         let rows = r
@@ -456,4 +508,79 @@ async fn list<F: tonic::service::Interceptor>(
     );
     print_sources(&r.sources);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use crate::cli::Cli;
+
+    /// The help of `census users policy set`, with whitespace folded (clap wraps lines).
+    fn policy_set_help() -> String {
+        let mut cli = Cli::command();
+        let set = cli
+            .find_subcommand_mut("users")
+            .and_then(|c| c.find_subcommand_mut("policy"))
+            .and_then(|c| c.find_subcommand_mut("set"))
+            .expect("census users policy set");
+        set.render_long_help()
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn policy_set_help_says_nested_members_are_excluded() {
+        let help = policy_set_help();
+        assert!(help.contains("nested members included"), "{help}");
+        assert!(!help.contains("direct members"), "{help}");
+        assert!(
+            help.contains("an account that never logged on counts until it is this many days old"),
+            "{help}"
+        );
+    }
+
+    #[test]
+    fn a_call_that_outlives_the_timeout_names_the_flag() {
+        let f = crate::cli::status_failure(
+            tonic::Status::cancelled("Timeout expired"),
+            "https://127.0.0.1:7400",
+        );
+        assert_eq!(f.code, crate::cli::EX_UNAVAILABLE);
+        assert!(
+            f.message.contains("did not answer within --timeout"),
+            "{}",
+            f.message
+        );
+        let running = super::still_running("acme", "13 s");
+        assert_eq!(running.code, 75);
+        assert!(
+            running
+                .message
+                .contains("still running on the collector after 13 s (raise --timeout")
+                && running
+                    .message
+                    .contains("`census users --client acme` shows its outcome"),
+            "{}",
+            running.message
+        );
+    }
+
+    #[test]
+    fn a_user_is_shown_by_a_name_people_read() {
+        let user = |name: &str, display: &str| census_proto::v1::User {
+            id: "sid:S-1-5-21-1-2-3-1001".into(),
+            name: name.into(),
+            display_name: display.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            super::readable(&user("alice@corp.example", "Alice")),
+            "alice@corp.example"
+        );
+        assert_eq!(super::readable(&user("", "Kiosk")), "Kiosk");
+        assert_eq!(super::readable(&user("", "")), "sid:S-1-5-21-1-2-3-1001");
+    }
 }

@@ -150,6 +150,8 @@ mod tests {
             on_premises_immutable_id: None,
             on_premises_sync_enabled: None,
             created: None,
+            sign_in_read: false,
+            last_sign_in: None,
         }
     }
 

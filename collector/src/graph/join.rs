@@ -274,6 +274,8 @@ mod tests {
             on_premises_immutable_id: immutable.map(Into::into),
             on_premises_sync_enabled: Some(true),
             created: None,
+            sign_in_read: false,
+            last_sign_in: None,
         }
     }
 

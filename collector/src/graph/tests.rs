@@ -49,6 +49,10 @@ struct Fake {
     forbid_users: bool,
     /// `/users` answers 503 forever.
     always_503: bool,
+    /// `/users` refuses `signInActivity` (403) as Graph does on a tenant without Entra ID P1.
+    no_premium: bool,
+    /// The `$select` of every `/users` request, in order.
+    selects: Mutex<Vec<String>>,
     token_requests: AtomicUsize,
     graph_requests: AtomicUsize,
     throttled: AtomicBool,
@@ -167,11 +171,18 @@ async fn users(
     if fake.always_503 {
         return (StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable").into_response();
     }
+    let select = query.get("$select").cloned().unwrap_or_default();
+    fake.selects.lock().expect("lock").push(select.clone());
+    if fake.no_premium && select.split(',').any(|f| f == "signInActivity") {
+        return json_reply(
+            StatusCode::FORBIDDEN,
+            json!({ "error": { "code": "Authentication_RequestFromNonPremiumTenantOrB2CTenant", "message": "Neither tenant is B2C or tenant doesn't have premium license" } }),
+        );
+    }
     let next = |token: &str| {
         format!(
-            "{}/v1.0/users?$select={}&$top=999&$skiptoken={token}",
+            "{}/v1.0/users?$select={select}&$top=999&$skiptoken={token}",
             fake.base,
-            wire::USER_SELECT
         )
     };
     match query.get("$skiptoken").map(String::as_str) {
@@ -367,9 +378,16 @@ async fn reads_every_page_through_throttling_and_counts_exactly() {
         .expect("page 1");
     assert_eq!(
         first.get("$select").map(String::as_str),
-        Some(wire::USER_SELECT)
+        Some(wire::USER_SELECT_WITH_SIGN_IN),
+        "sign-in activity is asked for first"
     );
-    assert_eq!(first.get("$top").map(String::as_str), Some("999"));
+    assert_eq!(read.sign_in_refused, None);
+    assert!(read.users.iter().all(|u| u.sign_in_read));
+    assert_eq!(
+        first.get("$top").map(String::as_str),
+        Some("120"),
+        "Graph's page size with sign-in activity"
+    );
 
     assert_eq!(read.pages, 3);
     assert_eq!(read.skipped, 1, "the entry without an id");
@@ -574,6 +592,33 @@ async fn a_silent_graph_times_out() {
     assert!(
         err.to_string().contains("did not answer within 1s"),
         "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_tenant_without_sign_in_activity_is_read_without_it() {
+    let fake = serve(|f| f.no_premium = true).await;
+    let fx = fixture(&fake.base, GOOD_SECRET);
+    let read = guarded(read_tenant(&fx.settings, &http()))
+        .await
+        .expect("read without sign-in activity");
+    assert_eq!(read.users.len(), 8, "every page, every user");
+    assert!(read.users.iter().all(|u| !u.sign_in_read));
+    assert!(
+        read.sign_in_refused
+            .as_deref()
+            .is_some_and(|r| r.contains("RequestFromNonPremiumTenant")),
+        "{:?}",
+        read.sign_in_refused
+    );
+    let selects = fake.selects.lock().expect("lock").clone();
+    assert_eq!(
+        selects.first().map(String::as_str),
+        Some(wire::USER_SELECT_WITH_SIGN_IN)
+    );
+    assert!(
+        selects[1..].iter().all(|s| s == wire::USER_SELECT),
+        "asked once, then every page without it: {selects:?}"
     );
 }
 

@@ -18,10 +18,16 @@ pub const MAX_SKUS: usize = 2000;
 /// Longest error detail kept from an error body.
 pub const MAX_DETAIL: usize = 300;
 
-/// The fields requested from `/v1.0/users`.
+/// The fields requested from `/v1.0/users` on every tenant.
 pub const USER_SELECT: &str = "id,displayName,userPrincipalName,accountEnabled,userType,\
 assignedLicenses,onPremisesSecurityIdentifier,onPremisesImmutableId,onPremisesSyncEnabled,\
 createdDateTime";
+/// [`USER_SELECT`] with `signInActivity`, asked first: Graph gives it only to an app with
+/// AuditLog.Read.All on a tenant with Entra ID P1 or P2, and refuses the whole page (403)
+/// otherwise.
+pub const USER_SELECT_WITH_SIGN_IN: &str = "id,displayName,userPrincipalName,accountEnabled,\
+userType,assignedLicenses,onPremisesSecurityIdentifier,onPremisesImmutableId,\
+onPremisesSyncEnabled,createdDateTime,signInActivity";
 
 /// One Entra ID user as read from Graph, with just what the billable decision, the evidence and
 /// the hybrid join need.
@@ -48,6 +54,23 @@ pub struct GraphUser {
     pub on_premises_sync_enabled: Option<bool>,
     /// `createdDateTime` as Graph wrote it (ISO 8601).
     pub created: Option<String>,
+    /// Whether the read had the tenant's sign-in activity (`signInActivity`): only then does
+    /// a user without a sign-in mean one who never signed in.
+    #[serde(default)]
+    pub sign_in_read: bool,
+    /// The latest of `signInActivity`'s `lastSignInDateTime` (interactive),
+    /// `lastNonInteractiveSignInDateTime` (an app using its token, as Outlook does for weeks)
+    /// and `lastSuccessfulSignInDateTime`, as Graph wrote it; `None` when it has none.
+    #[serde(default)]
+    pub last_sign_in: Option<String>,
+}
+
+/// A Graph time (ISO 8601 in UTC, `2024-01-01T00:00:00Z`, with or without fractions) in Unix
+/// millis; `None` when it is no such time or before 1970.
+pub fn graph_time_ms(text: &str) -> Option<u64> {
+    let t = humantime::parse_rfc3339_weak(text.trim()).ok()?;
+    let ms = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
+    u64::try_from(ms).ok()
 }
 
 /// One page of `/v1.0/users`.
@@ -136,7 +159,27 @@ fn user(o: &Map<String, Value>) -> Option<GraphUser> {
         on_premises_immutable_id: string(o, "onPremisesImmutableId"),
         on_premises_sync_enabled: o.get("onPremisesSyncEnabled").and_then(Value::as_bool),
         created: string(o, "createdDateTime"),
+        // Set by the reader, which knows whether it asked for signInActivity.
+        sign_in_read: false,
+        last_sign_in: o
+            .get("signInActivity")
+            .and_then(Value::as_object)
+            .and_then(latest_sign_in),
     })
+}
+
+/// The latest sign-in time of a `signInActivity` object.
+fn latest_sign_in(activity: &Map<String, Value>) -> Option<String> {
+    [
+        "lastSignInDateTime",
+        "lastNonInteractiveSignInDateTime",
+        "lastSuccessfulSignInDateTime",
+    ]
+    .iter()
+    .filter_map(|k| string(activity, k))
+    .filter_map(|t| graph_time_ms(&t).map(|ms| (ms, t)))
+    .max_by_key(|(ms, _)| *ms)
+    .map(|(_, t)| t)
 }
 
 fn string(o: &Map<String, Value>, key: &str) -> Option<String> {
@@ -373,6 +416,46 @@ mod tests {
         );
         assert_eq!(u.on_premises_sync_enabled, Some(true));
         assert_eq!(u.created.as_deref(), Some("2021-03-04T05:06:07Z"));
+    }
+
+    #[test]
+    fn sign_in_activity_gives_the_latest_sign_in() {
+        let body = br#"{"value": [
+            {"id": "a", "createdDateTime": "2024-01-01T00:00:00Z",
+             "signInActivity": {
+               "lastSignInDateTime": "2024-03-01T10:00:00Z",
+               "lastSignInRequestId": "e0c4d4e5-0000-0000-0000-000000000000",
+               "lastNonInteractiveSignInDateTime": "2024-05-02T11:12:13.1234567Z",
+               "lastSuccessfulSignInDateTime": null}},
+            {"id": "b", "signInActivity": {"lastSignInDateTime": null,
+               "lastNonInteractiveSignInDateTime": null}},
+            {"id": "c", "signInActivity": {"lastSignInDateTime": "not a time"}},
+            {"id": "d"}
+        ]}"#;
+        let page = parse_users_page(body).expect("parses");
+        let last: Vec<Option<&str>> = page
+            .users
+            .iter()
+            .map(|u| u.last_sign_in.as_deref())
+            .collect();
+        assert_eq!(
+            last,
+            [Some("2024-05-02T11:12:13.1234567Z"), None, None, None],
+            "the latest of interactive and non-interactive sign-ins"
+        );
+        assert!(
+            page.users.iter().all(|u| !u.sign_in_read),
+            "the reader sets it"
+        );
+        assert_eq!(
+            graph_time_ms("2024-01-01T00:00:00Z"),
+            Some(1_704_067_200_000)
+        );
+        assert_eq!(
+            graph_time_ms("2024-05-02T11:12:13.1234567Z"),
+            Some(1_714_648_333_123)
+        );
+        assert_eq!(graph_time_ms("yesterday"), None);
     }
 
     #[test]

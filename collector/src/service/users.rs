@@ -1,13 +1,16 @@
 //! The users part of the services: directory read parts in agents' batches, `ListUsers`, the
 //! billable-user policy, `RefreshUsers`, and the users' messages.
 
+use std::time::Duration;
+
 use census_proto::{convert, v1};
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::{Collector, name_status, now_ms};
 use crate::{
-    entra::EntraError,
+    entra::{EntraError, EntraReader},
+    graph::graph_time_ms,
     model,
     snapshot::SnapshotUser,
     store::{Store, StoreError},
@@ -16,6 +19,9 @@ use crate::{
         apply::ReadPart,
     },
 };
+
+/// Longest a `RefreshUsers` call waits for its read, whatever it asks (the read goes on).
+const MAX_REFRESH_WAIT: Duration = Duration::from_secs(3600);
 
 /// Most users one batch may carry (agents send 100).
 pub const MAX_BATCH_USERS: usize = 1_000;
@@ -107,6 +113,7 @@ pub(super) fn source_to_wire(s: &SourceStatus) -> v1::UserSource {
         last_attempt: (s.attempt_ms != 0).then(|| convert::timestamp_from_millis(s.attempt_ms)),
         error: s.error.clone().unwrap_or_default(),
         stale: s.stale(),
+        reading: false,
     }
 }
 
@@ -125,7 +132,15 @@ fn account_to_wire(a: &Account, d: &users::Decision) -> v1::UserAccount {
         join_keys: a.join_keys.iter().map(ToString::to_string).collect(),
         last_logon: match &a.facts {
             Facts::Ad(ad) => ad.last_logon_ms.and_then(ts),
-            Facts::Entra(_) => None,
+            Facts::Entra(u) => u
+                .last_sign_in
+                .as_deref()
+                .and_then(graph_time_ms)
+                .and_then(ts),
+        },
+        created: match &a.facts {
+            Facts::Ad(ad) => ad.created_ms.and_then(ts),
+            Facts::Entra(u) => u.created.as_deref().and_then(graph_time_ms).and_then(ts),
         },
     }
 }
@@ -179,9 +194,14 @@ impl Collector {
         self.require_client(&req.client).await?;
         let counted = v1::CountedFilter::try_from(req.counted).unwrap_or_default();
         let now = now_ms();
+        let reading = self.entra.as_ref().and_then(|e| e.reading(&req.client));
         let (people, policy, sources) = self
             .blocking(move |s| client_people(s, &req.client, now))
             .await?;
+        let mut sources: Vec<v1::UserSource> = sources.iter().map(source_to_wire).collect();
+        for s in &mut sources {
+            s.reading = reading.as_deref() == Some(s.source.as_str());
+        }
         Ok(Response::new(v1::ListUsersResponse {
             users: people
                 .iter()
@@ -192,7 +212,7 @@ impl Collector {
                 })
                 .map(person_to_wire)
                 .collect(),
-            sources: sources.iter().map(source_to_wire).collect(),
+            sources,
             policy: Some(user_policy_to_wire(&policy)),
             as_of: ts(now),
         }))
@@ -260,33 +280,43 @@ impl Collector {
         &self,
         request: Request<v1::RefreshUsersRequest>,
     ) -> Result<Response<v1::RefreshUsersResponse>, Status> {
-        let client = request.into_inner().client;
+        let req = request.into_inner();
+        let client = req.client;
         model::validate_name("client", &client).map_err(name_status)?;
         let Some(reader) = &self.entra else {
             return Err(Status::failed_precondition(
                 EntraError::NotConfigured(client).to_string(),
             ));
         };
-        match reader
-            .read_client(&self.store, &client, &self.shutdown)
-            .await
-        {
-            Ok(_) => {}
-            Err(e @ EntraError::NotConfigured(_)) => {
+        // The read runs on the reader's own task: this call only waits for it, and a caller
+        // that goes away stops the wait, not the read.
+        let read = reader
+            .start(&self.store, &client, &self.shutdown)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let outcome = EntraReader::outcome(read);
+        let finished = match req.wait_seconds {
+            0 => Some(outcome.await),
+            secs => {
+                let wait = Duration::from_secs(u64::from(secs)).min(MAX_REFRESH_WAIT);
+                tokio::time::timeout(wait, outcome).await.ok()
+            }
+        };
+        match finished.as_ref().map(|f| f.as_ref().map_err(|e| &**e)) {
+            None | Some(Ok(_)) => {}
+            Some(Err(e @ EntraError::NotConfigured(_))) => {
                 return Err(Status::failed_precondition(e.to_string()));
             }
-            Err(EntraError::Cancelled) => {
+            Some(Err(EntraError::Cancelled)) => {
                 return Err(Status::unavailable("collector is shutting down"));
             }
-            Err(e) => {
-                warn!(%client, error = %e, "refresh failed");
-                return Err(Status::internal(e.to_string()));
-            }
+            // Logged by the read's task.
+            Some(Err(e)) => return Err(Status::internal(e.to_string())),
         }
         let c = client.clone();
         let (_, sources) = self.blocking(move |s| s.user_accounts(&c)).await?;
         Ok(Response::new(v1::RefreshUsersResponse {
             sources: sources.iter().map(source_to_wire).collect(),
+            running: finished.is_none(),
         }))
     }
 }

@@ -24,16 +24,19 @@ pub const MAX_ENTRY: usize = 512;
 /// The rules an operator sets; [`UserPolicy`] adds the version the store assigns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserPolicyRules {
-    /// An Active Directory account with no logon in this many days does not count; 0 turns
-    /// the rule off. `lastLogonTimestamp` lags real logons by 9 to 14 days, so the smallest
-    /// window is [`MIN_STALE_LOGON_DAYS`]. An account that never logged on does not count
-    /// while the rule is on.
+    /// An account with no logon in this many days does not count; 0 turns the rule off.
+    /// `lastLogonTimestamp` lags real logons by 9 to 14 days, so the smallest window is
+    /// [`MIN_STALE_LOGON_DAYS`]. An account that never logged on is a new account and counts
+    /// until it is older than the window (whenCreated, createdDateTime); one with no creation
+    /// time does not. Entra ID users follow the same rule on their latest sign-in where the
+    /// tenant gives sign-in activity (Entra ID P1), see [`super::decide`].
     pub stale_logon_days: u32,
     /// Whether accounts with a servicePrincipalName (service accounts) count.
     #[serde(default)]
     pub count_service_accounts: bool,
-    /// Active Directory groups whose direct members do not count: a distinguished name, or a
-    /// group's name (its CN), matched case-insensitively.
+    /// Active Directory groups whose members do not count, nested members included (the agent
+    /// sends every group an account is in): a distinguished name, or a group's name (its CN),
+    /// matched case-insensitively.
     #[serde(default)]
     pub exclusion_groups: Vec<String>,
     /// Entra ID licences that make a user billable: SKU ids (GUIDs) or SKU part numbers

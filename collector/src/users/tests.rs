@@ -104,7 +104,7 @@ fn each_active_directory_rule_names_itself() {
                 last_logon: None,
                 ..ad_user(9, "never")
             },
-            "never logged on",
+            "stale: never logged on and no creation time",
         ),
     ];
     for (user, why) in &cases {
@@ -211,6 +211,35 @@ fn an_exclusion_group_late_in_a_long_list_still_excludes() {
 }
 
 #[test]
+fn accounts_are_named_for_people() {
+    let named = |user: v1::DirectoryUser| ad(&user).name;
+    assert_eq!(named(ad_user(1, "alice")), "alice@corp.example");
+    assert_eq!(
+        named(v1::DirectoryUser {
+            user_principal_name: String::new(),
+            ..ad_user(2, "bob")
+        }),
+        "bob"
+    );
+    assert_eq!(
+        named(v1::DirectoryUser {
+            user_principal_name: String::new(),
+            sam_account_name: " ".into(),
+            display_name: "Carol Kiosk".into(),
+            ..ad_user(3, "carol")
+        }),
+        "Carol Kiosk",
+        "the display name before the id"
+    );
+    let mut cloud = graph_user("d1", None, None, &[]);
+    cloud.upn = String::new();
+    cloud.display_name = "Dave Cloud".into();
+    assert_eq!(entra_account("entra:t", &cloud, NOW).name, "Dave Cloud");
+    cloud.display_name = String::new();
+    assert_eq!(entra_account("entra:t", &cloud, NOW).name, "d1");
+}
+
+#[test]
 fn hostile_values_are_capped_and_guidless_accounts_refused() {
     let mut u = ad_user(1, &"x".repeat(10_000));
     u.member_of = (0..1000).map(|i| format!("CN=g{i}\n,DC=x")).collect();
@@ -231,6 +260,140 @@ fn hostile_values_are_capped_and_guidless_accounts_refused() {
     );
 }
 
+#[test]
+fn an_account_that_never_logged_on_is_stale_only_once_older_than_the_window() {
+    let p = UserPolicy::default();
+    let never = |n: u8, created_days_ago: Option<u64>| {
+        ad(&v1::DirectoryUser {
+            last_logon: None,
+            when_created: created_days_ago
+                .map(|d| convert::timestamp_from_millis(NOW - d * DAY - 60_000)),
+            ..ad_user(n, "new")
+        })
+    };
+    // A new hire: billed from the day the account exists.
+    let fresh = decide_one(&p, &never(1, Some(3)));
+    assert!(fresh.billable, "{}", fresh.reason);
+    assert!(
+        fresh
+            .reason
+            .starts_with("enabled user account, never logged on, created ")
+            && fresh
+                .reason
+                .contains("(3 days ago): a new account, billed until it is 90 days old"),
+        "{}",
+        fresh.reason
+    );
+    // Created the day the window ends: still new; a day later: stale.
+    assert!(decide_one(&p, &never(2, Some(89))).billable);
+    let old = decide_one(&p, &never(3, Some(400)));
+    assert!(!old.billable);
+    assert!(
+        old.reason.starts_with("stale: never logged on, created ")
+            && old.reason.contains("(400 days ago, more than 90 days)"),
+        "{}",
+        old.reason
+    );
+    // No creation time and no logon: stale, saying why.
+    let unknown = decide_one(&p, &never(4, None));
+    assert!(!unknown.billable);
+    assert!(
+        unknown
+            .reason
+            .starts_with("stale: never logged on and no creation time (whenCreated)"),
+        "{}",
+        unknown.reason
+    );
+    // A logon decides over the creation time: an old account used last week counts.
+    let used = ad(&v1::DirectoryUser {
+        when_created: Some(convert::timestamp_from_millis(NOW - 900 * DAY)),
+        ..ad_user(5, "old")
+    });
+    assert!(decide_one(&p, &used).billable);
+    // The window follows the policy.
+    let short = UserPolicy {
+        rules: UserPolicyRules {
+            stale_logon_days: 30,
+            ..UserPolicyRules::default()
+        },
+        ..UserPolicy::default()
+    };
+    let month_old = never(6, Some(45));
+    assert!(decide_one(&p, &month_old).billable);
+    assert!(!decide_one(&short, &month_old).billable);
+    // whenCreated reaches the stored facts.
+    let Facts::Ad(facts) = &never(7, Some(3)).facts else {
+        panic!("AD facts")
+    };
+    assert_eq!(facts.created_ms, Some(NOW - 3 * DAY - 60_000));
+}
+
+#[test]
+fn entra_sign_in_activity_follows_the_same_rule_where_the_tenant_gives_it() {
+    let p = UserPolicy::default();
+    let at = |days: u64| crate::snapshot::rfc3339(NOW - days * DAY);
+    let user = |id: &str, read: bool, last: Option<u64>, created: Option<u64>| {
+        let mut u = graph_user(id, None, None, &[E3]);
+        u.sign_in_read = read;
+        u.last_sign_in = last.map(at);
+        u.created = created.map(at);
+        entra_account("entra:tenant", &u, NOW)
+    };
+    let d = |a: &Account| decide(&Resolved::new(&p, &[]), a, NOW);
+
+    let recent = d(&user("u1", true, Some(5), Some(900)));
+    assert!(recent.billable);
+    assert!(
+        recent.reason.starts_with("licensed skuId ") && recent.reason.contains(", last sign-in "),
+        "{}",
+        recent.reason
+    );
+    let stale = d(&user("u2", true, Some(200), Some(900)));
+    assert!(!stale.billable);
+    assert!(
+        stale.reason.starts_with("stale: last sign-in "),
+        "{}",
+        stale.reason
+    );
+    let new_hire = d(&user("u3", true, None, Some(3)));
+    assert!(new_hire.billable);
+    assert!(
+        new_hire.reason.contains("never signed in, created ")
+            && new_hire.reason.contains("a new account"),
+        "{}",
+        new_hire.reason
+    );
+    let unused = d(&user("u4", true, None, Some(400)));
+    assert!(!unused.billable);
+    assert!(
+        unused
+            .reason
+            .starts_with("stale: never signed in, created "),
+        "{}",
+        unused.reason
+    );
+    // Without the tenant's sign-in activity (no Entra ID P1), the licence decides alone.
+    let no_p1 = d(&user("u5", false, None, Some(400)));
+    assert!(no_p1.billable, "{}", no_p1.reason);
+    assert!(!no_p1.reason.contains("sign"), "{}", no_p1.reason);
+    // A rule turned off is off for Entra ID too; an unlicensed user is not billed either way.
+    let off = UserPolicy {
+        rules: UserPolicyRules {
+            stale_logon_days: 0,
+            ..UserPolicyRules::default()
+        },
+        ..UserPolicy::default()
+    };
+    assert!(
+        decide(
+            &Resolved::new(&off, &[]),
+            &user("u6", true, Some(900), None),
+            NOW
+        )
+        .billable
+    );
+}
+
 fn graph_user(id: &str, sid: Option<&str>, immutable: Option<String>, skus: &[&str]) -> GraphUser {
     GraphUser {
         id: id.into(),
@@ -243,6 +406,8 @@ fn graph_user(id: &str, sid: Option<&str>, immutable: Option<String>, skus: &[&s
         on_premises_immutable_id: immutable,
         on_premises_sync_enabled: Some(true),
         created: None,
+        sign_in_read: false,
+        last_sign_in: None,
     }
 }
 

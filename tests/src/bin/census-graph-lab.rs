@@ -17,7 +17,10 @@
 //! - `GET /v1.0/subscribedSkus`: the SKUs.
 //! - `GET /v1.0/users?$select=…&$top=N`: the users in pages of `page_size` linked by
 //!   `@odata.nextLink` (`$skiptoken`), only the `$select`ed fields; page `throttle_page` first
-//!   answers 429 with `Retry-After: retry_after` (once per listing).
+//!   answers 429 with `Retry-After: retry_after` (once per listing). With `"busy": true`
+//!   every users request answers 503 with `Retry-After: retry_after` (a Graph that stays
+//!   down longer than anyone waits); with `"no_premium": true` a request that selects
+//!   `signInActivity` answers 403 as Graph does for a tenant without Entra ID P1.
 
 use std::{
     collections::HashMap,
@@ -54,6 +57,12 @@ struct Fixture {
     throttle_page: usize,
     #[serde(default = "default_retry_after")]
     retry_after: u64,
+    /// Every users request answers 503 with Retry-After.
+    #[serde(default)]
+    busy: bool,
+    /// Selecting signInActivity is refused (403), as on a tenant without Entra ID P1.
+    #[serde(default)]
+    no_premium: bool,
     #[serde(default)]
     skus: Vec<Value>,
     #[serde(default)]
@@ -193,6 +202,30 @@ async fn users(
         .and_then(|t| t.parse().ok())
         .unwrap_or(0);
     let page = skip / top + 1;
+    let select: Vec<String> = q
+        .get("$select")
+        .map(|s| s.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    if f.busy {
+        println!("users: page {page} busy");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [
+                (header::CONTENT_TYPE, "application/json".to_owned()),
+                (header::RETRY_AFTER, f.retry_after.to_string()),
+            ],
+            json!({"error": {"code": "ServiceUnavailable", "message": "Service unavailable."}})
+                .to_string(),
+        )
+            .into_response();
+    }
+    if f.no_premium && select.iter().any(|s| s == "signInActivity") {
+        println!("users: signInActivity refused (no Entra ID P1)");
+        return reply(
+            StatusCode::FORBIDDEN,
+            json!({"error": {"code": "Authentication_RequestFromNonPremiumTenantOrB2CTenant", "message": "Neither tenant is B2C or tenant doesn't have premium license"}}),
+        );
+    }
     if page == f.throttle_page && server.throttled_for.swap(listing, Ordering::SeqCst) != listing {
         println!("users: page {page} throttled");
         return (
@@ -206,10 +239,6 @@ async fn users(
         )
             .into_response();
     }
-    let select: Vec<String> = q
-        .get("$select")
-        .map(|s| s.split(',').map(str::to_owned).collect())
-        .unwrap_or_default();
     let value: Vec<Value> = f
         .users
         .iter()

@@ -23,8 +23,9 @@
 //!   `-s`, checked by the lab's tests); bulk users go in as one LDIF through `ldbadd` on sam.ldb
 //!   (1,200 users in about 3 s, against about 0.4 s per `samba-tool user add`), and Samba's own
 //!   modules still give each one its objectSid, objectGUID and sAMAccountType 805306368.
-//!   lastLogonTimestamp, which only logons set over the network, is written with `ldbmodify` on
-//!   sam.ldb (which the LDAP server then serves as it is).
+//!   lastLogonTimestamp, which only logons set over the network, and whenCreated (to backdate an
+//!   account) are written with `ldbmodify` on sam.ldb (which the LDAP server then serves as it
+//!   is).
 //!
 //! Everything runs inside the DC's namespace (the lab's `exec`), the DC listens only on its
 //! 198.18.0.0/15 address, and it all goes when the lab is dropped (the process is the lab's,
@@ -302,6 +303,14 @@ impl Lab {
     }
 }
 
+/// A time as LDAP's GeneralizedTime, the way AD writes whenCreated: `20240102030405.0Z`.
+pub fn generalized_time(unix_secs: u64) -> String {
+    // 2024-01-02T03:04:05Z -> 20240102030405
+    let rfc3339 = census_collector::snapshot::rfc3339(unix_secs.saturating_mul(1000));
+    let digits: String = rfc3339.chars().filter(char::is_ascii_digit).collect();
+    format!("{digits}.0Z")
+}
+
 /// `lab.census.test` as (`LAB.CENSUS.TEST`, `LAB`, `DC=lab,DC=census,DC=test`).
 fn realm_names(realm: &str) -> Result<(String, String, String)> {
     let labels: Vec<&str> = realm.split('.').collect();
@@ -524,6 +533,17 @@ impl<'lab> SambaDc<'lab> {
             &self.user_dn(name),
             "lastLogonTimestamp",
             &[&filetime.to_string()],
+        )
+    }
+
+    /// whenCreated of user `name`, as if the account had been made at `unix_secs` (samba-tool
+    /// always makes it now). Written in sam.ldb as lastLogonTimestamp is; the LDAP server then
+    /// serves it as AD would.
+    pub fn set_when_created(&self, name: &str, unix_secs: u64) -> Result<()> {
+        self.set_attribute(
+            &self.user_dn(name),
+            "whenCreated",
+            &[&generalized_time(unix_secs)],
         )
     }
 
@@ -817,6 +837,12 @@ mod tests {
             Some("CN=Billing Exclusions,CN=Users,DC=lab,DC=census")
         );
         assert_eq!(entries[1].get("cn"), Some("b"));
+    }
+
+    #[test]
+    fn generalized_time_is_what_ad_writes() {
+        assert_eq!(generalized_time(1_704_164_645), "20240102030405.0Z");
+        assert_eq!(generalized_time(0), "19700101000000.0Z");
     }
 
     #[test]

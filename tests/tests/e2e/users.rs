@@ -20,6 +20,14 @@ const SECRET: &str = "Zx8Q~lab.secret-value";
 const E3: &str = "05e9a617-0261-4cee-bb44-138d3ef5d965";
 const PBI: &str = "a403ebcc-fae0-4ca2-8c8c-7a907fd6c235";
 
+/// A Graph time `days` ago.
+fn days_ago(days: u64) -> String {
+    let now = census_proto::convert::unix_millis(SystemTime::now());
+    census_collector::snapshot::rfc3339(now - days * 24 * 3600 * 1000)
+}
+
+/// A user made in 2024 who signed in two days ago (Graph gives signInActivity only when it is
+/// selected, which the collector does first).
 fn graph_user(n: u32, kind: &str, enabled: bool, skus: &[&str]) -> Value {
     json!({
         "id": format!("00000000-0000-4000-8000-{n:012}"),
@@ -29,6 +37,10 @@ fn graph_user(n: u32, kind: &str, enabled: bool, skus: &[&str]) -> Value {
         "userType": kind,
         "assignedLicenses": skus.iter().map(|s| json!({"skuId": s, "disabledPlans": []})).collect::<Vec<_>>(),
         "createdDateTime": "2024-01-01T00:00:00Z",
+        "signInActivity": {
+            "lastSignInDateTime": days_ago(9),
+            "lastNonInteractiveSignInDateTime": days_ago(2),
+        },
     })
 }
 
@@ -233,6 +245,171 @@ fn entra_users_are_read_through_pages_and_throttling_and_counted_exactly() -> Re
     Ok(())
 }
 
+#[test]
+fn entra_sign_ins_new_accounts_and_reads_that_outlive_the_cli() -> Result<()> {
+    if lab_skipped() {
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    // All licensed members; what differs is their sign-ins and age.
+    let user = |n: u32, last_sign_in: Option<u64>, created_days_ago: u64| {
+        let mut u = graph_user(n, "Member", true, &[E3]);
+        u["createdDateTime"] = json!(days_ago(created_days_ago));
+        match last_sign_in {
+            Some(days) => u["signInActivity"] = json!({"lastSignInDateTime": days_ago(days)}),
+            // Graph leaves signInActivity out for a user who never signed in.
+            None => {
+                if let Some(o) = u.as_object_mut() {
+                    o.remove("signInActivity");
+                }
+            }
+        }
+        u
+    };
+    let mut kiosk = user(5, Some(1), 700);
+    kiosk["userPrincipalName"] = Value::Null;
+    kiosk["displayName"] = json!("Kiosk Shared");
+    let users = vec![
+        user(1, Some(2), 900),   // active
+        user(2, None, 3),        // a new hire
+        user(3, None, 400),      // never used, old
+        user(4, Some(200), 900), // gone quiet
+        kiosk,                   // no UPN: shown by its display name
+    ];
+    let mut fixture = fixture(&users, false);
+    fixture["throttle_page"] = json!(0);
+    let graph = GraphLab::start(&lab, &fixture)?;
+    let data = lab.dir().join("collector");
+    let config = collector_config(&lab, &graph, "contoso")?;
+    let collector = Collector::start_with_config(&lab, &data, &config)?;
+
+    collector.census_ok(["users", "refresh", "--client", "contoso"])?;
+    let listing = collector.users("contoso")?;
+    for (upn, counted, why) in [
+        ("user1@contoso.com", true, ", last sign-in "),
+        ("user2@contoso.com", true, "never signed in, created "),
+        (
+            "user3@contoso.com",
+            false,
+            "stale: never signed in, created ",
+        ),
+        ("user4@contoso.com", false, "stale: last sign-in "),
+        ("Kiosk Shared", true, ", last sign-in "),
+    ] {
+        let u = listing["users"]
+            .as_array()
+            .and_then(|a| a.iter().find(|u| u["name"] == upn))
+            .with_context(|| format!("{upn} in {listing}"))?;
+        ensure!(
+            u["counted"] == counted && u["reason"].as_str().is_some_and(|r| r.contains(why)),
+            "{upn}: {u}"
+        );
+    }
+    ensure!(
+        reason_of(&listing, "user2@contoso.com")
+            .is_some_and(|r| r.contains("(3 days ago): a new account")),
+        "{listing}"
+    );
+    ensure!(collector.counts_of("contoso")?.users == 3);
+
+    // The table leads with a name people read: the UPN, else the display name.
+    let table = collector.census_ok(["users", "--client", "contoso"])?;
+    let mut lines = table.lines();
+    ensure!(
+        lines.next().is_some_and(|h| h.starts_with("NAME ")),
+        "{table}"
+    );
+    ensure!(
+        table.lines().any(|l| l.starts_with("user1@contoso.com "))
+            && table.lines().any(|l| l.starts_with("Kiosk Shared ")),
+        "{table}"
+    );
+
+    // A tenant without Entra ID P1 refuses signInActivity: the read goes on without it, and
+    // the licence decides alone (nobody's sign-ins are known).
+    fixture["no_premium"] = json!(true);
+    graph.set(&fixture)?;
+    collector.census_ok(["users", "refresh", "--client", "contoso"])?;
+    ensure!(
+        graph.log().contains("users: signInActivity refused"),
+        "{}",
+        graph.log()
+    );
+    let counts = collector.counts_of("contoso")?;
+    ensure!(counts.users == 5 && !counts.users_stale, "{counts:?}");
+
+    // Graph answers 503 for longer than the CLI waits (8 attempts, 2 s apart). Two refreshes
+    // at once: each says in one line that the read goes on and where to see its outcome
+    // (exit 75); they share one read.
+    fixture["busy"] = json!(true);
+    fixture["retry_after"] = json!(2);
+    graph.set(&fixture)?;
+    let refresh =
+        || collector.census(["--timeout", "3", "users", "refresh", "--client", "contoso"]);
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(refresh);
+        let b = s.spawn(refresh);
+        (a.join(), b.join())
+    });
+    for out in [a, b] {
+        let out = out.map_err(|_| anyhow::anyhow!("census panicked"))??;
+        let (code, err) = (out.status.code(), error_lines(&out));
+        ensure!(
+            code == Some(75)
+                && err.len() == 1
+                && err[0].contains("is still running on the collector")
+                && err[0].contains("`census users --client contoso` shows its outcome"),
+            "{code:?}: {err:?}"
+        );
+    }
+    // Meanwhile `census users` says the read is running (it has at least six more waits of
+    // Retry-After: 2 to obey).
+    let listing = collector.users("contoso")?;
+    ensure!(
+        listing["sources"][0]["reading"] == true,
+        "{}",
+        listing["sources"]
+    );
+    let table = collector.census_ok(["users", "--client", "contoso"])?;
+    ensure!(table.contains("READING NOW"), "{table}");
+    // The read runs to its end on the collector, and its failure is stored: the source is
+    // stale with the error and the time of the attempt, and the counts say so.
+    let mut source = Value::Null;
+    for _ in 0..120 {
+        let listing = collector.users("contoso")?;
+        source = listing["sources"]
+            .as_array()
+            .and_then(|s| s.first())
+            .cloned()
+            .unwrap_or_default();
+        // The outcome is stored a moment before the read's task ends.
+        if source["stale"] == true && source["reading"] == false {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    ensure!(
+        source["stale"] == true
+            && source["reading"] == false
+            && source["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("HTTP 503") && e.contains("after 8 attempts"))
+            && source["last_attempt"].is_string(),
+        "{source}"
+    );
+    let busy = graph.log().matches("users: page 1 busy").count();
+    ensure!(busy == 8, "one read for both refreshes, 8 attempts: {busy}");
+    let counts = collector.counts_of("contoso")?;
+    ensure!(counts.users == 5 && counts.users_stale, "{counts:?}");
+    let table = collector.census_ok(["users", "--client", "contoso"])?;
+    ensure!(
+        table.contains("LAST ATTEMPT")
+            && table.contains("STALE: Microsoft Graph still answered HTTP 503"),
+        "{table}"
+    );
+    Ok(())
+}
+
 /// A FILETIME (100 ns ticks since 1601) `days` ago.
 fn filetime_days_ago(days: u64) -> i64 {
     let t = SystemTime::now() - std::time::Duration::from_secs(days * 24 * 3600);
@@ -282,8 +459,8 @@ fn directory_users_from_samba_and_entra_count_once_per_person() -> Result<()> {
     let agent_ns = site.agent().ns().to_owned();
     let dc = lab.samba_dc(&site, Ipv4Addr::new(198, 18, 41, 10), "corp.census.test")?;
 
-    // Every kind of account the policy is about; all but gina and the bulk users logged on
-    // two days ago, so only the rule meant for each decides it.
+    // Every kind of account the policy is about; all but gina, ivan and the bulk users logged
+    // on two days ago, so only the rule meant for each decides it.
     let password = "Lab-User-Passw0rd!";
     for name in [
         "alice",
@@ -295,9 +472,16 @@ fn directory_users_from_samba_and_entra_count_once_per_person() -> Result<()> {
         "frank",
         "gina",
         "hank",
+        "ivan",
     ] {
         dc.add_user(name, password)?;
     }
+    // gina and the bulk users are new hires who never logged on (billed: an account is billed
+    // from the day it exists); ivan never logged on either, but his account is 400 days old.
+    let now_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    dc.set_when_created("ivan", now_secs - 400 * 24 * 3600)?;
     dc.disable_user("bob")?;
     dc.set_expiry_days("carol", 0)?;
     dc.add_spn("http/backup.corp.census.test", "svc-backup")?;
@@ -431,13 +615,32 @@ fn directory_users_from_samba_and_entra_count_once_per_person() -> Result<()> {
         ("carol", "expired"),
         ("svc-backup", "service account"),
         ("frank", "stale: last logon"),
-        ("gina", "never logged on"),
+        ("ivan", "stale: never logged on, created "),
         ("Administrator", "critical system object"),
-        ("bulk00000", "never logged on"),
     ] {
         let p = person(&listing, sam)?;
         ensure!(
             p["counted"] == false && p["reason"].as_str().is_some_and(|r| r.contains(why)),
+            "{sam}: {p}"
+        );
+    }
+    let ivan = person(&listing, "ivan")?;
+    ensure!(
+        ivan["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("(400 days ago, more than 90 days)")),
+        "the backdated whenCreated, read over LDAPS: {ivan}"
+    );
+    // New hires count from the day their account exists, saying so.
+    for sam in ["gina", "bulk00000", "bulk01099"] {
+        let p = person(&listing, sam)?;
+        ensure!(
+            p["counted"] == true
+                && p["reason"].as_str().is_some_and(|r| {
+                    r.contains("never logged on, created ")
+                        && r.contains("(0 days ago): a new account")
+                })
+                && p["accounts"][0]["created"].is_string(),
             "{sam}: {p}"
         );
     }
@@ -464,8 +667,13 @@ fn directory_users_from_samba_and_entra_count_once_per_person() -> Result<()> {
         bob["accounts"].as_array().map(Vec::len) == Some(2) && bob["counted"] == false,
         "{bob}"
     );
-    // alice, erin, dave and hank (no exclusion group yet) and zoe (cloud only).
-    ensure!(counted_users(&collector, "corp")? == 5, "{listing}");
+    // alice, erin, dave and hank (no exclusion group yet), zoe (cloud only), and the new
+    // hires gina and the bulk users.
+    let new_hires = 1 + bulk.len() as u64;
+    ensure!(
+        counted_users(&collector, "corp")? == 5 + new_hires,
+        "{listing}"
+    );
 
     // The policy: the exclusion group, then no stale-logon rule, then service accounts.
     let set = |args: &[&str]| -> Result<()> {
@@ -474,7 +682,7 @@ fn directory_users_from_samba_and_entra_count_once_per_person() -> Result<()> {
         collector.census_ok(full).map(drop)
     };
     set(&["--exclusion-groups", "Billing Exclusions"])?;
-    ensure!(counted_users(&collector, "corp")? == 3);
+    ensure!(counted_users(&collector, "corp")? == 3 + new_hires);
     let dave = person(&collector.users("corp")?, "dave")?.clone();
     ensure!(
         dave["reason"]
@@ -493,8 +701,8 @@ fn directory_users_from_samba_and_entra_count_once_per_person() -> Result<()> {
         "{hank}"
     );
     set(&["--stale-logon-days", "0"])?;
-    // + frank, gina and the bulk users.
-    let without_stale = 3 + 2 + bulk.len() as u64;
+    // + frank and ivan.
+    let without_stale = 3 + new_hires + 2;
     ensure!(counted_users(&collector, "corp")? == without_stale);
     set(&["--count-service-accounts", "true"])?;
     ensure!(counted_users(&collector, "corp")? == without_stale + 1);
