@@ -41,8 +41,10 @@
 //! same lock and path.
 //!
 //! **Durability.** Every write that is acknowledged to anyone is durable first: a `graph`
-//! write in the log, any other write by a sled flush (sled's background flush alone can lose
-//! the last half second).
+//! write in the log, any other write by a sled flush. The one write that is not (an agent's
+//! last-seen time) is flushed by the checkpoint thread within half a second, when the disk has
+//! room: sled's own background flusher is off, as it would write on a full disk (see
+//! [`commit`]).
 //!
 //! **Counting.** `GetCounts` counts from [`counts::CountIndex`], the summaries of a client's
 //! devices in memory, read from the store on the client's first count and kept in step by
@@ -175,9 +177,13 @@ impl SledStore {
     /// Opens (or creates) the store in `dir`, which must exist.
     pub fn open_with(dir: &Path, options: &SledOptions) -> Result<Self, StoreError> {
         let path = dir.join("store");
+        // No background flusher: it would write on a full disk, and sled fails for good once
+        // one of its writes fails. The checkpoint thread flushes instead, when there is room
+        // (see [`commit::Pipeline::note_sled_write`]); every durable write flushes itself.
         let config = sled::Config::new()
             .path(&path)
-            .cache_capacity(options.cache_bytes);
+            .cache_capacity(options.cache_bytes)
+            .flush_every_ms(None);
         let db = open_sled(&config).map_err(|e| match e {
             sled::Error::Io(io)
                 if io.kind() == std::io::ErrorKind::WouldBlock
@@ -266,6 +272,12 @@ impl SledStore {
         }
         self.meta.insert(LAYOUT, LAYOUT_VERSION).map_err(engine)?;
         self.flush()
+    }
+
+    /// Refuses a write of sled's own (the trees other than `graph`) when the disk has no room
+    /// for it, before sled is touched: a failed write would stop sled for good, reads too.
+    fn room(&self) -> Result<(), StoreError> {
+        self.pipeline.room()
     }
 
     /// Makes every write made so far durable.
@@ -617,6 +629,9 @@ impl Store for SledStore {
             name: name.to_owned(),
             created_ms: now_ms,
         };
+        if self.client(name)?.is_none() {
+            self.room()?;
+        }
         let prev = self
             .clients
             .compare_and_swap(
@@ -646,6 +661,14 @@ impl Store for SledStore {
             name: site.to_owned(),
             created_ms: now_ms,
         };
+        if self
+            .sites
+            .get(key(&[client.as_bytes(), site.as_bytes()]))
+            .map_err(engine)?
+            .is_none()
+        {
+            self.room()?;
+        }
         let created = self
             .sites
             .compare_and_swap(
@@ -678,6 +701,7 @@ impl Store for SledStore {
     }
 
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        self.room()?;
         self.tokens
             .insert(token.id.as_bytes(), encode_json(token)?)
             .map_err(engine)?;
@@ -699,6 +723,7 @@ impl Store for SledStore {
     fn enroll(&self, token: &TokenRecord, agent: &AgentRecord) -> Result<(), StoreError> {
         use sled::Transactional as _;
         let (t, a) = (encode_json(token)?, encode_json(agent)?);
+        self.room()?;
         (&self.tokens, &self.agents)
             .transaction(|(tokens, agents)| {
                 tokens.insert(token.id.as_bytes(), t.as_slice())?;
@@ -710,10 +735,19 @@ impl Store for SledStore {
     }
 
     fn put_agent(&self, agent: &AgentRecord, durable: bool) -> Result<(), StoreError> {
+        // Not durable: only in sled's memory, flushed later when there is room.
+        if durable {
+            self.room()?;
+        }
         self.agents
             .insert(agent.id.as_bytes(), encode_json(agent)?)
             .map_err(engine)?;
-        if durable { self.flush() } else { Ok(()) }
+        if durable {
+            self.flush()
+        } else {
+            self.pipeline.note_sled_write();
+            Ok(())
+        }
     }
 
     fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
@@ -871,6 +905,7 @@ impl Store for SledStore {
         rules: &PolicyRules,
         at_ms: u64,
     ) -> Result<Policy, StoreError> {
+        self.room()?;
         let policy = put_versioned(&self.policies, client, |n| Policy {
             version: Policy::version_for(client, n),
             client: client.to_owned(),
@@ -905,6 +940,7 @@ impl Store for SledStore {
         // What the snapshot was built from is durable before it bills anything: a commit
         // that a failed write dropped meanwhile fails this instead.
         self.pipeline.sync()?;
+        self.room()?;
         // One transaction that refuses to overwrite: a snapshot is written once, whole.
         let created = self
             .snapshots

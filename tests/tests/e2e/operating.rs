@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use census_collector::{
     model::{Scope, clean_observation},
     store::{BatchId, BatchOutcome, Store, sled::SledStore},
@@ -182,21 +182,37 @@ impl Drop for Tmpfs {
 }
 
 /// Fills the file system of `path` with one file there, until a write fails for lack of room
-/// (at most 1 GiB, in 1 MiB writes).
+/// (at most 1 GiB, in 1 MiB writes), and keeps it full for a few seconds: room the collector
+/// frees meanwhile (a probe file it wrote while the filler ran, log segments a checkpoint
+/// under way removes) is taken too, so the disk stays full until the test frees it.
 fn fill(path: &Path) -> Result<u64> {
     use std::io::Write as _;
     let mut f = std::fs::File::create(path)?;
     let chunk = vec![0x5a; 1 << 20];
     let mut written = 0u64;
-    for _ in 0..1024 {
-        match f.write(&chunk) {
-            Ok(0) => return Ok(written),
-            Ok(n) => written += n as u64,
-            Err(e) if e.raw_os_error() == Some(28) => return Ok(written),
-            Err(e) => return Err(e).context("writing the filler"),
+    // Rounds of writing until full: the first fills, the others (a quarter second apart) take
+    // what was freed since; the collector's idle checkpoint comes within 2 s of its last write.
+    for _ in 0..16 {
+        let mut full = false;
+        for _ in 0..1024 {
+            // The last write is partial: what is left of the disk, down to the last page.
+            match f.write(&chunk) {
+                Ok(0) => {
+                    full = true;
+                    break;
+                }
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(28) => {
+                    full = true;
+                    break;
+                }
+                Err(e) => return Err(e).context("writing the filler"),
+            }
         }
+        ensure!(full, "{} took 1 GiB without filling up", path.display());
+        std::thread::sleep(Duration::from_millis(250));
     }
-    bail!("{} took 1 GiB without filling up", path.display())
+    Ok(written)
 }
 
 /// The sum of a metric's samples whose name (labels included) starts with `prefix`.

@@ -27,6 +27,15 @@
 //! commit, or by the checkpoint thread when none comes) first writes and syncs a probe file,
 //! then cuts the torn end off the segment and goes on. Nothing needs a restart.
 //!
+//! **sled is not written on a full disk**: once one of its writes fails, sled fails for good
+//! (every later write, and reads that reorganise its tree, until it is reopened), so readers
+//! would lose what is durable. No checkpoint starts while the log cannot be written, and each
+//! first writes and syncs a probe in proportion to the buffer (bounded); without room it is
+//! postponed (and retried), leaving the buffer where readers find it. sled's background
+//! flusher is off; this thread flushes sled's own writes (see [`Pipeline::note_sled_write`])
+//! after a probe too. A disk that fills between the probe and sled's write can still fail sled:
+//! then [`super::Reopening`] reopens it.
+//!
 //! A checkpoint starts when the buffer holds [`Limits::buffer_bytes`], the log
 //! [`Limits::log_bytes`], or the buffer is not empty and nothing was committed for
 //! [`Limits::idle`] or nothing written to sled for [`Limits::max_age`]; and when the store is
@@ -68,6 +77,16 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// What a retry writes and syncs first, in `<log dir>/.write-probe`, to learn whether the disk
 /// takes writes again before the log is touched.
 const PROBE_BYTES: usize = 1 << 20;
+
+/// Bounds of what a checkpoint writes and syncs first (in proportion to the buffer it is about
+/// to write to sled) to learn whether the disk has room for it: sled fails for good once one
+/// of its writes fails (see [`Shared::room_for`]).
+const CHECKPOINT_PROBE_MIN: usize = PROBE_BYTES;
+const CHECKPOINT_PROBE_MAX: usize = 16 << 20;
+
+/// How often the checkpoint thread flushes sled's own writes (the trees other than `graph`),
+/// in place of sled's background flusher, which is off: that one would write on a full disk.
+const FLUSH_EVERY: Duration = Duration::from_millis(500);
 
 /// A committed write's place in the log: durable once the log is durable up to it. Counted
 /// while it exists: the log's positions start over after a failed write only once no ticket
@@ -154,9 +173,14 @@ struct Shared {
     /// Called, under the state lock, once a failed write's commits are dropped: whatever
     /// caches what readers see (the count index) forgets them too.
     on_rollback: Option<RollbackHook>,
+    /// sled holds writes of its own trees not yet flushed (see [`Pipeline::note_sled_write`]).
+    sled_dirty: std::sync::atomic::AtomicBool,
     /// Tests: log writes (and probes) fail with ENOSPC while set.
     #[cfg(test)]
     inject: std::sync::atomic::AtomicBool,
+    /// Tests: a checkpoint's probe for room fails while set.
+    #[cfg(test)]
+    inject_no_room: std::sync::atomic::AtomicBool,
 }
 
 /// See [`Shared::on_rollback`].
@@ -321,8 +345,11 @@ impl Pipeline {
             gate: RwLock::new(()),
             checkpointing: Mutex::new(()),
             on_rollback,
+            sled_dirty: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             inject: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            inject_no_room: std::sync::atomic::AtomicBool::new(false),
         });
         let thread = {
             let shared = Arc::clone(&shared);
@@ -420,6 +447,20 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Whether the disk has room for a write of sled's own (a probe written, synced and
+    /// removed): an error if not, before sled is touched (see [`Shared::room_for`]).
+    pub(super) fn room(&self) -> Result<(), StoreError> {
+        self.shared.room_for(0)
+    }
+
+    /// sled was written outside the log and not flushed: the checkpoint thread flushes it
+    /// within [`FLUSH_EVERY`], when the disk has room (sled's own flusher is off).
+    pub(super) fn note_sled_write(&self) {
+        self.shared
+            .sled_dirty
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// A `graph` record of `client`, committed or in sled.
     pub(super) fn get(&self, client: &[u8], key: &[u8]) -> Result<Option<IVec>, StoreError> {
         {
@@ -515,9 +556,19 @@ impl Pipeline {
         self.shared.wake.notify_one();
     }
 
-    /// Makes log writes (and the probe before a retry) fail with ENOSPC, or not (tests).
+    /// Makes log writes, the probe before a retry and a checkpoint's probe for room fail with
+    /// ENOSPC, or not (tests): a full disk.
     #[cfg(test)]
     pub(super) fn fail_writes(&self, fail: bool) {
+        self.shared
+            .inject_no_room
+            .store(fail, std::sync::atomic::Ordering::SeqCst);
+        self.fail_log_writes(fail);
+    }
+
+    /// Makes log writes (and the probe before a retry) fail with ENOSPC, or not (tests).
+    #[cfg(test)]
+    pub(super) fn fail_log_writes(&self, fail: bool) {
         self.shared
             .inject
             .store(fail, std::sync::atomic::Ordering::SeqCst);
@@ -823,6 +874,7 @@ impl Shared {
     /// The checkpoint thread: waits for a reason, checkpoints, until told to stop; then a last
     /// checkpoint.
     fn run(&self) {
+        let mut flushed = Instant::now();
         loop {
             let stop = {
                 let mut s = self.lock();
@@ -835,6 +887,13 @@ impl Shared {
                     if s.stop || self.due(&s) {
                         break s.stop;
                     }
+                    if s.failed.is_none() && flushed.elapsed() >= FLUSH_EVERY {
+                        drop(s);
+                        self.flush_sled();
+                        flushed = Instant::now();
+                        s = self.lock();
+                        continue;
+                    }
                     s = self
                         .wake
                         .wait_timeout(s, Duration::from_millis(250))
@@ -842,6 +901,11 @@ impl Shared {
                         .0;
                 }
             };
+            if stop {
+                // sled's own writes are durable on a clean close (a checkpoint flushes them
+                // too; this is for a close with nothing to checkpoint).
+                self.flush_sled();
+            }
             if let Err(e) = self.checkpoint() {
                 let mut s = self.lock();
                 // Once per outage: retried every second.
@@ -865,22 +929,74 @@ impl Shared {
     }
 
     fn due(&self, s: &State) -> bool {
-        if s.frozen.is_some() {
-            return true;
+        // The disk is full (or failing): sled is not written until the log takes writes
+        // again, so that it never fails (it would then fail for good, reads too); the log
+        // keeps every commit meanwhile. A new buffer also needs a new segment.
+        if s.failed.is_some() {
+            return false;
         }
-        // A new buffer needs a new segment: none while the log cannot be written.
-        s.failed.is_none()
-            && (s.active.bytes() >= s.limits.buffer_bytes
+        s.frozen.is_some()
+            || (s.active.bytes() >= s.limits.buffer_bytes
                 || s.segment_bytes >= s.limits.log_bytes
                 || (!s.active.is_empty()
                     && (s.last_commit.elapsed() >= s.limits.idle
                         || s.oldest.elapsed() >= s.limits.max_age)))
     }
 
+    /// Flushes sled's own writes if there are any and the disk has room for them; otherwise
+    /// they wait (still in sled's memory, where readers see them) for a later try.
+    fn flush_sled(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if !self.sled_dirty.swap(false, SeqCst) {
+            return;
+        }
+        let result = self
+            .room_for(0)
+            .and_then(|()| self.db.flush().map(drop).map_err(engine));
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "sled's own writes wait for room on the disk");
+            self.sled_dirty.store(true, SeqCst);
+        }
+    }
+
+    /// Whether the disk has room for a checkpoint of `bytes`: a probe in proportion to them
+    /// (bounded) is written, synced and removed. sled fails for good (every later write, and
+    /// reads that reorganise its tree) once one of its writes fails, so it is written only
+    /// when this passes; the log's own writes fail cleanly and need no probe.
+    fn room_for(&self, bytes: usize) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if self
+            .inject_no_room
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(StoreError::Unavailable(
+                "no room on the disk to write the store: 28".into(),
+            ));
+        }
+        let probe = bytes.clamp(CHECKPOINT_PROBE_MIN, CHECKPOINT_PROBE_MAX);
+        super::probe_room(&self.dir, probe).map_err(|e| {
+            StoreError::Unavailable(format!("no room on the disk to write the store: {e}"))
+        })
+    }
+
     /// Writes the buffer (or the one a failed checkpoint left frozen) to sled and drops the
-    /// log segments it covers.
+    /// log segments it covers. Postponed (an error, retried) while the log cannot be written
+    /// or the disk has no room for it: sled is never written on a full disk.
     fn checkpoint(&self) -> Result<(), StoreError> {
         let _one = self.checkpointing.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let s = self.lock();
+            if s.failed.is_some() {
+                return Err(self.unavailable(&s));
+            }
+            let bytes = match &s.frozen {
+                Some((f, _)) => f.bytes(),
+                None if s.active.is_empty() => return Ok(()),
+                None => s.active.bytes(),
+            };
+            drop(s);
+            self.room_for(bytes)?;
+        }
         let (frozen, segment) = {
             let mut s = self.lock();
             match s.frozen.clone() {
@@ -923,7 +1039,15 @@ impl Shared {
         self.meta
             .insert(CHECKPOINT, &segment.to_be_bytes())
             .map_err(engine)?;
-        self.db.flush().map_err(engine)?;
+        // This flush takes sled's own writes along.
+        let dirty = self
+            .sled_dirty
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        if let Err(e) = self.db.flush() {
+            self.sled_dirty
+                .fetch_or(dirty, std::sync::atomic::Ordering::SeqCst);
+            return Err(engine(e));
+        }
         wal::remove_segments(&self.dir, segment)?;
         tracing::debug!(
             records = frozen.records(),
@@ -1269,9 +1393,10 @@ mod tests {
         apply(&store, 1..=4);
         let want: Vec<String> = (0..3).map(|c| state(&store, c)).collect();
 
-        // The checkpoint's own log write (before it moves on to a new segment) fails: the
-        // buffer it froze goes back as it was.
-        store.pipeline.fail_writes(true);
+        // The checkpoint's own log write (before it moves on to a new segment) fails, though
+        // its probe for room passed (the disk filled up in between): the buffer it froze goes
+        // back as it was.
+        store.pipeline.fail_log_writes(true);
         assert!(matches!(
             store.pipeline.checkpoint_now(),
             Err(StoreError::Unavailable(_))
@@ -1281,7 +1406,7 @@ mod tests {
         }
         assert_eq!(store.pipeline.checkpoints(), 0);
 
-        store.pipeline.fail_writes(false);
+        store.pipeline.fail_log_writes(false);
         apply(&store, 5..=6);
         store.pipeline.checkpoint_now().expect("checkpoint");
         assert_eq!(store.pipeline.checkpoints(), 1);
@@ -1290,6 +1415,117 @@ mod tests {
         let copy = tempfile::tempdir().expect("tempdir");
         crash_image(dir.path(), copy.path());
         check(copy.path(), &want, 8);
+    }
+
+    #[test]
+    fn a_checkpoint_on_a_full_disk_is_postponed_and_sled_is_not_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        store.pipeline.set_limits(never());
+        apply(&store, 1..=3);
+        let want: Vec<String> = (0..3).map(|c| state(&store, c)).collect();
+        assert!(store.graph.is_empty(), "no checkpoint yet");
+
+        // The disk fills up while the buffer waits for its checkpoint: the checkpoint does not
+        // start (no log rotation, nothing written to sled), so nothing fails, sled least of all.
+        store.pipeline.fail_writes(true);
+        assert!(matches!(
+            store.pipeline.checkpoint_now(),
+            Err(StoreError::Unavailable(_))
+        ));
+        assert_eq!(store.pipeline.checkpoints(), 0);
+        assert!(store.graph.is_empty(), "sled was written on a full disk");
+        assert_eq!(store.write_failure(), None);
+        assert!(!store.needs_reopen());
+        // Readers see everything that was acknowledged, from the buffer.
+        for (c, want) in want.iter().enumerate() {
+            assert_eq!(&state(&store, c), want, "client-{c} on a full disk");
+        }
+        let copy = tempfile::tempdir().expect("tempdir");
+        crash_image(dir.path(), copy.path());
+        check(copy.path(), &want, 3);
+
+        // Room again: the postponed checkpoint goes through.
+        store.pipeline.fail_writes(false);
+        store.pipeline.checkpoint_now().expect("checkpoint");
+        assert_eq!(store.pipeline.checkpoints(), 1);
+        assert!(!store.graph.is_empty());
+        for (c, want) in want.iter().enumerate() {
+            assert_eq!(&state(&store, c), want, "client-{c} after the checkpoint");
+        }
+        drop(store);
+        check(dir.path(), &want, 3);
+    }
+
+    #[test]
+    fn writes_of_sleds_own_trees_are_refused_before_sled_on_a_full_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let rules = crate::policy::PolicyRules::default();
+        store.ensure_client("acme", 1).expect("client");
+        store.put_policy("acme", &rules, 1).expect("policy");
+
+        store.pipeline.fail_writes(true);
+        assert!(matches!(
+            store.put_policy("acme", &rules, 2),
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            store.ensure_client("other", 2),
+            Err(StoreError::Unavailable(_))
+        ));
+        // No write needed, none refused.
+        assert!(!store.ensure_client("acme", 2).expect("client").1);
+        // sled was not touched: it has not failed, and answers.
+        assert_eq!(store.write_failure(), None);
+        assert!(!store.needs_reopen());
+        assert_eq!(store.policies("acme").expect("policies").len(), 1);
+        assert_eq!(store.clients().expect("clients").len(), 1);
+
+        store.pipeline.fail_writes(false);
+        store.put_policy("acme", &rules, 3).expect("policy");
+        assert_eq!(store.policies("acme").expect("policies").len(), 2);
+    }
+
+    #[test]
+    fn no_checkpoint_is_due_while_the_log_cannot_be_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        store.pipeline.set_limits(never());
+        apply(&store, 1..=2);
+        store.pipeline.fail_writes(true);
+        assert!(store.apply_batch(&scope(0), &id(3), &batch(3)).is_err());
+        let sh = &store.pipeline.shared;
+        let mut s = sh.lock();
+        // Even a buffer left frozen (by a checkpoint that failed in sled) waits: sled is not
+        // written while the disk is full.
+        s.frozen = Some((Arc::new(Memtable::default()), s.segment));
+        assert!(!sh.due(&s));
+        s.frozen = None;
+    }
+
+    #[test]
+    fn sleds_own_writes_are_durable_after_a_clean_close() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let agent = crate::model::AgentRecord {
+            id: "agent-1".into(),
+            client: "client-0".into(),
+            site: "hq".into(),
+            hostname: "h".into(),
+            version: "1".into(),
+            token_id: "t".into(),
+            enrolled_ms: 1,
+            cert_sha256: [7; 32],
+            cert_not_after_ms: 2,
+            revoked: false,
+            last_seen_ms: 3,
+            backlog: 0,
+        };
+        store.put_agent(&agent, false).expect("put");
+        drop(store);
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.agents().expect("agents"), vec![agent]);
     }
 
     #[test]

@@ -165,6 +165,7 @@ impl SledStore {
                 Some(d) if d.as_ref() == batch.digest => (BatchOutcome::Duplicate, None),
                 Some(_) => (BatchOutcome::Conflict, None),
                 None => {
+                    self.room()?;
                     let mut t = SledTables {
                         tree: &self.users,
                         client: &scope.client,
@@ -186,6 +187,7 @@ impl SledStore {
         client: &str,
         read: &Read,
     ) -> Result<Outcome, StoreError> {
+        self.room()?;
         let outcome = {
             let _w = self.users_lock();
             let mut t = SledTables {
@@ -221,6 +223,7 @@ impl SledStore {
         rules: &UserPolicyRules,
         at_ms: u64,
     ) -> Result<UserPolicy, StoreError> {
+        self.room()?;
         let policy = super::put_versioned(&self.user_policies, client, |n| UserPolicy {
             version: UserPolicy::version_for(client, n),
             client: client.to_owned(),
