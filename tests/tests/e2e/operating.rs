@@ -181,38 +181,85 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Fills the file system of `path` with one file there, until a write fails for lack of room
-/// (at most 1 GiB, in 1 MiB writes), and keeps it full for a few seconds: room the collector
-/// frees meanwhile (a probe file it wrote while the filler ran, log segments a checkpoint
-/// under way removes) is taken too, so the disk stays full until the test frees it.
-fn fill(path: &Path) -> Result<u64> {
+/// Another program's file that fills the file system of its path, and keeps it full until the
+/// test frees the room: whatever the collector frees during the outage (a probe file it wrote
+/// while the filler ran, the torn end of its log cut off, log segments a checkpoint under way
+/// removes) is taken again within a tenth of a second, so the disk stays full until
+/// [`Filler::free`], as a disk another program filled does.
+struct Filler {
+    path: std::path::PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Writes to `f` until a write fails for lack of room (at most 1 GiB, in 1 MiB writes; the
+/// last write is partial: what is left of the disk, down to the last page). The bytes written.
+fn top_up(f: &mut std::fs::File) -> Result<u64> {
     use std::io::Write as _;
-    let mut f = std::fs::File::create(path)?;
     let chunk = vec![0x5a; 1 << 20];
     let mut written = 0u64;
-    // Rounds of writing until full: the first fills, the others (a quarter second apart) take
-    // what was freed since; the collector's idle checkpoint comes within 2 s of its last write.
-    for _ in 0..16 {
-        let mut full = false;
-        for _ in 0..1024 {
-            // The last write is partial: what is left of the disk, down to the last page.
-            match f.write(&chunk) {
-                Ok(0) => {
-                    full = true;
-                    break;
-                }
-                Ok(n) => written += n as u64,
-                Err(e) if e.raw_os_error() == Some(28) => {
-                    full = true;
-                    break;
-                }
-                Err(e) => return Err(e).context("writing the filler"),
-            }
+    for _ in 0..1024 {
+        match f.write(&chunk) {
+            Ok(0) => return Ok(written),
+            Ok(n) => written += n as u64,
+            Err(e) if e.raw_os_error() == Some(28) => return Ok(written),
+            Err(e) => return Err(e).context("writing the filler"),
         }
-        ensure!(full, "{} took 1 GiB without filling up", path.display());
-        std::thread::sleep(Duration::from_millis(250));
     }
-    Ok(written)
+    anyhow::bail!("the filler took 1 GiB without filling up")
+}
+
+impl Filler {
+    /// Fills the disk now (returns once it is full, with the bytes written), then keeps it
+    /// full on a thread of its own, for at most five minutes.
+    fn start(path: &Path) -> Result<(Self, u64)> {
+        use std::sync::{Arc, atomic::AtomicBool, atomic::Ordering};
+        let mut f =
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let written = top_up(&mut f)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let until = Instant::now() + Duration::from_secs(300);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < until {
+                    if top_up(&mut f).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        Ok((
+            Filler {
+                path: path.to_owned(),
+                stop,
+                thread: Some(thread),
+            },
+            written,
+        ))
+    }
+
+    /// Stops topping up and deletes the file: the disk has room again.
+    fn free(mut self) -> Result<()> {
+        self.halt();
+        std::fs::remove_file(&self.path)
+            .with_context(|| format!("removing {}", self.path.display()))
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Filler {
+    fn drop(&mut self) {
+        // A failed test: stop writing (the tmpfs guard unmounts the disk afterwards).
+        self.halt();
+    }
 }
 
 /// The sum of a metric's samples whose name (labels included) starts with `prefix`.
@@ -220,6 +267,23 @@ fn metric(collector: &Collector<'_>, name: &str) -> Result<f64> {
     let page = collector.metrics()?;
     page.sample(name)
         .with_context(|| format!("no sample {name} in the collector's metrics"))
+}
+
+/// Waits (at most 10 s) until a metric reads `want`: the collector checks whether its store
+/// takes writes once a second, so the gauge follows the disk within a second or so.
+fn metric_becomes(collector: &Collector<'_>, name: &str, want: f64) -> Result<()> {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = metric(collector, name)?;
+        if got == want {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < until,
+            "{name} is {got}, not {want}, after 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -249,8 +313,7 @@ fn a_full_disk_refuses_batches_uncounted_and_ingest_resumes_by_itself_when_room_
     assert_eq!(metric(&collector, "census_collector_store_writable")?, 1.0);
 
     // The disk fills up (another program's file): the next sweeps are refused, and retried.
-    let filler = disk.0.join("filler");
-    let took = fill(&filler)?;
+    let (filler, took) = Filler::start(&disk.0.join("filler"))?;
     eprintln!("the filler took {} MiB", took >> 20);
     let mut at = first + 1;
     for n in 1..=2 {
@@ -272,7 +335,7 @@ fn a_full_disk_refuses_batches_uncounted_and_ingest_resumes_by_itself_when_room_
     let counts = collector.counts_of(CLIENT)?;
     assert_eq!(counts.devices, u64::from(HOSTS), "{counts:?}");
     assert_eq!(stored_by(&collector.devices(CLIENT)?, &id), before);
-    assert_eq!(metric(&collector, "census_collector_store_writable")?, 0.0);
+    metric_becomes(&collector, "census_collector_store_writable", 0.0)?;
     ensure!(
         metric(
             &collector,
@@ -296,7 +359,7 @@ fn a_full_disk_refuses_batches_uncounted_and_ingest_resumes_by_itself_when_room_
     );
 
     // Room again: no restart, the backlog goes in, and nothing counts twice.
-    std::fs::remove_file(&filler)?;
+    filler.free()?;
     let back = wait_for(
         &agent,
         at,
@@ -327,7 +390,7 @@ fn a_full_disk_refuses_batches_uncounted_and_ingest_resumes_by_itself_when_room_
         .map(|d| d.observations)
         .sum();
     assert_eq!(acked, queued);
-    assert_eq!(metric(&collector, "census_collector_store_writable")?, 1.0);
+    metric_becomes(&collector, "census_collector_store_writable", 1.0)?;
     // And the snapshot refused before is made now, whole.
     collector.census_ok(create)?;
     let listed = collector.census_ok(["snapshot", "list", "--client", CLIENT, "--json"])?;
@@ -413,8 +476,7 @@ async fn a_full_disk_is_unavailable_to_agents_and_not_serving_for_ingest_until_i
     let hosts: Vec<(&str, [u8; 6])> = hosts.iter().map(|(ip, m)| (ip.as_str(), *m)).collect();
     let second = batch("a", 2, &hosts);
 
-    let filler = disk.0.join("filler");
-    fill(&filler)?;
+    let (filler, _) = Filler::start(&disk.0.join("filler"))?;
     let refused = c
         .report(&agent, vec![second.clone()])
         .await?
@@ -434,7 +496,7 @@ async fn a_full_disk_is_unavailable_to_agents_and_not_serving_for_ingest_until_i
     );
     assert_eq!(c.metrics.store_writable.get(), 0);
 
-    std::fs::remove_file(&filler)?;
+    filler.free()?;
     health_becomes(&c, "census.v1.IngestService", ServingStatus::Serving).await?;
     assert_eq!(c.metrics.store_writable.get(), 1);
     let acks = c.report(&agent, vec![second]).await??;
