@@ -244,6 +244,11 @@ fn io_error(what: &str, e: std::io::Error) -> StoreError {
     StoreError::Engine(format!("write-ahead log: {what}: {e}"))
 }
 
+/// A write of the log that failed and may work later (a full disk): refused, to be retried.
+fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("write-ahead log: {what}: {e}"))
+}
+
 impl Pipeline {
     /// Opens the log in `dir` (created if missing), writes what it holds beyond the last
     /// checkpoint to sled, and starts the checkpoint thread.
@@ -693,9 +698,6 @@ impl Shared {
     /// The I/O of [`Shared::try_recover`], holding the log's turn; returns the open segment's
     /// durable length.
     fn repair(&self, segment: u64, file_segment: u64, file_len: u64) -> Result<u64, StoreError> {
-        let unavailable = |what: &str, e: std::io::Error| {
-            StoreError::Unavailable(format!("write-ahead log: {what}: {e}"))
-        };
         self.probe()
             .map_err(|e| unavailable("no room to write in the log's directory", e))?;
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
@@ -710,7 +712,7 @@ impl Shared {
             _ => {
                 *file = Some(
                     wal::create_segment(&self.dir, segment)
-                        .map_err(|e| StoreError::Unavailable(format!("write-ahead log: {e}")))?,
+                        .map_err(|e| unavailable("a new segment", e))?,
                 );
                 Ok(wal::MAGIC.len() as u64)
             }
@@ -752,9 +754,6 @@ impl Shared {
         let mut wrote = false;
         let result: Result<(), StoreError> = {
             let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-            let unavailable = |what: &str, e: std::io::Error| {
-                StoreError::Unavailable(format!("write-ahead log: {what}: {e}"))
-            };
             match file.as_mut() {
                 None => Err(StoreError::Unavailable(
                     "write-ahead log: no open segment".into(),
@@ -766,9 +765,10 @@ impl Shared {
                     .and_then(|()| {
                         wrote = true;
                         if frozen.is_some() {
-                            *file = Some(wal::create_segment(&self.dir, next).map_err(|e| {
-                                StoreError::Unavailable(format!("write-ahead log: {e}"))
-                            })?);
+                            *file = Some(
+                                wal::create_segment(&self.dir, next)
+                                    .map_err(|e| unavailable("a new segment", e))?,
+                            );
                         }
                         Ok(())
                     }),
