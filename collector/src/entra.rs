@@ -60,6 +60,11 @@ pub type Finished = Result<Outcome, Arc<EntraError>>;
 /// A read in progress (or just ended): `None` until it ends.
 pub type ReadWatch = watch::Receiver<Option<Finished>>;
 
+/// Whether the read behind `read` has not ended yet.
+fn still_running(read: &ReadWatch) -> bool {
+    read.borrow().is_none()
+}
+
 /// The collector's Entra ID reader: one HTTPS client, the tenants by client.
 #[derive(Debug)]
 pub struct EntraReader {
@@ -117,9 +122,7 @@ impl EntraReader {
             .get(client)
             .ok_or_else(|| EntraError::NotConfigured(client.to_owned()))?;
         let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(running) = slot.as_ref()
-            && running.borrow().is_none()
-        {
+        if let Some(running) = slot.as_ref().filter(|r| still_running(r)) {
             info!(
                 client,
                 "an Entra ID read of this client is running: joining it"
@@ -154,7 +157,7 @@ impl EntraReader {
     pub fn reading(&self, client: &str) -> Option<String> {
         let slot = self.running.get(client)?;
         let slot = slot.lock().unwrap_or_else(|e| e.into_inner());
-        let running = slot.as_ref().is_some_and(|r| r.borrow().is_none());
+        let running = slot.as_ref().is_some_and(still_running);
         let tenant = &self.tenants.get(client)?.tenant_id;
         running.then(|| users::entra_source(tenant).ok()).flatten()
     }
